@@ -1,0 +1,1 @@
+"""fastlm benchmark suite: `python -m bench.run`."""

@@ -1,0 +1,5 @@
+import sys
+
+from fastlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""Decoder-only transformer of the Llama and GPT-2 families, computed through fastlm.ops.
+
+Llama: x += attn(rms_norm(x)) with RoPE and GQA; x += down(swiglu(gate(h), up(h))).
+GPT-2: x = wte + wpe; x += attn(layer_norm(x)); x += proj(gelu(fc(layer_norm(x)))).
+Module names follow one scheme for both families; fastlm.io maps them to Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastlm import ops
+from fastlm.cache import KVCache
+from fastlm.config import ModelConfig
+
+
+class Norm(nn.Module):
+    """RMSNorm (llama) or LayerNorm with bias (gpt2) over the last dim."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.arch == "gpt2" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.rope_theta = config.rope_theta if config.arch == "llama" else None
+        bias = config.arch == "gpt2" or config.attention_bias
+        h, q_out, kv_out = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(h, q_out, bias=bias)
+        self.k_proj = nn.Linear(h, kv_out, bias=bias)
+        self.v_proj = nn.Linear(h, kv_out, bias=bias)
+        self.o_proj = nn.Linear(q_out, h, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        key_lens: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        # q: (B, H, T, D); k, v: (B, Hkv, T, D)
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope_theta is not None:
+            q = ops.rope(q, positions, theta=self.rope_theta)
+            k = ops.rope(k, positions, theta=self.rope_theta)
+        if cache is None:
+            o = ops.attention(q, k, v, causal=True, key_lens=key_lens)
+        else:
+            k_cache, v_cache = cache.update(self.layer_index, k, v, positions)
+            if cache.filled == 0:  # prefill of an empty cache: attend over the new tokens only
+                o = ops.attention(q, k, v, causal=True)
+            else:
+                o = ops.decode_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), cache.lens + t)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU (llama): down(silu(gate(x))·up(x)); GELU (gpt2): down(gelu(up(x)))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        gated = config.arch == "llama"
+        bias = not gated or config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias) if gated else None
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(ops.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.attn_norm = Norm(config)
+        self.attn = Attention(config, layer_index)
+        self.mlp_norm = Norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, cache, key_lens):
+        x = x + self.attn(self.attn_norm(x), positions, cache, key_lens)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Model(nn.Module):
+    """``model(input_ids)`` -> logits (B, T, vocab_size).
+
+    With ``cache`` (a :class:`KVCache`), the tokens continue each cached sequence and their
+    keys/values are appended. ``key_lens`` (B,) marks right padding: tokens at or beyond
+    key_lens[b] are not attended to (their own logits are meaningless).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.pos_embed = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size) if config.arch == "gpt2" else None
+        )
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.final_norm = Norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms; residual output
+        projections scaled by 1/sqrt(2·num_layers) (GPT-2's scheme)."""
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith(("o_proj", "down_proj"))
+                module.weight.normal_(0.0, std / math.sqrt(2 * self.config.num_layers) if scaled else std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, Norm):
+                module.weight.fill_(1.0)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory, **kwargs) -> None:
+        """Write a Hugging Face checkpoint directory (see :func:`fastlm.io.save_pretrained`)."""
+        from fastlm.io import save_pretrained  # io sits above the model layer
+
+        save_pretrained(self, directory, **kwargs)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for this model's dtype and device."""
+        max_len = self.config.max_position_embeddings if max_len is None else max_len
+        return KVCache.for_model(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        key_lens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._check_input(input_ids, cache, key_lens)
+        b, t = input_ids.shape
+        if cache is None:
+            positions = torch.arange(t, device=input_ids.device)  # (T,)
+        else:
+            positions = cache.positions(t)  # (B, T)
+        x = self.embed(input_ids)  # (B, T, hidden)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        for layer in self.layers:
+            x = layer(x, positions, cache, key_lens)
+        if cache is not None:
+            cache.advance(t)
+        return self.lm_head(self.final_norm(x))
+
+    def _check_input(self, input_ids, cache, key_lens) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"Model: expected input_ids of shape (B, T), got {shape}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"Model: expected integer input_ids (int64), got {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"Model: input_ids is empty, shape {tuple(input_ids.shape)}")
+        if input_ids.device != self.device:
+            raise ValueError(f"Model: input_ids on {input_ids.device} but the model is on {self.device}")
+        context = self.config.max_position_embeddings
+        used = input_ids.shape[1] + (cache.filled if cache is not None else 0)
+        if used > context:
+            raise ValueError(f"Model: sequence of {used} tokens is longer than the model's context of {context}")
+        if cache is not None and cache.batch_size != input_ids.shape[0]:
+            raise ValueError(f"Model: cache holds {cache.batch_size} sequences, input_ids has {input_ids.shape[0]}")
+        if cache is not None and key_lens is not None:
+            raise ValueError("Model: key_lens (padding) is not supported together with a KV cache")
+        vocab = self.config.vocab_size
+        if ((input_ids < 0) | (input_ids >= vocab)).any():
+            raise ValueError(f"Model: token ids must be in [0, {vocab})")

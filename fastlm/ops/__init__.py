@@ -1,0 +1,305 @@
+"""fastlm.ops: one public function per op, checked, then dispatched to a backend.
+
+Every function validates its inputs (shapes, dtypes, devices) with errors that say what was
+expected, picks a backend with :func:`fastlm.ops.backend.select`, and runs either the plain
+PyTorch reference (``fastlm.ops.reference``) or the ``fastlm::<op>`` custom op that calls the
+backend's kernel (``fastlm.ops.registry``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastlm.ops import reference, registry  # noqa: F401  (registry defines the torch.library ops)
+from fastlm.ops.backend import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    register_kernel,
+    select,
+    use_backend,
+)
+from fastlm.ops.checks import (
+    check_dtype,
+    check_floating,
+    check_last_dim,
+    check_ndim,
+    check_same_device,
+    check_same_dtype,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "attention",
+    "available_backends",
+    "backend_status",
+    "cross_entropy",
+    "decode_attention",
+    "gelu",
+    "int8_linear",
+    "layer_norm",
+    "lora_linear",
+    "quantize_int8",
+    "register_kernel",
+    "rms_norm",
+    "rope",
+    "sample",
+    "swiglu",
+    "use_backend",
+]
+
+
+def _run(op: str, device: torch.device, *args):
+    backend = select(op, device)
+    if backend == "reference":
+        return getattr(reference, op)(*args)
+    return getattr(torch.ops.fastlm, op)(*args, backend)
+
+
+def _check_heads(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{name}: batch sizes differ: q has {q.shape[0]}, k/v have {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{name}: head dims differ: q has D={q.shape[-1]}, k/v have D={k.shape[-1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"{name}: the {q.shape[1]} query heads must be a multiple of the {k.shape[1]} key/value heads (GQA)"
+        )
+
+
+def _check_lengths(name: str, lens: torch.Tensor, batch: int, device: torch.device) -> None:
+    if lens.shape != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},) (one length per sequence), got {tuple(lens.shape)}")
+    if lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected int32 or int64 lengths, got {lens.dtype}")
+    if lens.device != device:
+        raise ValueError(f"{name}: expected lengths on {device}, got {lens.device}")
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention, o = softmax(q·kᵀ·scale + mask)·v.
+
+    q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with H divisible by Hkv (GQA/MQA: query head h
+    reads key/value head h // (H / Hkv)) -> o (B, H, Tq, D). scale defaults to 1/sqrt(D).
+    causal: query i sees keys j <= i + (Tk - Tq), i.e. aligned bottom-right as for a cached
+    prefix. key_lens (B,) int: for right-padded batches, keys j >= key_lens[b] are hidden.
+    A query row that sees no key returns zeros (and zero gradients), never NaN. Differentiable.
+    """
+    check_ndim("attention", q=(q, 4), k=(k, 4), v=(v, 4))
+    check_floating("attention", q=q, k=k, v=v)
+    check_same_dtype("attention", q=q, k=k, v=v)
+    check_same_device("attention", q=q, k=k, v=v)
+    _check_heads("attention", q, k, v)
+    if key_lens is not None:
+        _check_lengths("attention key_lens", key_lens, q.shape[0], q.device)
+    return _run("attention", q.device, q, k, v, bool(causal), scale, key_lens)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of the newest Tq tokens of each sequence over its KV cache.
+
+    q (B, H, Tq, D) (Tq = 1 for plain decoding, a few for speculative verification);
+    k_cache, v_cache (B, Hkv, Lmax, D); cache_lens (B,) int: valid cache length of each
+    sequence, *including* the Tq new tokens already written at cache_lens[b] - Tq ... - 1.
+    Causal among the new tokens. Returns (B, H, Tq, D).
+    """
+    check_ndim("decode_attention", q=(q, 4), k_cache=(k_cache, 4), v_cache=(v_cache, 4))
+    check_floating("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+    check_same_dtype("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+    check_same_device("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+    _check_heads("decode_attention", q, k_cache, v_cache)
+    _check_lengths("decode_attention cache_lens", cache_lens, q.shape[0], q.device)
+    return _run("decode_attention", q.device, q, k_cache, v_cache, cache_lens, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """y = x / sqrt(mean(x², -1) + eps) · weight.  x (..., D), weight (D,) -> (..., D)."""
+    check_floating("rms_norm", x=x, weight=weight)
+    check_same_device("rms_norm", x=x, weight=weight)
+    check_last_dim("rms_norm", x, weight=weight)
+    return _run("rms_norm", x.device, x, weight, float(eps))
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """y = (x - mean) / sqrt(var + eps) · weight + bias.  x (..., D), weight/bias (D,)."""
+    check_floating("layer_norm", x=x, weight=weight, bias=bias)
+    check_same_device("layer_norm", x=x, weight=weight, bias=bias)
+    check_last_dim("layer_norm", x, weight=weight, bias=bias)
+    return _run("layer_norm", x.device, x, weight, bias, float(eps))
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (Llama's rotate-half convention).
+
+    x (B, H, T, D), D even; positions (T,) or (B, T) integer positions. With x = [x1, x2]
+    (halves of D) and angle[p, i] = p · theta^(-2i/D) for i < D/2:
+    y = [x1·cos - x2·sin, x2·cos + x1·sin].
+    """
+    check_ndim("rope", x=(x, 4))
+    check_floating("rope", x=x)
+    if x.shape[-1] % 2:
+        raise ValueError(f"rope: head dim must be even, got D={x.shape[-1]}")
+    if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise TypeError(f"rope: positions must be an integer tensor, got {positions.dtype}")
+    if positions.device != x.device:
+        raise ValueError(f"rope: positions on {positions.device} but x on {x.device}")
+    b, _, t, _ = x.shape
+    if positions.shape not in ((t,), (b, t)):
+        raise ValueError(f"rope: positions must have shape ({t},) or ({b}, {t}), got {tuple(positions.shape)}")
+    if theta <= 0:
+        raise ValueError(f"rope: theta must be > 0, got {theta}")
+    return _run("rope", x.device, x, positions, float(theta))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """y = silu(gate) · up = gate · sigmoid(gate) · up.  gate, up (..., F) -> (..., F)."""
+    check_floating("swiglu", gate=gate, up=up)
+    check_same_dtype("swiglu", gate=gate, up=up)
+    check_same_device("swiglu", gate=gate, up=up)
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate and up shapes differ: {tuple(gate.shape)} vs {tuple(up.shape)}")
+    return _run("swiglu", gate.device, gate, up)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU (tanh approximation): 0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))."""
+    check_floating("gelu", x=x)
+    return _run("gelu", x.device, x)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ with PEFT's shapes.
+
+    x (..., in), weight W (out, in), lora_a A (r, in), lora_b B (out, r), bias (out,) -> (..., out).
+    """
+    tensors = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    if bias is not None:
+        tensors["bias"] = bias
+    check_floating("lora_linear", **tensors)
+    check_same_dtype("lora_linear", **tensors)
+    check_same_device("lora_linear", **tensors)
+    check_ndim("lora_linear", weight=(weight, 2), lora_a=(lora_a, 2), lora_b=(lora_b, 2))
+    out_f, in_f = weight.shape
+    r = lora_a.shape[0]
+    if x.shape[-1] != in_f or lora_a.shape[1] != in_f:
+        raise ValueError(
+            f"lora_linear: inner dims differ: x (..., {x.shape[-1]}), weight ({out_f}, {in_f}), "
+            f"lora_a ({r}, {lora_a.shape[1]}); expected x (..., in), W (out, in), A (r, in)"
+        )
+    if lora_b.shape != (out_f, r):
+        raise ValueError(f"lora_linear: expected lora_b of shape ({out_f}, {r}) (out, r), got {tuple(lora_b.shape)}")
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"lora_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
+    return _run("lora_linear", x.device, x, weight, lora_a, lora_b, float(scale), bias)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: scales = max|W[o, :]| / 127, q = round(W / scales).
+
+    weight (out, in) float -> (qweight int8 (out, in), scales float32 (out,)).
+    """
+    check_ndim("quantize_int8", weight=(weight, 2))
+    check_floating("quantize_int8", weight=weight)
+    if not torch.isfinite(weight).all():
+        raise ValueError("quantize_int8: weight has NaN or infinite values")
+    return _run("quantize_int8", weight.device, weight)
+
+
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x·(qweight·scales[:, None])ᵀ + bias.  x (..., in), qweight int8 (out, in), scales (out,)."""
+    check_floating("int8_linear", x=x)
+    check_ndim("int8_linear", qweight=(qweight, 2), scales=(scales, 1))
+    check_dtype("int8_linear", qweight, torch.int8, "qweight")
+    tensors = {"x": x, "qweight": qweight, "scales": scales}
+    if bias is not None:
+        tensors["bias"] = bias
+    check_same_device("int8_linear", **tensors)
+    out_f, in_f = qweight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"int8_linear: x has {x.shape[-1]} input features, qweight expects {in_f}")
+    if scales.shape != (out_f,):
+        raise ValueError(f"int8_linear: expected scales of shape ({out_f},), got {tuple(scales.shape)}")
+    if bias is not None and bias.shape != (out_f,):
+        raise ValueError(f"int8_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
+    return _run("int8_linear", x.device, x, qweight, scales, bias)
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token per row: temperature, then top-k, then top-p (transformers' order).
+
+    logits (B, V) -> (B,) int64. temperature 0 is greedy (argmax). top_k keeps the k most
+    likely tokens; top_p then keeps the smallest set of the renormalized distribution whose
+    mass reaches top_p. None disables a filter. A filtered token is never drawn. The draw
+    uses one uniform number per row from ``generator`` (on logits' device).
+    """
+    check_ndim("sample", logits=(logits, 2))
+    check_floating("sample", logits=logits)
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"sample: expected non-empty logits (B, V), got {tuple(logits.shape)}")
+    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
+        raise ValueError(f"sample: temperature must be a number >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"sample: top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"sample: top_p must be in (0, 1] or None, got {top_p!r}")
+    if (torch.isnan(logits) | (logits == math.inf)).any():
+        raise ValueError("sample: logits contain NaN or +inf; expected finite values or -inf for masked tokens")
+    if not torch.isfinite(logits).any(dim=-1).all():
+        raise ValueError("sample: a row of logits has no finite value")
+    uniform = torch.rand(logits.shape[0], device=logits.device, generator=generator, dtype=torch.float64)
+    top_k = None if top_k is None else min(top_k, logits.shape[1])
+    return _run("sample", logits.device, logits, uniform, float(temperature), top_k, top_p)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean negative log-likelihood, -mean_i log softmax(logits_i)[targets_i], over targets != ignore_index.
+
+    logits (N, V) float, targets (N,) int64 -> scalar float32.
+    """
+    check_ndim("cross_entropy", logits=(logits, 2), targets=(targets, 1))
+    check_floating("cross_entropy", logits=logits)
+    check_dtype("cross_entropy", targets, torch.int64, "targets")
+    check_same_device("cross_entropy", logits=logits, targets=targets)
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"cross_entropy: {logits.shape[0]} rows of logits but {targets.shape[0]} targets")
+    vocab = logits.shape[1]
+    if ((targets != ignore_index) & ((targets < 0) | (targets >= vocab))).any():
+        raise ValueError(f"cross_entropy: targets must be in [0, {vocab}) or equal ignore_index={ignore_index}")
+    return _run("cross_entropy", logits.device, logits, targets, int(ignore_index))

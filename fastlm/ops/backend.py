@@ -1,0 +1,147 @@
+"""Backend selection: which implementation of an op runs for a given call.
+
+Three backends exist: ``reference`` (plain PyTorch, every device), ``triton`` (Triton kernels:
+CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` for tests) and ``cuda`` (the C++/CUDA
+extension built from csrc/). By default a call goes to the fastest backend that is available
+for its tensors' device *and* has a kernel for the op (``cuda`` > ``triton`` > ``reference``).
+``use_backend(name)`` (also a context manager) or the ``FASTLM_BACKEND`` environment variable
+forces one: a forced backend that cannot run raises :class:`BackendUnavailableError` saying why,
+and one with no kernel for the op raises ``NotImplementedError`` — never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+_AUTO_ORDER = ("cuda", "triton", "reference")
+
+# (op name, backend) -> implementation. The reference backend is filled in by fastlm.ops;
+# kernel modules add theirs with @register_kernel.
+_KERNELS: dict[tuple[str, str], Callable] = {}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlm_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run here (missing package, wrong device, no build)."""
+
+
+def register_kernel(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as the ``backend`` implementation of ``op``."""
+    _check_name(backend)
+
+    def decorator(fn: Callable) -> Callable:
+        _KERNELS[(op, backend)] = fn
+        return fn
+
+    return decorator
+
+
+def kernel_for(op: str, backend: str) -> Callable:
+    """The registered implementation, or NotImplementedError naming the op and backend."""
+    try:
+        return _KERNELS[(op, backend)]
+    except KeyError:
+        raise NotImplementedError(
+            f"fastlm op '{op}' has no '{backend}' kernel yet; "
+            f"use the 'reference' backend or another one with a kernel for it"
+        ) from None
+
+
+def has_kernel(op: str, backend: str) -> bool:
+    return (op, backend) in _KERNELS
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastlm backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_status(name: str, device: torch.device | str) -> tuple[bool, str]:
+    """(available, reason) for running backend ``name`` on tensors of ``device``."""
+    _check_name(name)
+    device = torch.device(device)
+    if name == "reference":
+        return True, "plain PyTorch runs on every device"
+    if name == "triton":
+        if not _triton_installed():
+            return False, "triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return True, "Triton kernels on CUDA"
+        if device.type == "cpu" and triton_interpret():
+            return True, "Triton interpreter on CPU (TRITON_INTERPRET=1)"
+        return False, (
+            f"Triton kernels need CUDA tensors, got tensors on '{device.type}' "
+            "(set TRITON_INTERPRET=1 before importing triton to run them on CPU for tests)"
+        )
+    # cuda
+    if device.type != "cuda":
+        return False, f"the C++/CUDA extension needs CUDA tensors, got tensors on '{device.type}'"
+    from fastlm import _extension
+
+    return _extension.extension_status()
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device``, fastest first."""
+    return [name for name in _AUTO_ORDER if backend_status(name, device)[0]]
+
+
+def forced_backend() -> str | None:
+    """The backend forced by use_backend() or FASTLM_BACKEND, if any."""
+    name = _forced.get() or os.environ.get("FASTLM_BACKEND") or None
+    if name is not None:
+        _check_name(name)
+    return name
+
+
+class use_backend(contextlib.AbstractContextManager):
+    """Force a backend for every fastlm op.
+
+    ``with fastlm.use_backend("triton"): ...`` forces it inside the block;
+    ``fastlm.use_backend("reference")`` called plainly forces it until changed, and
+    ``fastlm.use_backend(None)`` returns to automatic selection.
+    """
+
+    def __init__(self, name: str | None) -> None:
+        if name is not None:
+            _check_name(name)
+        self._token = _forced.set(name)
+
+    def __exit__(self, *exc_info) -> None:
+        _forced.reset(self._token)
+
+
+def select(op: str, device: torch.device) -> str:
+    """Name of the backend that runs ``op`` for tensors on ``device``."""
+    name = forced_backend()
+    if name is not None:
+        ok, why = backend_status(name, device)
+        if not ok:
+            raise BackendUnavailableError(f"fastlm backend '{name}' is forced but unavailable: {why}")
+        kernel_for(op, name)  # raises NotImplementedError if the op has no kernel there
+        return name
+    for candidate in _AUTO_ORDER:
+        # The interpreter is for tests only: never chosen automatically for CPU tensors.
+        if candidate != "reference" and device.type != "cuda":
+            continue
+        if has_kernel(op, candidate) and backend_status(candidate, device)[0]:
+            return candidate
+    return "reference"
+

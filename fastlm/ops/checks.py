@@ -1,0 +1,51 @@
+"""Input checks shared by the public ops: each raises with the op's name and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_ndim(op: str, **tensors: tuple[torch.Tensor, int]) -> None:
+    """check_ndim("attention", q=(q, 4)) — each tensor must have the given number of dims."""
+    for name, (t, ndim) in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != ndim:
+            raise ValueError(f"{op}: expected {name} with {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_floating(op: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: expected a floating-point {name} (float32/float16/bfloat16), got {t.dtype}")
+
+
+def check_dtype(op: str, t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: expected {name} of dtype {dtype}, got {t.dtype}")
+
+
+def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name}={dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"{op}: expected one dtype for all inputs, got {listed}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"{op}: expected all inputs on one device, got {listed}")
+
+
+def check_last_dim(op: str, x: torch.Tensor, **params: torch.Tensor) -> None:
+    """Each parameter must be 1-D with x's last dimension."""
+    d = x.shape[-1] if x.dim() else None
+    for name, p in params.items():
+        if x.dim() == 0 or p.shape != (d,):
+            raise ValueError(f"{op}: expected {name} of shape ({d},) matching x (..., {d}), got {tuple(p.shape)}")

@@ -1,0 +1,251 @@
+"""Plain-PyTorch reference implementations of every fastlm op.
+
+These are the CPU fallback and the oracle the kernels are tested against. They favour
+clarity over speed: attention materializes the (Tq, Tk) score matrix, softmaxes are taken
+in float32, and results are cast back to the input dtype. Inputs are assumed valid here;
+``fastlm.ops`` checks them before dispatching.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """The accumulation dtype of the references: float32, or float64 for float64 inputs."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _attention_core(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale, masked by ``visible``)·v in float32; rows that see no key give 0.
+
+    q (B, H, Tq, D), k/v (B, Hkv, Tk, D), visible broadcastable to (B, H, Tq, Tk).
+    """
+    group = q.shape[1] // k.shape[1]
+    # GQA: query head h reads key/value head h // group (transformers' repeat_kv order).
+    k = wide(k).repeat_interleave(group, dim=1)
+    v = wide(v).repeat_interleave(group, dim=1)
+    scores = torch.matmul(wide(q), k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    any_visible = visible.any(dim=-1, keepdim=True)
+    # Rows with no visible key would be NaN (all -inf); give them zero weights instead.
+    probs = torch.softmax(scores.masked_fill(~any_visible, 0.0), dim=-1)
+    probs = probs.masked_fill(~visible, 0.0)
+    return torch.matmul(probs, v).to(q.dtype)
+
+
+def attention_mask(
+    tq: int,
+    tk: int,
+    *,
+    causal: bool,
+    key_lens: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Boolean visibility mask, True where query i may attend to key j.
+
+    Causal masking is aligned bottom-right: query i sees keys j <= i + (tk - tq). With
+    ``key_lens`` (B,), keys j >= key_lens[b] are hidden. Shape (B or 1, 1, tq, tk).
+    """
+    i = torch.arange(tq, device=device)[:, None]
+    j = torch.arange(tk, device=device)[None, :]
+    visible = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if causal:
+        visible = j <= i + (tk - tq)
+    visible = visible[None, None]
+    if key_lens is not None:
+        visible = visible & (j[None, None] < key_lens.to(device).view(-1, 1, 1, 1))
+    return visible
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    key_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """o = softmax(q·kᵀ·scale + mask)·v.  q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    visible = attention_mask(q.shape[2], k.shape[2], causal=causal, key_lens=key_lens, device=q.device)
+    return _attention_core(q, k, v, visible, scale)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_lens: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of the last Tq tokens of each sequence over its cached keys.
+
+    q (B, H, Tq, D); caches (B, Hkv, Lmax, D); cache_lens (B,) valid lengths *including*
+    the Tq new tokens, which sit at positions cache_lens[b] - Tq ... cache_lens[b] - 1.
+    Query t of sequence b sees keys j <= cache_lens[b] - Tq + t.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    tq, lmax = q.shape[2], k_cache.shape[2]
+    t = torch.arange(tq, device=q.device)[None, :, None]
+    j = torch.arange(lmax, device=q.device)[None, None, :]
+    last_visible = cache_lens.to(q.device).view(-1, 1, 1) - tq + t  # (B, Tq, 1)
+    visible = (j <= last_visible)[:, None]  # (B, 1, Tq, Lmax)
+    return _attention_core(q, k_cache, v_cache, visible, scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """y = x / sqrt(mean(x², -1) + eps) · weight, computed in float32 (Llama's convention:
+    normalize in float32, cast to the input dtype, then scale by the weight)."""
+    xf = wide(x)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """y = (x - mean) / sqrt(var + eps) · weight + bias over the last dim (biased variance)."""
+    xf = wide(x)
+    mean = xf.mean(dim=-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(dim=-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps) * wide(weight) + wide(bias)
+    return y.to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of angle[p, i] = p · theta^(-2i/head_dim), duplicated over both halves.
+
+    positions (..., T) -> cos/sin (..., T, head_dim), float32.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = positions.to(device=device, dtype=torch.float32)[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary embedding, Llama's rotate-half convention.
+
+    x (B, H, T, D) with D even; positions (T,) or (B, T). With x = [x1, x2] split in halves,
+    y = x·cos + [-x2, x1]·sin, angles from :func:`rope_cos_sin`.
+    """
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, x.device)
+    if positions.dim() == 2:  # (B, T, D) -> broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    xf = wide(x)
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """y = silu(gate) · up, silu(g) = g · sigmoid(g)."""
+    return F.silu(gate) * up
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh approximation: 0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + bias + scale·(x·Aᵀ)·Bᵀ.  x (..., in), W (out, in), A (r, in), B (out, r)."""
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(x, lora_a), lora_b)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: scale = max|W_row| / 127, q = round(W / scale).
+
+    weight (out, in) -> qweight int8 (out, in), scales float32 (out,). All-zero rows get
+    scale 1 so that dequantization is exact.
+    """
+    w = weight.float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    qweight = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return qweight, scales
+
+
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x·(qweight·scales[:, None])ᵀ + bias, dequantized to x's dtype.  x (..., in)."""
+    weight = (wide(qweight) * wide(scales)[:, None]).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def filtered_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
+    """Sampling distribution after temperature, then top-k, then top-p (transformers' order).
+
+    logits (B, V) -> probs (B, V) float32, filtered tokens exactly 0, rows summing to 1.
+    Top-k keeps exactly k tokens (ties at the boundary resolved by torch.topk); top-p keeps
+    the smallest prefix of the descending-probability order whose mass reaches top_p.
+    """
+    scaled = wide(logits) / temperature
+    if top_k is not None and top_k < scaled.shape[-1]:
+        keep = torch.zeros_like(scaled, dtype=torch.bool)
+        keep.scatter_(-1, torch.topk(scaled, top_k, dim=-1).indices, True)
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        keep_sorted = mass_before < top_p  # the first token is always kept
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        probs = probs.masked_fill(~keep, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(
+    logits: torch.Tensor,
+    uniform: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Draw one token per row by inverse-CDF sampling of :func:`filtered_probs`.
+
+    logits (B, V); uniform (B,) in [0, 1) — the randomness, drawn by the caller — -> (B,) int64.
+    Token = first index whose cumulative probability exceeds uniform·total, so a token of
+    probability 0 is never drawn. temperature == 0 is greedy (argmax; uniform unused).
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = filtered_probs(logits, temperature, top_k, top_p).double()
+    cdf = torch.cumsum(probs, dim=-1)
+    target = uniform.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return tokens.clamp_(max=logits.shape[-1] - 1)
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean over non-ignored rows of logsumexp(logits_i) - logits_i[target_i], in float32.
+
+    logits (N, V), targets (N,) int64 -> scalar. All rows ignored gives NaN (as PyTorch).
+    """
+    lf = wide(logits)
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    nll = torch.logsumexp(lf, dim=-1) - lf.gather(-1, safe_targets[:, None]).squeeze(-1)
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    return nll.sum() / valid.sum()

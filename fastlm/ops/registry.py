@@ -1,0 +1,208 @@
+"""torch.library registration of every fastlm op as ``fastlm::<name>``.
+
+Each op is a custom op whose last argument names the backend; its implementation is the kernel
+registered for that backend (see :mod:`fastlm.ops.backend`). A fake implementation gives output
+shapes to torch.compile, and differentiable ops get autograd through a companion
+``fastlm::<name>_backward`` op that dispatches by backend the same way. The reference backend's
+backward is the plain-PyTorch formula in :mod:`fastlm.ops.reference_backward`, so every op
+trains through its custom op even before a kernel backward exists; a kernel backend registers its own
+``<name>_backward`` kernel.
+
+``fastlm.ops`` calls these ops for kernel backends. For the reference backend it calls the
+reference functions directly, which autograd and torch.compile already understand without the
+recomputation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastlm.ops import reference, reference_backward
+from fastlm.ops.backend import kernel_for, register_kernel
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    args: str  # schema of the op's arguments, without the trailing backend argument
+    returns: str
+    fake: Callable
+    differentiable: tuple[int, ...] = ()  # positions of the tensor arguments that take gradients
+
+
+def _promoted(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _linear_fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+SPECS: tuple[OpSpec, ...] = (
+    OpSpec(
+        "attention",
+        "Tensor q, Tensor k, Tensor v, bool causal, float? scale, Tensor? key_lens",
+        "Tensor",
+        lambda q, k, v, causal, scale, key_lens: torch.empty_like(q),
+        differentiable=(0, 1, 2),
+    ),
+    OpSpec(
+        "decode_attention",
+        "Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float? scale",
+        "Tensor",
+        lambda q, k, v, lens, scale: torch.empty_like(q),
+    ),
+    OpSpec(
+        "rms_norm",
+        "Tensor x, Tensor weight, float eps",
+        "Tensor",
+        lambda x, w, eps: torch.empty_like(x, dtype=_promoted(x, w)),
+        differentiable=(0, 1),
+    ),
+    OpSpec(
+        "layer_norm",
+        "Tensor x, Tensor weight, Tensor bias, float eps",
+        "Tensor",
+        lambda x, w, b, eps: torch.empty_like(x),
+        differentiable=(0, 1, 2),
+    ),
+    OpSpec(
+        "rope",
+        "Tensor x, Tensor positions, float theta",
+        "Tensor",
+        lambda x, positions, theta: torch.empty_like(x),
+        differentiable=(0,),
+    ),
+    OpSpec(
+        "swiglu",
+        "Tensor gate, Tensor up",
+        "Tensor",
+        lambda gate, up: torch.empty_like(gate, dtype=_promoted(gate, up)),
+        differentiable=(0, 1),
+    ),
+    OpSpec("gelu", "Tensor x", "Tensor", lambda x: torch.empty_like(x), differentiable=(0,)),
+    OpSpec(
+        "lora_linear",
+        "Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias",
+        "Tensor",
+        lambda x, w, a, b, scale, bias: _linear_fake(x, w.shape[0]),
+        differentiable=(0, 1, 2, 3, 5),
+    ),
+    OpSpec(
+        "quantize_int8",
+        "Tensor weight",
+        "(Tensor, Tensor)",
+        lambda w: (
+            torch.empty_like(w, dtype=torch.int8),
+            w.new_empty((w.shape[0],), dtype=torch.float32),
+        ),
+    ),
+    OpSpec(
+        "int8_linear",
+        "Tensor x, Tensor qweight, Tensor scales, Tensor? bias",
+        "Tensor",
+        lambda x, q, scales, bias: _linear_fake(x, q.shape[0]),
+        differentiable=(0, 3),
+    ),
+    OpSpec(
+        "sample",
+        "Tensor logits, Tensor uniform, float temperature, int? top_k, float? top_p",
+        "Tensor",
+        lambda logits, u, t, k, p: logits.new_empty((logits.shape[0],), dtype=torch.int64),
+    ),
+    OpSpec(
+        "cross_entropy",
+        "Tensor logits, Tensor targets, int ignore_index",
+        "Tensor",
+        lambda logits, targets, ignore_index: logits.new_empty(
+            (), dtype=torch.promote_types(logits.dtype, torch.float32)
+        ),
+        differentiable=(0,),
+    ),
+)
+
+
+def _reference_backward(spec: OpSpec) -> Callable:
+    """The reference backward kernel: the op's formula in fastlm.ops.reference_backward."""
+    formula = getattr(reference_backward, f"{spec.name}_backward")
+
+    def backward(grad: torch.Tensor, *args_and_needs) -> list[torch.Tensor]:
+        *args, needs = args_and_needs
+        grads = dict(zip(spec.differentiable, formula(grad, *args)))
+        return _grad_list(spec, args, needs, grads)
+
+    return backward
+
+
+def _grad_list(spec: OpSpec, args: Sequence, needs: Sequence[bool], grads: dict) -> list[torch.Tensor]:
+    """One entry per present differentiable argument; an empty tensor where none is needed."""
+    out = []
+    for i, need in zip(spec.differentiable, needs):
+        if args[i] is None:
+            continue
+        out.append(grads[i] if need else args[i].new_empty((0,)))
+    return out
+
+
+_SAVED = object()  # marks a tensor input kept with ctx.save_for_backward
+
+
+def _define(spec: OpSpec) -> None:
+    qualname = f"fastlm::{spec.name}"
+    schema = f"({spec.args}, str backend) -> {spec.returns}"
+
+    def impl(*args):
+        *op_args, backend = args
+        return kernel_for(spec.name, backend)(*op_args)
+
+    op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
+    op.register_fake(lambda *args: spec.fake(*args[:-1]))
+    register_kernel(spec.name, "reference")(getattr(reference, spec.name))
+    if not spec.differentiable:
+        return
+
+    bwd_name = f"{spec.name}_backward"
+    bwd_schema = f"(Tensor grad, {spec.args}, bool[] needs, str backend) -> Tensor[]"
+
+    def bwd_impl(*args):
+        *op_args, backend = args
+        return kernel_for(bwd_name, backend)(*op_args)
+
+    def bwd_fake(grad, *args):
+        *op_args, needs, _backend = args
+        grads = {i: torch.empty_like(op_args[i]) for i in spec.differentiable if op_args[i] is not None}
+        return _grad_list(spec, op_args, needs, grads)
+
+    bwd_op = torch.library.custom_op(f"fastlm::{bwd_name}", bwd_impl, mutates_args=(), schema=bwd_schema)
+    bwd_op.register_fake(bwd_fake)
+    register_kernel(bwd_name, "reference")(_reference_backward(spec))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+        ctx.inputs = tuple(_SAVED if isinstance(t, torch.Tensor) else t for t in inputs)
+
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        inputs = [next(saved) if slot is _SAVED else slot for slot in ctx.inputs]
+        *op_args, backend = inputs
+        needs = [bool(ctx.needs_input_grad[i]) and op_args[i] is not None for i in spec.differentiable]
+        grads = iter(bwd_op(grad, *op_args, needs, backend))
+        result: list[torch.Tensor | None] = [None] * len(inputs)
+        for i, need in zip(spec.differentiable, needs):
+            if op_args[i] is None:
+                continue
+            g = next(grads)
+            result[i] = g if need else None
+        return tuple(result)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+for _spec in SPECS:
+    _define(_spec)
