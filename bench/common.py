@@ -23,6 +23,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
+# Table columns that come first, in this order; any others follow in first-seen order.
+PREFERRED_COLUMNS = (
+    "module", "op", "shape", "dtype", "backend", "status", "median_ms", "p20_ms", "p80_ms",
+    "tflops", "gbps", "speedup_vs_ref", "speedup_vs_torch", "max_abs_diff_vs_ref", "peak_mem_mb",
+)
 
 
 def _cpu_model() -> str:
@@ -134,6 +139,7 @@ def _atomic_write(path: Path, write: Callable) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -154,12 +160,13 @@ def _fmt(value: object) -> str:
 
 
 def markdown_table(records: Sequence[dict]) -> str:
-    """A markdown table over the union of the records' keys, in first-seen order."""
+    """A markdown table over the union of the records' keys (``PREFERRED_COLUMNS`` first)."""
     if not records:
         return "_no records_\n"
-    columns: list[str] = []
+    seen: list[str] = []
     for record in records:
-        columns.extend(k for k in record if k not in columns)
+        seen.extend(k for k in record if k not in seen)
+    columns = [c for c in PREFERRED_COLUMNS if c in seen] + [c for c in seen if c not in PREFERRED_COLUMNS]
     lines = [
         "| " + " | ".join(columns) + " |",
         "|" + "|".join("---" for _ in columns) + "|",
@@ -207,7 +214,7 @@ def _plot(name: str, records: Sequence[dict], path: Path) -> Path | None:
     if not timed:
         return None
     labels = [
-        " ".join(str(r[k]) for k in ("op", "case", "dtype", "backend") if r.get(k) is not None)
+        " ".join(str(r[k]) for k in ("op", "shape", "dtype", "backend") if r.get(k) is not None)
         for r in timed
     ]
     fig, ax = plt.subplots(figsize=(10, 0.3 * len(timed) + 1.5))

@@ -37,6 +37,7 @@ BUILD_ENV_VAR = "FASTLM_BUILD_CUDA"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _AUTO = {"", "auto"}
+_NO_NVCC = "nvcc not found (set CUDA_HOME or put the CUDA toolkit's nvcc on PATH)"
 
 
 def source_paths(root: Path = REPO_ROOT) -> list[Path]:
@@ -50,7 +51,11 @@ def missing_sources(root: Path = REPO_ROOT) -> list[str]:
 
 
 def _is_cuda_home(path: Path) -> bool:
-    return (path / "bin" / "nvcc").is_file() and (path / "include" / "cuda_runtime.h").is_file()
+    """A toolkit root: bin/nvcc and the runtime headers (conda puts them under targets/*/)."""
+    headers = (path / "include" / "cuda_runtime.h").is_file() or any(
+        path.glob("targets/*/include/cuda_runtime.h")
+    )
+    return (path / "bin" / "nvcc").is_file() and headers
 
 
 def find_cuda_home(env: Mapping[str, str] | None = None) -> str | None:
@@ -126,14 +131,28 @@ def _jit_problem() -> tuple[str | None, str | None]:
         )
     cuda_home = find_cuda_home()
     if cuda_home is None:
-        return "nvcc not found (set CUDA_HOME or put the CUDA toolkit's nvcc on PATH)", None
+        return _NO_NVCC, None
     if shutil.which("ninja") is None:
         return "ninja not found (torch's JIT build needs it: pip install ninja)", cuda_home
     return None, cuda_home
 
 
 def extension_status() -> tuple[bool, str]:
-    """Whether the cuda backend is usable in principle, and why. Never compiles."""
+    """Whether the cuda backend is usable in principle, and why. Never compiles.
+
+    Cached per process (cheap enough for per-call dispatch); once ``load_extension()`` has
+    failed in this process, the answer is False with the load error.
+    """
+    ok, reason = _probe_status()
+    if ok and _load.cache_info().currsize:
+        module, error = _load()
+        if module is None:
+            return False, error
+    return ok, reason
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_status() -> tuple[bool, str]:
     try:
         cuda = _torch_cuda_version()
     except ImportError as err:
@@ -175,8 +194,13 @@ def _load() -> tuple[ModuleType | None, str | None]:
     os.environ.setdefault("CUDA_HOME", cuda_home)
     from torch.utils import cpp_extension
 
-    if cpp_extension.CUDA_HOME is None:
-        return None, f"torch.utils.cpp_extension found no CUDA_HOME (set CUDA_HOME={cuda_home})"
+    torch_home = cpp_extension.CUDA_HOME
+    if torch_home is None or (torch_home != cuda_home and not _is_cuda_home(Path(torch_home))):
+        # cpp_extension was imported before CUDA_HOME was set, and guessed wrong.
+        return None, (
+            f"torch.utils.cpp_extension uses CUDA_HOME={torch_home}, which is not a CUDA toolkit; "
+            f"set CUDA_HOME={cuda_home} before starting Python"
+        )
     logger.info("JIT-building %s from %s (first use; cached afterwards)", JIT_NAME, CSRC_DIR)
     try:
         module = cpp_extension.load(
@@ -235,7 +259,7 @@ def _build_possible(env: Mapping[str, str]) -> tuple[bool, str]:
         return False, _cpu_only_reason()
     cuda_home = find_cuda_home(env)
     if cuda_home is None:
-        return False, "nvcc not found (set CUDA_HOME or put the CUDA toolkit's nvcc on PATH)"
+        return False, _NO_NVCC
     missing = missing_sources()
     if missing:
         return False, f"sources missing: {', '.join(missing)}"

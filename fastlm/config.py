@@ -47,7 +47,7 @@ class ModelConfig:
         _check_positive_int("num_kv_heads", self.num_kv_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+                f"ModelConfig.num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})"
             )
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:

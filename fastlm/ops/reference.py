@@ -119,14 +119,16 @@ def layer_norm(
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, device: torch.device
+    positions: torch.Tensor, head_dim: int, theta: float, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of angle[p, i] = p · theta^(-2i/head_dim), duplicated over both halves.
 
-    positions (..., T) -> cos/sin (..., T, head_dim), float32.
+    positions (..., T) -> cos/sin (..., T, head_dim) on like's device, in float32 (float64 if
+    ``like`` is float64).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = positions.to(device=device, dtype=torch.float32)[..., None] * inv_freq
+    dtype = wide(like).dtype
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=like.device, dtype=dtype) / head_dim))
+    angles = positions.to(device=like.device, dtype=dtype)[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -137,7 +139,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> to
     x (B, H, T, D) with D even; positions (T,) or (B, T). With x = [x1, x2] split in halves,
     y = x·cos + [-x2, x1]·sin, angles from :func:`rope_cos_sin`.
     """
-    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, x.device)
+    cos, sin = rope_cos_sin(positions, x.shape[-1], theta, x)
     if positions.dim() == 2:  # (B, T, D) -> broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     xf = wide(x)

@@ -74,7 +74,7 @@ def layer_norm_backward(grad, x, weight, bias, eps):
 
 def rope_backward(grad, x, positions, theta):
     """y = x·cos + R(x)·sin with R([x1, x2]) = [-x2, x1], so dx = dy·cos + Rᵀ(dy·sin), Rᵀ([a, b]) = [b, -a]."""
-    cos, sin = reference.rope_cos_sin(positions, x.shape[-1], theta, x.device)
+    cos, sin = reference.rope_cos_sin(positions, x.shape[-1], theta, x)
     if positions.dim() == 2:
         cos, sin = cos[:, None], sin[:, None]
     dy = wide(grad)

@@ -1,0 +1,124 @@
+"""Smoke tests of the benchmark harness: bench.common, bench_ops' row logic, bench.run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `bench` is a repo-root package, not an installed one
+    sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+
+
+def test_time_fn_cpu_returns_sane_quantiles():
+    x = torch.randn(256, 256)
+    t = common.time_fn(lambda: x @ x, "cpu", rep=10, budget_s=0.2)
+    assert 0 < t["p20_ms"] <= t["median_ms"] <= t["p80_ms"] < 1e4
+    assert 3 <= t["reps"] <= 10
+
+
+def test_time_fn_cpu_runs_at_least_three_reps_past_the_budget():
+    calls = []
+    t = common.time_fn(lambda: calls.append(1), "cpu", warmup=1, rep=50, budget_s=0.0)
+    assert t["reps"] == 3 and len(calls) == 4
+    assert t["median_ms"] >= 0
+
+
+def test_quantile_interpolates():
+    assert common._quantile([0.0, 10.0], 0.2) == pytest.approx(2.0)
+    assert common._quantile([1.0, 2.0, 3.0], 0.5) == 2.0
+
+
+def test_peak_memory_is_none_on_cpu():
+    assert common.peak_memory_mb(lambda: None, "cpu") is None
+
+
+def test_environment_cpu_has_versions_and_no_hostname():
+    import platform
+
+    env = common.environment("cpu")
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["gpu"] is None
+    if platform.node():
+        assert platform.node() not in json.dumps(env)
+
+
+def test_write_results_json_and_markdown(tmp_path):
+    records = [
+        {"op": "rms_norm", "backend": "reference", "status": "ok", "median_ms": 1.23456, "dtype": torch.float32},
+        {"op": "rms_norm", "backend": "triton", "status": "not implemented", "note": "a|b"},
+    ]
+    out = tmp_path / "res"
+    paths = common.write_results("bench_x", records, out, device="cpu")
+    assert paths["json"] == out / "bench_x.json" and paths["md"] == out / "bench_x.md"
+    payload = json.loads(paths["json"].read_text())
+    assert payload["name"] == "bench_x" and payload["env"]["device"] == "cpu" and payload["timestamp"]
+    assert payload["records"][0]["median_ms"] == 1.23456 and payload["records"][0]["dtype"] == "torch.float32"
+    md = paths["md"].read_text()
+    assert "| op | dtype | backend | status | median_ms | note |" in md  # PREFERRED_COLUMNS first
+    assert "| rms_norm | torch.float32 | reference | ok | 1.235 |  |" in md
+    assert "a\\|b" in md
+    assert sorted(p.name for p in out.iterdir()) == ["bench_x.json", "bench_x.md"]  # no temp files left
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    target = tmp_path / "r.json"
+    common.atomic_write_text(target, "old")
+
+    def boom(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        common._atomic_write(target, boom)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_bench_ops_rows_record_not_implemented_and_errors():
+    fastlm_backend = pytest.importorskip("fastlm.ops.backend")
+    from bench import bench_ops
+
+    def op():
+        name = fastlm_backend.forced_backend()
+        if name == "triton":
+            raise NotImplementedError("no triton kernel")
+        if name == "cuda":
+            raise RuntimeError("kernel crashed")
+        return torch.ones(4)
+
+    case = bench_ops.Case("fake", "N4", torch.float32, lambda: (op, lambda: torch.ones(4) * 2),
+                          peer="torch.fake", bytes=16)
+    rows = {r["backend"]: r for r in bench_ops._run_case(case, "cpu", ["reference", "triton", "cuda"])}
+    assert rows["reference"]["status"] == "ok" and rows["reference"]["speedup_vs_ref"] == 1.0
+    assert rows["triton"]["status"] == "not implemented" and "median_ms" not in rows["triton"]
+    assert rows["cuda"]["status"] == "error" and "kernel crashed" in rows["cuda"]["note"]
+    assert rows["torch.fake"]["max_abs_diff_vs_ref"] == 1.0
+    assert rows["torch.fake"]["speedup_vs_torch"] == 1.0 and rows["reference"]["gbps"] > 0
+
+
+def test_run_module_reports_failure(tmp_path, monkeypatch):
+    from bench import run
+
+    def broken_run(device, quick):
+        raise ValueError("bad shape")
+
+    import bench.bench_ops
+
+    monkeypatch.setattr(bench.bench_ops, "run", broken_run)
+    row = run.run_module("bench_ops", "cpu", True, tmp_path, {"device": "cpu"})
+    assert row["status"] == "failed" and "ValueError: bad shape" in row["error"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_discover_finds_bench_modules():
+    from bench import run
+
+    assert "bench_ops" in run.discover()
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        run.discover(["bench_nope"])

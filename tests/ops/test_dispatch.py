@@ -1,0 +1,98 @@
+"""Backend selection: automatic choice, forcing, errors that say why, routing to kernels."""
+
+import pytest
+import torch
+
+import fastlm
+from fastlm import ops
+from fastlm.ops import backend
+
+
+@pytest.fixture
+def fake_triton_gelu(monkeypatch):
+    """A stand-in 'triton' kernel for gelu that records its calls, removed afterwards."""
+    calls = []
+
+    def kernel(x):
+        calls.append(x.shape)
+        return torch.full_like(x, 7.0)
+
+    monkeypatch.setitem(backend._KERNELS, ("gelu", "triton"), kernel)
+    return calls
+
+
+def test_cpu_defaults_to_reference():
+    assert backend.select("attention", torch.device("cpu")) == "reference"
+    assert fastlm.available_backends("cpu")[-1] == "reference"
+
+
+def test_auto_never_picks_the_interpreter(monkeypatch, fake_triton_gelu):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(4)
+    torch.testing.assert_close(ops.gelu(x), ops.reference.gelu(x))
+    assert fake_triton_gelu == []
+
+
+def test_forced_backend_routes_through_the_custom_op(monkeypatch, fake_triton_gelu):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(3, 5)
+    with fastlm.use_backend("triton"):
+        out = ops.gelu(x)
+    assert fake_triton_gelu == [(3, 5)] and (out == 7.0).all()
+
+
+def test_env_variable_forces_a_backend(monkeypatch, fake_triton_gelu):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FASTLM_BACKEND", "triton")
+    assert (ops.gelu(torch.randn(2)) == 7.0).all()
+    with fastlm.use_backend("reference"):  # the context manager wins over the environment
+        assert (ops.gelu(torch.zeros(2)) == 0.0).all()
+
+
+def test_use_backend_restores_on_exit():
+    with fastlm.use_backend("reference"):
+        assert backend.forced_backend() == "reference"
+        with fastlm.use_backend(None):
+            assert backend.forced_backend() is None
+        assert backend.forced_backend() == "reference"
+    assert backend.forced_backend() is None
+
+
+def test_unknown_backend_is_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="unknown fastlm backend 'fast'.*reference, triton, cuda"):
+        fastlm.use_backend("fast")
+    monkeypatch.setenv("FASTLM_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="unknown fastlm backend 'tpu'"):
+        ops.gelu(torch.randn(2))
+
+
+def test_forced_triton_on_cpu_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with fastlm.use_backend("triton"), pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        ops.gelu(torch.randn(2))
+
+
+def test_forced_cuda_on_cpu_says_why():
+    with fastlm.use_backend("cuda"), pytest.raises(ops.BackendUnavailableError, match="needs CUDA tensors"):
+        ops.rms_norm(torch.randn(2, 4), torch.ones(4))
+
+
+def test_missing_kernel_names_op_and_backend(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with fastlm.use_backend("triton"), pytest.raises(NotImplementedError, match="'attention' has no 'triton' kernel"):
+        q = torch.randn(1, 1, 2, 4)
+        ops.attention(q, q, q)
+
+
+def test_backend_status_reasons(monkeypatch):
+    assert backend.backend_status("reference", "cpu")[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ok, why = backend.backend_status("triton", "cpu")
+    assert ok == backend._triton_installed()
+    ok, why = backend.backend_status("cuda", "cpu")
+    assert not ok and "CUDA tensors" in why
+
+
+def test_register_kernel_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="unknown fastlm backend"):
+        ops.register_kernel("gelu", "metal")
