@@ -15,10 +15,11 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from fastlm._files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -128,27 +129,6 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then rename it into place."""
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # only when something above failed
-            os.unlink(tmp)
-
-
 def _fmt(value: object) -> str:
     if value is None:
         return ""
@@ -186,6 +166,7 @@ def write_results(
     """Write ``<out_dir>/<name>.json`` (env, timestamp, records) and ``<name>.md``, plus
     ``<name>.png`` if matplotlib is importable. Returns the paths written, by kind."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     env = environment(device) if env is None else env
     timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     payload = {"name": name, "timestamp": timestamp, "env": env, "records": list(records)}
@@ -225,6 +206,6 @@ def _plot(name: str, records: Sequence[dict], path: Path) -> Path | None:
     ax.set_xlabel("median time (ms, log scale)")
     ax.set_title(name)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return path

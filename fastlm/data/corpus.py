@@ -29,8 +29,11 @@ __all__ = [
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".py", ".rst", ".jsonl"})
 
 # Directories of the standard library left out of the default corpus: installed packages,
-# test suites (test/, tests/, idlelib/idle_test, lib2to3/tests, ...) and caches.
-_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+# test suites (test/, tests/, idlelib/idle_test, lib2to3/tests, ...), caches and data tables.
+# encodings/ (codec tables) and pydoc_data/ (one huge string literal) are poor text to learn from.
+_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
+)
 
 
 # --------------------------------------------------------------------------- default corpus

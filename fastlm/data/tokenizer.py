@@ -27,7 +27,6 @@ import json
 import logging
 import operator
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,8 @@ from typing import Any
 import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from fastlm._files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -72,25 +73,8 @@ _CONVENTIONAL_TOKENS = {
 # --------------------------------------------------------------------------- helpers
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, fsync it, then ``os.replace`` it into place."""
-    # Not tempfile.mkstemp: its 0600 mode would survive the rename; open(..., "x") honours the umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    done = False
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        done = True
-    finally:
-        if not done:  # the error propagates; only the temp file is cleaned up
-            Path(tmp).unlink(missing_ok=True)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -510,7 +494,7 @@ class HFTokenizer(Tokenizer):
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(directory / HF_TOKENIZER_FILE, self._tok.to_str(pretty=True))
+        atomic_write_text(directory / HF_TOKENIZER_FILE, self._tok.to_str(pretty=True))
         config = dict(self.hf_config)
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config.setdefault("clean_up_tokenization_spaces", False)

@@ -66,20 +66,6 @@ def test_write_results_json_and_markdown(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["bench_x.json", "bench_x.md"]  # no temp files left
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    target = tmp_path / "r.json"
-    common.atomic_write_text(target, "old")
-
-    def boom(f):
-        f.write(b"partial")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        common._atomic_write(target, boom)
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
-
-
 def test_bench_ops_rows_record_not_implemented_and_errors():
     fastlm_backend = pytest.importorskip("fastlm.ops.backend")
     from bench import bench_ops
