@@ -63,8 +63,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt)])
     generator = torch.Generator().manual_seed(args.seed)
+    # No eos_token_id: the end-of-document token would often end the short sample at once.
     tokens = generate(model, prompt_ids, max_new_tokens=args.max_new_tokens, do_sample=True,
-                      temperature=0.8, top_k=50, generator=generator, eos_token_id=tokenizer.eos_token_id)
+                      temperature=0.8, top_k=50, generator=generator)
     print("--- sample ---")
     print(tokenizer.decode(tokens[0].tolist()))
     print("--------------")

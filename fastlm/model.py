@@ -67,7 +67,7 @@ class Attention(nn.Module):
             if cache.filled == 0:  # prefill of an empty cache: attend over the new tokens only
                 o = ops.attention(q, k, v, causal=True)
             else:
-                o = ops.decode_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), cache.lens + t)
+                o = ops.decode_attention(q, k_cache, v_cache, cache.lens + t)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
