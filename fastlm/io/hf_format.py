@@ -54,6 +54,13 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as err:
+        raise ValueError(f"config.json lacks the required field {err.args[0]!r}") from None
+
+
+def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     arch = arch_of(hf)
     ids = {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     ids = {key: (value[0] if isinstance(value, list) and value else value) for key, value in ids.items()}
@@ -86,9 +93,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in _GPT2_ACTIVATIONS:
         raise NotImplementedError(f"GPT-2 activation_function {act!r} is not supported (expected 'gelu_new')")
-    for flag in ("scale_attn_by_inverse_layer_idx",):
-        if hf.get(flag):
-            raise NotImplementedError(f"GPT-2 option {flag}=True is not supported")
+    if hf.get("scale_attn_by_inverse_layer_idx"):
+        raise NotImplementedError("GPT-2 option scale_attn_by_inverse_layer_idx=True is not supported")
     if hf.get("scale_attn_weights", True) is False:
         raise NotImplementedError("GPT-2 option scale_attn_weights=False is not supported")
     return ModelConfig(

@@ -157,6 +157,12 @@ def test_unknown_architecture(llama_dir, tmp_path):
         fastlm.from_pretrained(path)
 
 
+def test_config_missing_a_field(llama_dir, tmp_path):
+    path = _copy_checkpoint(llama_dir, tmp_path / "c", lambda c, t: c.pop("hidden_size"))
+    with pytest.raises(ValueError, match="config.json lacks the required field 'hidden_size'"):
+        fastlm.from_pretrained(path)
+
+
 def test_unsupported_rope_scaling(llama_dir, tmp_path):
     def edit(config, tensors):
         config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
