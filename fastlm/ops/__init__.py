@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fastlm.ops import reference, registry  # noqa: F401  (registry defines the torch.library ops)
+from fastlm.ops import reference, registry  # registry defines the torch.library ops
 from fastlm.ops.backend import (
     BACKENDS,
     BackendUnavailableError,
@@ -53,11 +53,17 @@ __all__ = [
 ]
 
 
+_AUXILIARY_OUTPUTS = {spec.name for spec in registry.SPECS if spec.auxiliary_outputs}
+
+
 def _run(op: str, device: torch.device, *args):
+    """Run ``op`` on the selected backend: the reference function directly, or the custom op
+    ``fastlm::<op>`` (dropping auxiliary outputs such as attention's logsumexp)."""
     backend = select(op, device)
     if backend == "reference":
         return getattr(reference, op)(*args)
-    return getattr(torch.ops.fastlm, op)(*args, backend)
+    out = getattr(torch.ops.fastlm, op)(*args, backend)
+    return out[0] if op in _AUXILIARY_OUTPUTS else out
 
 
 def _check_heads(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

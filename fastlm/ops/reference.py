@@ -21,10 +21,12 @@ def wide(t: torch.Tensor) -> torch.Tensor:
 
 def _attention_core(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """softmax(q·kᵀ·scale, masked by ``visible``)·v in float32; rows that see no key give 0.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q·kᵀ·scale, masked by ``visible``)·v in float32, and the row logsumexp.
 
-    q (B, H, Tq, D), k/v (B, Hkv, Tk, D), visible broadcastable to (B, H, Tq, Tk).
+    q (B, H, Tq, D), k/v (B, Hkv, Tk, D), visible broadcastable to (B, H, Tq, Tk) ->
+    out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32 = log Σ_visible exp(q·k·scale).
+    A row that sees no key gives out = 0 and lse = -inf.
     """
     group = q.shape[1] // k.shape[1]
     # GQA: query head h reads key/value head h // group (transformers' repeat_kv order).
@@ -32,11 +34,12 @@ def _attention_core(
     v = wide(v).repeat_interleave(group, dim=1)
     scores = torch.matmul(wide(q), k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
     scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where no key is visible
     any_visible = visible.any(dim=-1, keepdim=True)
     # Rows with no visible key would be NaN (all -inf); give them zero weights instead.
     probs = torch.softmax(scores.masked_fill(~any_visible, 0.0), dim=-1)
     probs = probs.masked_fill(~visible, 0.0)
-    return torch.matmul(probs, v).to(q.dtype)
+    return torch.matmul(probs, v).to(q.dtype), lse
 
 
 def attention_mask(
@@ -63,6 +66,23 @@ def attention_mask(
     return visible
 
 
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    key_lens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): o = softmax(q·kᵀ·scale + mask)·v and lse = logsumexp(q·kᵀ·scale + mask, -1).
+
+    q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> o (B, H, Tq, D), lse (B, H, Tq) float32.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    visible = attention_mask(q.shape[2], k.shape[2], causal=causal, key_lens=key_lens, device=q.device)
+    return _attention_core(q, k, v, visible, scale)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -72,9 +92,7 @@ def attention(
     key_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """o = softmax(q·kᵀ·scale + mask)·v.  q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    visible = attention_mask(q.shape[2], k.shape[2], causal=causal, key_lens=key_lens, device=q.device)
-    return _attention_core(q, k, v, visible, scale)
+    return attention_forward(q, k, v, causal, scale, key_lens)[0]
 
 
 def decode_attention(
@@ -96,7 +114,7 @@ def decode_attention(
     j = torch.arange(lmax, device=q.device)[None, None, :]
     last_visible = cache_lens.to(q.device).view(-1, 1, 1) - tq + t  # (B, Tq, 1)
     visible = (j <= last_visible)[:, None]  # (B, 1, Tq, Lmax)
-    return _attention_core(q, k_cache, v_cache, visible, scale)
+    return _attention_core(q, k_cache, v_cache, visible, scale)[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

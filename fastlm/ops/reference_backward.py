@@ -1,6 +1,6 @@
 """Plain-PyTorch backward formulas of the differentiable reference ops.
 
-Each ``<op>_backward(grad, *op_args)`` returns the gradients of the op's differentiable
+Each ``<op>_backward(grad, *op_args[, *forward_outputs])`` returns the gradients of the op's differentiable
 arguments (in the order listed in ``fastlm.ops.registry.SPECS``; None for an absent optional
 argument), computed in float32 (float64 for float64 inputs) and cast to each argument's dtype. They serve as the backward of
 the ``fastlm::<op>`` custom ops on the reference backend and as the oracle for kernel backwards;
@@ -22,25 +22,26 @@ def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1, grad.shape[-1]).sum(dim=0).to(like.dtype)
 
 
-def attention_backward(grad, q, k, v, causal, scale, key_lens):
-    """FlashAttention's identities with P recomputed: dV = Pᵀ·dO, dS = P ∘ (dO·Vᵀ - rowsum(dO ∘ O)),
-    dQ = dS·K·scale, dK = dSᵀ·Q·scale; GQA gradients summed over the heads of each group."""
+def attention_backward(grad, q, k, v, causal, scale, key_lens, out, lse):
+    """FlashAttention-2's backward from the saved output and logsumexp:
+    P = exp(q·kᵀ·scale - lse) on visible keys (0 on rows with lse = -inf), dV = Pᵀ·dO,
+    dS = P ∘ (dO·Vᵀ - rowsum(dO ∘ O)), dQ = dS·K·scale, dK = dSᵀ·Q·scale; GQA gradients
+    summed over the query heads of each group."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = h // hkv
     visible = reference.attention_mask(tq, tk, causal=causal, key_lens=key_lens, device=q.device)
-    qf, do = wide(q), wide(grad)
+    qf, do, of = wide(q), wide(grad), wide(out)
     kf = wide(k).repeat_interleave(group, dim=1)
     vf = wide(v).repeat_interleave(group, dim=1)
+    lse = wide(lse)[..., None]
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible, float("-inf"))
-    any_visible = visible.any(dim=-1, keepdim=True)
-    p = torch.softmax(scores.masked_fill(~any_visible, 0.0), dim=-1).masked_fill(~visible, 0.0)
-    o = torch.matmul(p, vf)
+    p = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))
+    p = p.masked_fill(~visible | torch.isinf(lse), 0.0)
     dv = torch.matmul(p.transpose(-1, -2), do)
     dp = torch.matmul(do, vf.transpose(-1, -2))
-    ds = p * (dp - (do * o).sum(dim=-1, keepdim=True))
+    ds = p * (dp - (do * of).sum(dim=-1, keepdim=True))
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
 

@@ -26,11 +26,26 @@ from fastlm.ops.backend import kernel_for, register_kernel
 
 @dataclass(frozen=True)
 class OpSpec:
+    """How ``fastlm::<name>`` is declared.
+
+    With ``auxiliary_outputs``, the first output is the op's result and the others (e.g.
+    attention's logsumexp) are kept for backward and take no gradient. With ``outputs_to_backward`` (schema of the outputs, e.g.
+    ``"Tensor out, Tensor lse"``) the backward op receives the forward outputs after the op's
+    arguments, so a kernel backward need not recompute them.
+    """
+
     name: str
     args: str  # schema of the op's arguments, without the trailing backend argument
     returns: str
     fake: Callable
     differentiable: tuple[int, ...] = ()  # positions of the tensor arguments that take gradients
+    outputs_to_backward: str = ""
+    auxiliary_outputs: bool = False  # outputs after the first are for backward only, not returned by fastlm.ops
+    reference_kernel: str | None = None  # function of fastlm.ops.reference (default: name)
+
+    @property
+    def num_args(self) -> int:
+        return len(self.args.split(","))
 
 
 def _promoted(*tensors: torch.Tensor) -> torch.dtype:
@@ -48,9 +63,15 @@ SPECS: tuple[OpSpec, ...] = (
     OpSpec(
         "attention",
         "Tensor q, Tensor k, Tensor v, bool causal, float? scale, Tensor? key_lens",
-        "Tensor",
-        lambda q, k, v, causal, scale, key_lens: torch.empty_like(q),
+        "(Tensor, Tensor)",  # out (B, H, Tq, D), logsumexp (B, H, Tq) float32
+        lambda q, k, v, causal, scale, key_lens: (
+            torch.empty_like(q),
+            q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32)),
+        ),
         differentiable=(0, 1, 2),
+        outputs_to_backward="Tensor out, Tensor lse",
+        auxiliary_outputs=True,
+        reference_kernel="attention_forward",
     ),
     OpSpec(
         "decode_attention",
@@ -129,13 +150,15 @@ SPECS: tuple[OpSpec, ...] = (
 
 
 def _reference_backward(spec: OpSpec) -> Callable:
-    """The reference backward kernel: the op's formula in fastlm.ops.reference_backward."""
+    """The reference backward kernel: the op's formula in fastlm.ops.reference_backward, called
+    as formula(grad, *op_args, *forward_outputs_if_any)."""
     formula = getattr(reference_backward, f"{spec.name}_backward")
+    num_args = spec.num_args
 
-    def backward(grad: torch.Tensor, *args_and_needs) -> list[torch.Tensor]:
-        *args, needs = args_and_needs
-        grads = dict(zip(spec.differentiable, formula(grad, *args)))
-        return _grad_list(spec, args, needs, grads)
+    def backward(grad: torch.Tensor, *args_outputs_needs) -> list[torch.Tensor]:
+        *args_outputs, needs = args_outputs_needs
+        grads = dict(zip(spec.differentiable, formula(grad, *args_outputs)))
+        return _grad_list(spec, args_outputs[:num_args], needs, grads)
 
     return backward
 
@@ -163,19 +186,21 @@ def _define(spec: OpSpec) -> None:
 
     op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
     op.register_fake(lambda *args: spec.fake(*args[:-1]))
-    register_kernel(spec.name, "reference")(getattr(reference, spec.name))
+    register_kernel(spec.name, "reference")(getattr(reference, spec.reference_kernel or spec.name))
     if not spec.differentiable:
         return
 
     bwd_name = f"{spec.name}_backward"
-    bwd_schema = f"(Tensor grad, {spec.args}, bool[] needs, str backend) -> Tensor[]"
+    outputs = f"{spec.outputs_to_backward}, " if spec.outputs_to_backward else ""
+    bwd_schema = f"(Tensor grad, {spec.args}, {outputs}bool[] needs, str backend) -> Tensor[]"
+    num_args = spec.num_args
 
     def bwd_impl(*args):
         *op_args, backend = args
         return kernel_for(bwd_name, backend)(*op_args)
 
     def bwd_fake(grad, *args):
-        *op_args, needs, _backend = args
+        op_args, needs = args[:num_args], args[-2]
         grads = {i: torch.empty_like(op_args[i]) for i in spec.differentiable if op_args[i] is not None}
         return _grad_list(spec, op_args, needs, grads)
 
@@ -184,15 +209,21 @@ def _define(spec: OpSpec) -> None:
     register_kernel(bwd_name, "reference")(_reference_backward(spec))
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+        saved_outputs = tuple(output) if spec.outputs_to_backward else ()
+        if spec.auxiliary_outputs:
+            ctx.mark_non_differentiable(*output[1:])
+        ctx.num_saved_outputs = len(saved_outputs)
+        ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)), *saved_outputs)
         ctx.inputs = tuple(_SAVED if isinstance(t, torch.Tensor) else t for t in inputs)
 
-    def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
+    def backward(ctx, grad, *aux_grads):  # auxiliary outputs take no gradient
+        saved = list(ctx.saved_tensors)
+        saved_outputs = saved[len(saved) - ctx.num_saved_outputs :]
+        saved = iter(saved[: len(saved) - ctx.num_saved_outputs])
         inputs = [next(saved) if slot is _SAVED else slot for slot in ctx.inputs]
         *op_args, backend = inputs
         needs = [bool(ctx.needs_input_grad[i]) and op_args[i] is not None for i in spec.differentiable]
-        grads = iter(bwd_op(grad, *op_args, needs, backend))
+        grads = iter(bwd_op(grad, *op_args, *saved_outputs, needs, backend))
         result: list[torch.Tensor | None] = [None] * len(inputs)
         for i, need in zip(spec.differentiable, needs):
             if op_args[i] is None:

@@ -96,3 +96,34 @@ def test_backend_status_reasons(monkeypatch):
 def test_register_kernel_rejects_unknown_backend():
     with pytest.raises(ValueError, match="unknown fastlm backend"):
         ops.register_kernel("gelu", "metal")
+
+
+def test_kernel_backend_trains_through_the_custom_op(monkeypatch):
+    """A kernel backend plugs in a forward (out, lse) and a backward that receives them."""
+    from fastlm.ops import reference, reference_backward
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    seen = {}
+
+    def forward(*args):
+        return reference.attention_forward(*args)
+
+    def backward(grad, q, k, v, causal, scale, key_lens, out, lse, needs):
+        seen["lse"], seen["needs"] = lse, list(needs)
+        grads = reference_backward.attention_backward(grad, q, k, v, causal, scale, key_lens, out, lse)
+        return [g if need else g.new_empty(0) for g, need in zip(grads, needs)]
+
+    monkeypatch.setitem(backend._KERNELS, ("attention", "triton"), forward)
+    monkeypatch.setitem(backend._KERNELS, ("attention_backward", "triton"), backward)
+    q = torch.randn(1, 4, 5, 8, requires_grad=True)
+    k = torch.randn(1, 2, 7, 8, requires_grad=True)
+    v = torch.randn(1, 2, 7, 8)  # no gradient wanted for v
+    with fastlm.use_backend("triton"):
+        out = ops.attention(q, k, v, causal=True)
+    out.square().sum().backward()
+    assert seen["needs"] == [True, True, False] and seen["lse"].shape == (1, 4, 5)
+    q2, k2 = q.detach().requires_grad_(), k.detach().requires_grad_()
+    ops.reference.attention(q2, k2, v, causal=True).square().sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k.grad, k2.grad, atol=1e-5, rtol=1e-5)
+    assert v.grad is None

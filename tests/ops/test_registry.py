@@ -73,6 +73,8 @@ def test_custom_op_gradients_match_autograd_through_reference(name, args):
     args = _with_grad(name, args)
     inputs = [args[i] for i in spec.differentiable if isinstance(args[i], torch.Tensor)]
     out = getattr(torch.ops.fastlm, name)(*args, "reference")
+    if spec.auxiliary_outputs:
+        out = out[0]
     torch.testing.assert_close(out, getattr(reference, name)(*args))
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, inputs, grad_out)
@@ -83,8 +85,20 @@ def test_custom_op_gradients_match_autograd_through_reference(name, args):
 
 def test_gradcheck_attention_through_custom_op():
     q, k, v = (t.requires_grad_(True) for t in (_double(1, 2, 3, 4), _double(1, 1, 5, 4), _double(1, 1, 5, 4)))
-    assert torch.autograd.gradcheck(lambda q, k, v: torch.ops.fastlm.attention(q, k, v, True, None, None, "reference"),
-                                    (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.fastlm.attention(q, k, v, True, None, None, "reference")[0], (q, k, v)
+    )
+
+
+def test_attention_logsumexp_output():
+    q, k, v = _double(2, 2, 4, 8), _double(2, 1, 6, 8), _double(2, 1, 6, 8)
+    key_lens = torch.tensor([6, 0])
+    out, lse = torch.ops.fastlm.attention(q, k, v, True, 0.5, key_lens, "reference")
+    scores = (q @ k.transpose(-1, -2)) * 0.5  # (B, H, 4, 6); causal offset 2: query i sees keys <= i + 2
+    mask = torch.arange(6)[None, :] <= torch.arange(4)[:, None] + 2
+    expected = torch.logsumexp(scores[0].masked_fill(~mask, float("-inf")), dim=-1)
+    torch.testing.assert_close(lse[0], expected)
+    assert torch.isneginf(lse[1]).all() and (out[1] == 0).all()
 
 
 def test_only_needed_gradients_are_computed():
@@ -101,7 +115,7 @@ def test_torch_compile_traces_custom_ops():
 
     def block(x, w, q, k, v):
         h = torch.ops.fastlm.rms_norm(x, w, 1e-6, "reference")
-        o = torch.ops.fastlm.attention(q, k, v, True, None, None, "reference")
+        o = torch.ops.fastlm.attention(q, k, v, True, None, None, "reference")[0]
         return h.sum() + o.sum()
 
     args = [torch.randn(2, 8), torch.randn(8), torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)]
