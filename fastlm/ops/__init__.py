@@ -12,14 +12,14 @@ import math
 
 import torch
 
-from fastlm.ops import reference, registry  # registry defines the torch.library ops
+from fastlm.ops import reference
+from fastlm.ops.registry import run
 from fastlm.ops.backend import (
     BACKENDS,
     BackendUnavailableError,
     available_backends,
     backend_status,
     register_kernel,
-    select,
     use_backend,
 )
 from fastlm.ops.checks import (
@@ -51,19 +51,6 @@ __all__ = [
     "swiglu",
     "use_backend",
 ]
-
-
-_AUXILIARY_OUTPUTS = {spec.name for spec in registry.SPECS if spec.auxiliary_outputs}
-
-
-def _run(op: str, device: torch.device, *args):
-    """Run ``op`` on the selected backend: the reference function directly, or the custom op
-    ``fastlm::<op>`` (dropping auxiliary outputs such as attention's logsumexp)."""
-    backend = select(op, device)
-    if backend == "reference":
-        return getattr(reference, op)(*args)
-    out = getattr(torch.ops.fastlm, op)(*args, backend)
-    return out[0] if op in _AUXILIARY_OUTPUTS else out
 
 
 def _check_heads(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -112,7 +99,7 @@ def attention(
     _check_heads("attention", q, k, v)
     if key_lens is not None:
         _check_lengths("attention key_lens", key_lens, q.shape[0], q.device)
-    return _run("attention", q.device, q, k, v, bool(causal), scale, key_lens)
+    return run("attention", q.device, q, k, v, bool(causal), scale, key_lens)
 
 
 def decode_attention(
@@ -136,7 +123,7 @@ def decode_attention(
     check_same_device("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     _check_heads("decode_attention", q, k_cache, v_cache)
     _check_lengths("decode_attention cache_lens", cache_lens, q.shape[0], q.device)
-    return _run("decode_attention", q.device, q, k_cache, v_cache, cache_lens, scale)
+    return run("decode_attention", q.device, q, k_cache, v_cache, cache_lens, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -144,7 +131,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     check_floating("rms_norm", x=x, weight=weight)
     check_same_device("rms_norm", x=x, weight=weight)
     check_last_dim("rms_norm", x, weight=weight)
-    return _run("rms_norm", x.device, x, weight, float(eps))
+    return run("rms_norm", x.device, x, weight, float(eps))
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -152,7 +139,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     check_floating("layer_norm", x=x, weight=weight, bias=bias)
     check_same_device("layer_norm", x=x, weight=weight, bias=bias)
     check_last_dim("layer_norm", x, weight=weight, bias=bias)
-    return _run("layer_norm", x.device, x, weight, bias, float(eps))
+    return run("layer_norm", x.device, x, weight, bias, float(eps))
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0) -> torch.Tensor:
@@ -175,7 +162,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, *, theta: float = 10000.0) ->
         raise ValueError(f"rope: positions must have shape ({t},) or ({b}, {t}), got {tuple(positions.shape)}")
     if theta <= 0:
         raise ValueError(f"rope: theta must be > 0, got {theta}")
-    return _run("rope", x.device, x, positions, float(theta))
+    return run("rope", x.device, x, positions, float(theta))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -185,13 +172,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     check_same_device("swiglu", gate=gate, up=up)
     if gate.shape != up.shape:
         raise ValueError(f"swiglu: gate and up shapes differ: {tuple(gate.shape)} vs {tuple(up.shape)}")
-    return _run("swiglu", gate.device, gate, up)
+    return run("swiglu", gate.device, gate, up)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's GELU (tanh approximation): 0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))."""
     check_floating("gelu", x=x)
-    return _run("gelu", x.device, x)
+    return run("gelu", x.device, x)
 
 
 def lora_linear(
@@ -224,7 +211,7 @@ def lora_linear(
         raise ValueError(f"lora_linear: expected lora_b of shape ({out_f}, {r}) (out, r), got {tuple(lora_b.shape)}")
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"lora_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
-    return _run("lora_linear", x.device, x, weight, lora_a, lora_b, float(scale), bias)
+    return run("lora_linear", x.device, x, weight, lora_a, lora_b, float(scale), bias)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +223,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_floating("quantize_int8", weight=weight)
     if not torch.isfinite(weight).all():
         raise ValueError("quantize_int8: weight has NaN or infinite values")
-    return _run("quantize_int8", weight.device, weight)
+    return run("quantize_int8", weight.device, weight)
 
 
 def int8_linear(
@@ -257,7 +244,7 @@ def int8_linear(
         raise ValueError(f"int8_linear: expected scales of shape ({out_f},), got {tuple(scales.shape)}")
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"int8_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
-    return _run("int8_linear", x.device, x, qweight, scales, bias)
+    return run("int8_linear", x.device, x, qweight, scales, bias)
 
 
 def sample(
@@ -291,7 +278,7 @@ def sample(
         raise ValueError("sample: a row of logits has no finite value")
     uniform = torch.rand(logits.shape[0], device=logits.device, generator=generator, dtype=torch.float64)
     top_k = None if top_k is None else min(top_k, logits.shape[1])
-    return _run("sample", logits.device, logits, uniform, float(temperature), top_k, top_p)
+    return run("sample", logits.device, logits, uniform, float(temperature), top_k, top_p)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -308,4 +295,4 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     vocab = logits.shape[1]
     if ((targets != ignore_index) & ((targets < 0) | (targets >= vocab))).any():
         raise ValueError(f"cross_entropy: targets must be in [0, {vocab}) or equal ignore_index={ignore_index}")
-    return _run("cross_entropy", logits.device, logits, targets, int(ignore_index))
+    return run("cross_entropy", logits.device, logits, targets, int(ignore_index))

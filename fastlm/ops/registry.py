@@ -8,9 +8,9 @@ backward is the plain-PyTorch formula in :mod:`fastlm.ops.reference_backward`, s
 trains through its custom op even before a kernel backward exists; a kernel backend registers its own
 ``<name>_backward`` kernel.
 
-``fastlm.ops`` calls these ops for kernel backends. For the reference backend it calls the
-reference functions directly, which autograd and torch.compile already understand without the
-recomputation.
+:func:`run` is how the public ops call them: the custom op for kernel backends, and the
+reference function directly for the reference backend (autograd and torch.compile understand
+plain PyTorch without the custom op).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlm.ops import reference, reference_backward
-from fastlm.ops.backend import kernel_for, register_kernel
+from fastlm.ops.backend import kernel_for, register_kernel, select
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,9 @@ class OpSpec:
     differentiable: tuple[int, ...] = ()  # positions of the tensor arguments that take gradients
     outputs_to_backward: str = ""
     auxiliary_outputs: bool = False  # outputs after the first are for backward only, not returned by fastlm.ops
-    reference_kernel: str | None = None  # function of fastlm.ops.reference (default: name)
+    # The reference kernels; default: fastlm.ops.reference.<name> and reference_backward.<name>_backward.
+    reference_fn: Callable | None = None
+    reference_backward_fn: Callable | None = None
 
     @property
     def num_args(self) -> int:
@@ -71,7 +73,7 @@ SPECS: tuple[OpSpec, ...] = (
         differentiable=(0, 1, 2),
         outputs_to_backward="Tensor out, Tensor lse",
         auxiliary_outputs=True,
-        reference_kernel="attention_forward",
+        reference_fn=reference.attention_forward,
     ),
     OpSpec(
         "decode_attention",
@@ -152,7 +154,7 @@ SPECS: tuple[OpSpec, ...] = (
 def _reference_backward(spec: OpSpec) -> Callable:
     """The reference backward kernel: the op's formula in fastlm.ops.reference_backward, called
     as formula(grad, *op_args, *forward_outputs_if_any)."""
-    formula = getattr(reference_backward, f"{spec.name}_backward")
+    formula = spec.reference_backward_fn or getattr(reference_backward, f"{spec.name}_backward")
     num_args = spec.num_args
 
     def backward(grad: torch.Tensor, *args_outputs_needs) -> list[torch.Tensor]:
@@ -174,9 +176,26 @@ def _grad_list(spec: OpSpec, args: Sequence, needs: Sequence[bool], grads: dict)
 
 
 _SAVED = object()  # marks a tensor input kept with ctx.save_for_backward
+_DEFINED: dict[str, OpSpec] = {}
 
 
-def _define(spec: OpSpec) -> None:
+def run(op: str, device: torch.device, *args):
+    """Run ``op`` on the backend selected for ``device``: the reference function directly
+    (autograd and torch.compile see plain PyTorch), or the custom op ``fastlm::<op>`` that
+    calls the backend's kernel. Auxiliary outputs (attention's logsumexp) are dropped."""
+    spec = _DEFINED[op]
+    backend = select(op, device)
+    if backend == "reference":
+        out = (spec.reference_fn or getattr(reference, op))(*args)
+    else:
+        out = getattr(torch.ops.fastlm, op)(*args, backend)
+    return out[0] if spec.auxiliary_outputs else out
+
+
+def define_op(spec: OpSpec) -> None:
+    """Declare ``fastlm::<spec.name>`` (and its backward op when differentiable) and register
+    its reference kernels. Op families outside this file call it for their own specs."""
+    _DEFINED[spec.name] = spec
     qualname = f"fastlm::{spec.name}"
     schema = f"({spec.args}, str backend) -> {spec.returns}"
 
@@ -186,7 +205,7 @@ def _define(spec: OpSpec) -> None:
 
     op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
     op.register_fake(lambda *args: spec.fake(*args[:-1]))
-    register_kernel(spec.name, "reference")(getattr(reference, spec.reference_kernel or spec.name))
+    register_kernel(spec.name, "reference")(spec.reference_fn or getattr(reference, spec.name))
     if not spec.differentiable:
         return
 
@@ -236,4 +255,4 @@ def _define(spec: OpSpec) -> None:
 
 
 for _spec in SPECS:
-    _define(_spec)
+    define_op(_spec)
