@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from fastlm.ops import reference
+from fastlm.ops import reference  # noqa: F401  (public: fastlm.ops.reference, the oracle)
 from fastlm.ops.registry import run
 from fastlm.ops.backend import (
     BACKENDS,
