@@ -1,70 +1,164 @@
 """The ``fastlm`` command (also ``python -m fastlm``).
 
 Subcommands:
-  demo      train a BPE tokenizer and a tiny model on a corpus (default: Python's own standard
-            library sources), report validation perplexity, save the checkpoint, generate text
+  demo      the main job: pretrain a tiny model and its BPE tokenizer on Python's own standard
+            library sources, report validation perplexity, save it, generate text
+  pretrain  causal-LM (or masked-LM) pretraining on text files, folders or jsonl
+  finetune  supervised fine-tuning on prompt/completion jsonl (loss on completions only)
   generate  continue a prompt with a saved checkpoint
   info      versions, devices and which op backends are available
+
+Training runs on several processes with ``torchrun --nproc-per-node N -m fastlm pretrain ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+_TRAINER_OPTIONS = {
+    # option: (type, help); defaults come from TrainerConfig
+    "max_steps": (int, "optimizer steps"),
+    "batch_size": (int, "sequences per micro-batch over all processes"),
+    "grad_accum": (int, "micro-batches per optimizer step"),
+    "lr": (float, "peak learning rate"),
+    "min_lr_ratio": (float, "final learning rate as a fraction of lr"),
+    "warmup_steps": (int, "linear warmup steps"),
+    "schedule": (str, "cosine | linear | constant"),
+    "weight_decay": (float, "AdamW weight decay (matrices only)"),
+    "grad_clip": (float, "max gradient norm (0: off)"),
+    "precision": (str, "fp32 | bf16 | fp16 (fp16 uses loss scaling)"),
+    "seed": (int, "seed of initialization, data order and sampling"),
+    "eval_every": (int, "steps between validations (0: at the end)"),
+    "eval_batches": (int, "validation micro-batches"),
+    "save_every": (int, "steps between checkpoints (0: at the end)"),
+    "keep_last": (int, "checkpoints kept"),
+    "nan_policy": (str, "stop | skip: what a NaN/inf loss does"),
+    "device": (str, "cpu or cuda (default: cuda when available)"),
+}
+_TRAINER_FLAGS = {
+    "activation_checkpointing": "recompute blocks in backward to save memory",
+    "compile": "torch.compile the model",
+    "fused_loss": "fused linear + cross-entropy (no full logits)",
+    "fsdp": "shard with FSDP2 instead of DDP",
+}
+
+
+def _add_trainer_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--out", default=defaults["out"], help="output directory (checkpoints, metrics, plot)")
+    group.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    group.add_argument("--config", help="TOML (or YAML) file of option values; command-line options win")
+    for name, (kind, text) in _TRAINER_OPTIONS.items():
+        group.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name], help=text)
+    for name, text in _TRAINER_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), action="store_true", default=defaults[name], help=text)
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _trainer_config(args: argparse.Namespace):
+    from fastlm.train import TrainerConfig
+
+    names = [f.name for f in dataclasses.fields(TrainerConfig)]
+    return TrainerConfig(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Option values from a TOML file (or YAML when PyYAML is installed); keys may use - or _."""
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"fastlm: config file not found: {path}")
+    if file.suffix == ".toml":
+        import tomllib
+
+        with open(file, "rb") as f:
+            values = tomllib.load(f)
+    elif file.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise SystemExit("fastlm: reading YAML needs PyYAML (pip install pyyaml); or use a .toml file") from None
+        values = yaml.safe_load(file.read_text()) or {}
+    else:
+        raise SystemExit(f"fastlm: config file must be .toml, .yaml or .yml, got {path}")
+    if not isinstance(values, dict):
+        raise SystemExit(f"fastlm: {path} must hold a table of option values")
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse once for --config, use the file's values as defaults, then parse again."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        values = load_config_file(args.config)
+        known = set(vars(args))
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SystemExit(f"fastlm: unknown option(s) in {args.config}: {', '.join(unknown)}")
+        subparser = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
+        subparser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from fastlm.train import pretrain
+
+    output = pretrain(_trainer_config(args), data=args.data, preset_name=args.preset, tokenizer_path=args.tokenizer,
+                      vocab_size=args.vocab_size, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                      objective=args.objective, document_masking=args.document_masking, resume=args.resume)
+    _report(output.result, args.out)
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from fastlm.train import finetune
+
+    output = finetune(_trainer_config(args), data=args.data, model_dir=args.model, template=args.template,
+                      seq_len=args.seq_len, val_data=args.val_data, resume=args.resume)
+    _report(output.result, args.out)
+    return 0
+
+
+def _report(result, out: str) -> None:
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    if result.losses:
+        print(f"training loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} "
+              f"(steps {result.start_step + 1}-{result.steps})")
+    if result.val_loss is not None:
+        print(f"validation loss {result.val_loss:.3f}, perplexity {result.val_perplexity:.2f}")
+    print(f"checkpoints, metrics.jsonl and loss_curve.png in {out}")
+
 
 def _demo(args: argparse.Namespace) -> int:
-    from fastlm import generate, preset
-    from fastlm.data import HFTokenizer, default_corpus_texts, read_texts, split_train_val, tokenize_stream
-    from fastlm.model import Model
-    from fastlm.train import TrainConfig, train
+    from fastlm import generate
+    from fastlm.train import TrainerConfig, pretrain
 
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    if args.corpus:
-        texts = read_texts(args.corpus)
-        source = ", ".join(args.corpus)
-    else:
-        texts = default_corpus_texts(max_bytes=args.max_bytes)
-        source = "the Python standard library's sources"
-    train_texts, val_texts = split_train_val(texts, val_fraction=0.05, seed=args.seed)
-    print(f"corpus: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} M characters from {source}")
-
-    tokenizer = HFTokenizer.train_bpe(train_texts, vocab_size=args.vocab_size)
-    train_tokens = tokenize_stream(train_texts, tokenizer)
-    val_tokens = tokenize_stream(val_texts, tokenizer)
-    print(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens; "
-          f"{train_tokens.numel():,} training and {val_tokens.numel():,} validation tokens")
-
-    config = preset(
-        args.preset,
-        vocab_size=tokenizer.vocab_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Model(config)
-    print(f"model: preset {args.preset!r} ({config.arch}), {model.num_parameters() / 1e6:.2f} M parameters")
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                               warmup_steps=min(20, args.steps // 10), seed=args.seed)
-    result = train(model, train_tokens, train_config, val_tokens=val_tokens)
+    config = TrainerConfig(out=args.out, max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           warmup_steps=min(20, args.steps // 10), seed=args.seed, device="cpu",
+                           eval_batches=8, keep_last=1)
+    output = pretrain(config, data=args.corpus, preset_name=args.preset, vocab_size=args.vocab_size,
+                      seq_len=args.seq_len, max_corpus_bytes=args.max_bytes)
+    result, tokenizer, model = output.result, output.tokenizer, output.model
+    source = ", ".join(args.corpus) if args.corpus else "the Python standard library's sources"
+    print(f"trained a {model.num_parameters() / 1e6:.2f} M-parameter {args.preset!r} model and a "
+          f"{tokenizer.vocab_size}-token BPE tokenizer on {source}")
     print(f"training loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; "
           f"validation loss {result.val_loss:.3f}, perplexity {result.val_perplexity:.2f}")
-
-    out = Path(args.out)
-    model.save_pretrained(out)
-    tokenizer.save(out)
-    print(f"saved checkpoint and tokenizer to {out}")
-
+    print(f"checkpoint with tokenizer: {sorted(Path(args.out, 'checkpoints').glob('step-*'))[-1]}")
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt)])
     generator = torch.Generator().manual_seed(args.seed)
     # No eos_token_id: the end-of-document token would often end the short sample at once.
-    tokens = generate(model, prompt_ids, max_new_tokens=args.max_new_tokens, do_sample=True,
+    tokens = generate(model.eval(), prompt_ids, max_new_tokens=args.max_new_tokens, do_sample=True,
                       temperature=0.8, top_k=50, generator=generator)
     print("--- sample ---")
     print(tokenizer.decode(tokens[0].tolist()))
@@ -111,13 +205,16 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastlm.train import TrainerConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainerConfig)}
     parser = argparse.ArgumentParser(prog="fastlm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a tokenizer and a tiny model, report perplexity, generate")
+    demo = sub.add_parser("demo", help="the main job: train a tokenizer and a tiny model, perplexity, sample")
     demo.add_argument("--corpus", nargs="+", metavar="PATH", help="text files or folders (default: Python's stdlib)")
     demo.add_argument("--max-bytes", type=int, default=3_000_000, help="size of the default corpus")
-    demo.add_argument("--out", default="runs/demo", help="where to save the checkpoint and tokenizer")
+    demo.add_argument("--out", default="runs/demo", help="where to save checkpoints, metrics and the plot")
     demo.add_argument("--preset", default="tiny")
     demo.add_argument("--vocab-size", type=int, default=4096)
     demo.add_argument("--steps", type=int, default=300)
@@ -128,6 +225,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="def ")
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.set_defaults(func=_demo)
+
+    pre = sub.add_parser("pretrain", help="pretrain on text files, folders or jsonl")
+    pre.add_argument("--data", nargs="+", metavar="PATH", help="text files, folders or jsonl (default: Python's stdlib)")
+    pre.add_argument("--preset", default="tiny", help="model preset (see fastlm.PRESETS)")
+    pre.add_argument("--tokenizer", help="tokenizer.json or checkpoint folder (default: train a BPE on the data)")
+    pre.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the BPE trained when no --tokenizer")
+    pre.add_argument("--seq-len", type=int, default=256)
+    pre.add_argument("--val-fraction", type=float, default=0.05)
+    pre.add_argument("--objective", default="clm", choices=("clm", "mlm"), help="causal LM or masked LM")
+    pre.add_argument("--document-masking", action="store_true", help="no attention across packed documents")
+    _add_trainer_options(pre, {**defaults, "out": "runs/pretrain"})
+    pre.set_defaults(func=_pretrain)
+
+    fine = sub.add_parser("finetune", help="supervised fine-tuning on prompt/completion jsonl")
+    fine.add_argument("--data", required=True, help='jsonl with {"prompt": ..., "completion": ...} per line')
+    fine.add_argument("--val-data", help="validation jsonl (default: hold out 5%% of --data)")
+    fine.add_argument("--model", required=True, help="checkpoint folder to start from")
+    fine.add_argument("--template", default="plain", help="prompt template: plain, alpaca or chatml")
+    fine.add_argument("--seq-len", type=int, default=512)
+    _add_trainer_options(fine, {**defaults, "out": "runs/finetune", "warmup_steps": 10, "lr": 1e-4})
+    fine.set_defaults(func=_finetune)
 
     gen = sub.add_parser("generate", help="continue a prompt with a saved checkpoint")
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
@@ -148,5 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    args = _apply_config_file(build_parser(), argv)
+    try:
+        return args.func(args)
+    finally:
+        from fastlm.train import distributed
+
+        distributed.teardown()

@@ -8,9 +8,11 @@ Module names follow one scheme for both families; fastlm.io maps them to Hugging
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastlm import ops
 from fastlm.cache import KVCache
@@ -45,13 +47,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kv_out, bias=bias)
         self.o_proj = nn.Linear(q_out, h, bias=bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache | None,
-        key_lens: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layout: BatchLayout) -> torch.Tensor:
         b, t, _ = x.shape
         # q: (B, H, T, D); k, v: (B, Hkv, T, D)
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -60,8 +56,16 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             q = ops.rope(q, positions, theta=self.rope_theta)
             k = ops.rope(k, positions, theta=self.rope_theta)
-        if cache is None:
-            o = ops.attention(q, k, v, causal=True, key_lens=key_lens)
+        if layout.cu_seqlens is not None:  # packed documents: (B·T, H, D), no attention across them
+            def flat(u):
+                return u.transpose(1, 2).reshape(b * t, u.shape[1], self.head_dim)
+
+            n = layout.max_seqlen
+            o = ops.attention_varlen(flat(q), flat(k), flat(v), layout.cu_seqlens, layout.cu_seqlens,
+                                     max_seqlen_q=n, max_seqlen_k=n, causal=layout.causal)
+            o = o.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        elif cache is None:
+            o = ops.attention(q, k, v, causal=layout.causal, key_lens=layout.key_lens)
         else:
             k_cache, v_cache = cache.update(self.layer_index, k, v, positions)
             if cache.filled == 0:  # prefill of an empty cache: attend over the new tokens only
@@ -97,9 +101,33 @@ class Block(nn.Module):
         self.mlp_norm = Norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, cache, key_lens):
-        x = x + self.attn(self.attn_norm(x), positions, cache, key_lens)
+    def forward(self, x, positions, cache, layout):
+        x = x + self.attn(self.attn_norm(x), positions, cache, layout)
         return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the tokens of a batch may attend to each other.
+
+    causal: each token sees only earlier ones (False: bidirectional, e.g. masked-LM training).
+    key_lens (B,): right padding — tokens at or beyond key_lens[b] are hidden.
+    cu_seqlens (num_docs + 1,) int32 with max_seqlen: documents packed into the rows, as
+    offsets into the flattened B·T tokens; no token sees another document, and positions
+    restart at 0 in each document.
+    """
+
+    causal: bool = True
+    key_lens: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+
+def packed_positions(cu_seqlens: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """Position of each token within its document: (B, T) int64, from cu_seqlens over B·T."""
+    index = torch.arange(b * t, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens.to(torch.int64), index, right=True) - 1
+    return (index - cu_seqlens.to(torch.int64)[doc]).view(b, t)
 
 
 class Model(nn.Module):
@@ -107,7 +135,8 @@ class Model(nn.Module):
 
     With ``cache`` (a :class:`KVCache`), the tokens continue each cached sequence and their
     keys/values are appended. ``key_lens`` (B,) marks right padding: tokens at or beyond
-    key_lens[b] are not attended to (their own logits are meaningless).
+    key_lens[b] are not attended to (their own logits are meaningless). ``cu_seqlens`` packs
+    several documents per row (see :class:`BatchLayout`); ``causal=False`` attends both ways.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -120,6 +149,7 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_norm = Norm(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward to save activations
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
@@ -168,23 +198,37 @@ class Model(nn.Module):
         *,
         cache: KVCache | None = None,
         key_lens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        causal: bool = True,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
-        self._check_input(input_ids, cache, key_lens)
+        """input_ids (B, T) -> logits (B, T, vocab), or the final normed hidden states
+        (B, T, hidden) with ``return_hidden`` (for a fused linear + loss). See the class and
+        :class:`BatchLayout` for cache, key_lens, cu_seqlens/max_seqlen and causal."""
+        self._check_input(input_ids, cache, key_lens, cu_seqlens, max_seqlen, causal)
         b, t = input_ids.shape
-        if cache is None:
-            positions = torch.arange(t, device=input_ids.device)  # (T,)
-        else:
+        layout = BatchLayout(causal, key_lens, cu_seqlens, max_seqlen or 0)
+        if cache is not None:
             positions = cache.positions(t)  # (B, T)
+        elif cu_seqlens is not None:
+            positions = packed_positions(cu_seqlens, b, t)  # (B, T)
+        else:
+            positions = torch.arange(t, device=input_ids.device)  # (T,)
         x = self.embed(input_ids)  # (B, T, hidden)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         for layer in self.layers:
-            x = layer(x, positions, cache, key_lens)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, positions, cache, layout, use_reentrant=False)
+            else:
+                x = layer(x, positions, cache, layout)
         if cache is not None:
             cache.advance(t)
-        return self.lm_head(self.final_norm(x))
+        hidden = self.final_norm(x)
+        return hidden if return_hidden else self.lm_head(hidden)
 
-    def _check_input(self, input_ids, cache, key_lens) -> None:
+    def _check_input(self, input_ids, cache, key_lens, cu_seqlens, max_seqlen, causal) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"Model: expected input_ids of shape (B, T), got {shape}")
@@ -200,8 +244,13 @@ class Model(nn.Module):
             raise ValueError(f"Model: sequence of {used} tokens is longer than the model's context of {context}")
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"Model: cache holds {cache.batch_size} sequences, input_ids has {input_ids.shape[0]}")
-        if cache is not None and key_lens is not None:
-            raise ValueError("Model: key_lens (padding) is not supported together with a KV cache")
+        if cache is not None and (key_lens is not None or cu_seqlens is not None or not causal):
+            raise ValueError("Model: a KV cache is for causal decoding; key_lens, cu_seqlens and causal=False "
+                             "are not supported with it")
+        if key_lens is not None and cu_seqlens is not None:
+            raise ValueError("Model: give either key_lens (padding) or cu_seqlens (packing), not both")
+        if cu_seqlens is not None and max_seqlen is None:
+            raise ValueError("Model: cu_seqlens needs max_seqlen (the longest document, a host int)")
         vocab = self.config.vocab_size
         if ((input_ids < 0) | (input_ids >= vocab)).any():
             raise ValueError(f"Model: token ids must be in [0, {vocab})")

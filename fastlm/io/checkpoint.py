@@ -107,17 +107,24 @@ def from_pretrained(
 
 
 def save_pretrained(
-    model: Model, directory: str | Path, *, max_shard_bytes: int = 5 * 1024**3
+    model: Model,
+    directory: str | Path,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write config.json and safetensors weights that transformers loads as the same model.
 
     Weights above ``max_shard_bytes`` are split into shards with an index, as transformers does.
+    ``state_dict`` overrides the model's own (e.g. the full weights gathered from a sharded
+    FSDP model, whose own state dict holds only shards).
     """
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.cpu() for n, t in state_dict_to_hf(model.config, model.state_dict()).items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {n: t.cpu() for n, t in state_dict_to_hf(model.config, state).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -142,9 +149,9 @@ def save_pretrained(
         atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
         (directory / WEIGHTS_NAME).unlink(missing_ok=True)  # a stale single file would shadow the shards
     # The config goes last: a directory with a config.json always has its weights complete.
-    hf_config = config_to_hf(model.config, model.dtype)
+    hf_config = config_to_hf(model.config, next(iter(tensors.values())).dtype)
     atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2))
-    logger.info("saved %s checkpoint to %s", model.config.arch, directory)
+    logger.debug("saved %s checkpoint to %s", model.config.arch, directory)
 
 
 def load_config(directory: str | Path) -> ModelConfig:

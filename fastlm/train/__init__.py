@@ -1,5 +1,7 @@
-"""Training loops."""
+"""Training: the engine (:class:`Trainer`), deterministic data sources, checkpoints, recipes."""
 
-from fastlm.train.loop import TrainConfig, TrainResult, lr_at, random_windows, train
+from fastlm.train.data import PackedSource, SFTSource
+from fastlm.train.recipes import finetune, pretrain
+from fastlm.train.trainer import Trainer, TrainerConfig, TrainResult
 
-__all__ = ["TrainConfig", "TrainResult", "lr_at", "random_windows", "train"]
+__all__ = ["PackedSource", "SFTSource", "TrainResult", "Trainer", "TrainerConfig", "finetune", "pretrain"]

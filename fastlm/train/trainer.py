@@ -1,0 +1,357 @@
+"""The training engine every fastlm recipe runs on.
+
+Per optimizer step: ``grad_accum`` micro-batches from a deterministic batch source (see
+:mod:`fastlm.train.data`), the summed token loss divided by the step's total number of target
+tokens over all micro-batches and processes (so N processes give the losses of one process on
+the same global batch), AdamW (fused on CUDA), warmup + cosine/linear/constant decay, gradient
+clipping, bf16 autocast or fp16 with loss scaling, optional activation checkpointing and
+torch.compile. Logs ``metrics.jsonl``, shows a progress bar, writes atomic checkpoints that
+resume exactly, and a loss-curve PNG at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from fastlm import ops
+from fastlm.io.checkpoint import read_safetensors
+from fastlm.io.hf_format import state_dict_from_hf
+from fastlm.model import Model
+from fastlm.train import checkpoint as ckpt
+from fastlm.train import distributed
+from fastlm.train.data import IGNORE_INDEX
+from fastlm.train.metrics import PLOT_FILE, MetricsLog, plot_losses
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+NAN_POLICIES = ("stop", "skip")
+_LAYOUT_KEYS = ("key_lens", "cu_seqlens", "max_seqlen", "causal")
+
+
+class BatchSource(Protocol):
+    def batch(self, micro_batch: int, rank: int = 0, world_size: int = 1) -> dict: ...
+
+
+@dataclass
+class TrainerConfig:
+    out: str = "runs/train"
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch, summed over all processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the schedule decays to lr · min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    fused_loss: bool = False  # ops.fused_linear_cross_entropy instead of logits + cross_entropy
+    fsdp: bool = False  # FSDP2 sharding instead of DDP (multi-process runs)
+    seed: int = 0
+    eval_every: int = 0  # steps between validations; 0: only at the end
+    eval_batches: int = 8
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_last: int = 3
+    nan_policy: str = "stop"  # a NaN/inf loss stops the run, or its update is skipped
+    device: str | None = None  # None: CUDA when available
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_last"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainerConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainerConfig.{name} must be an integer >= 0, got {value!r}")
+        choices = {"precision": PRECISIONS, "schedule": SCHEDULES, "nan_policy": NAN_POLICIES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainerConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainerConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("TrainerConfig.weight_decay and grad_clip must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"TrainerConfig.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.fused_loss and self.fsdp:
+            raise ValueError("TrainerConfig.fused_loss is not supported with fsdp yet (the head is sharded)")
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of lr at optimizer step ``step`` (0-based): linear warmup, then decay."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        if self.schedule == "constant":
+            return 1.0
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * decay
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    val_loss: float | None
+    start_step: int
+    steps: int
+
+    @property
+    def val_perplexity(self) -> float | None:
+        return None if self.val_loss is None else math.exp(self.val_loss)
+
+
+_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of known GPUs (for MFU), None elsewhere."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in _PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def flops_per_token(model: Model, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N for the matmuls (forward + backward; the embedding counts
+    once, for the output head) + 12·layers·hidden·seq_len for the attention scores."""
+    config = model.config
+    return 6 * model.num_parameters() + 12 * config.num_layers * config.hidden_size * seq_len
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: Model,
+        train_source: BatchSource,
+        config: TrainerConfig,
+        *,
+        val_source: BatchSource | None = None,
+        extra_files: Callable[[Path], None] | None = None,
+    ) -> None:
+        """``extra_files(directory)`` adds files to each checkpoint (e.g. the tokenizer)."""
+        self.model, self.train_source, self.val_source, self.config = model, train_source, val_source, config
+        self.extra_files = extra_files
+        self.info = distributed.setup(config.device)
+        if config.batch_size % self.info.world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} must be divisible by the {self.info.world_size} processes"
+            )
+        self.out = Path(config.out)
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        config, info = self.config, self.info
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.model.to(info.device)
+        self.model.gradient_checkpointing = config.activation_checkpointing
+        self.wrapped = distributed.wrap(self.model, info, fsdp=config.fsdp)
+        self.forward = torch.compile(self.wrapped) if config.compile else self.wrapped
+        params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = info.device.type == "cuda" and not config.fsdp
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=config.precision == "fp16")
+
+    def _autocast(self):
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.info.device.type, dtype=dtype)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Write ``step-<step>`` (every process takes part; the main one writes)."""
+        model_state = distributed.full_model_state(self.wrapped)
+        optimizer_state = distributed.full_optimizer_state(self.wrapped, self.optimizer)
+        path = None
+        if self.info.is_main:
+            state = {
+                "step": step,
+                "micro_batches": step * self.config.grad_accum,
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": ckpt.rng_state(),
+                "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "device"},
+            }
+
+            def write(directory: Path) -> None:
+                self.model.save_pretrained(directory, state_dict=model_state)
+                ckpt.save_trainer_state(directory, state)
+                if self.extra_files is not None:
+                    self.extra_files(directory)
+
+            path = ckpt.write_checkpoint(self.out, step, write, self.config.keep_last)
+            logger.info("saved checkpoint %s", path)
+        distributed.barrier()
+        return path
+
+    def _resume(self) -> int:
+        if self.info.is_main:
+            ckpt.clean_temporaries(self.out)
+        distributed.barrier()
+        latest = ckpt.latest_checkpoint(self.out)
+        if latest is None:
+            logger.warning("--resume: no checkpoint in %s yet; starting from scratch", ckpt.checkpoint_dir(self.out))
+            return 0
+        state = ckpt.load_trainer_state(latest)
+        model_state = state_dict_from_hf(self.model.config, read_safetensors(latest))
+        distributed.load_full_state(self.wrapped, self.optimizer, model_state, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        logger.info("resumed from %s (step %d)", latest, state["step"])
+        return int(state["step"])
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _loss_sum(self, batch: dict[str, Any], num_targets: int) -> torch.Tensor:
+        """Summed next-token loss of a micro-batch (a zero that keeps the graph when it has no target)."""
+        layout = {k: batch[k] for k in _LAYOUT_KEYS if k in batch}
+        labels = batch["labels"].flatten()
+        with self._autocast():
+            if self.config.fused_loss:
+                hidden = self.forward(batch["input_ids"], return_hidden=True, **layout)
+                head = distributed.unwrap(self.wrapped).lm_head.weight
+                mean = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), head.to(hidden.dtype), labels)
+                anchor = hidden
+            else:
+                logits = self.forward(batch["input_ids"], **layout)
+                mean = ops.cross_entropy(logits.flatten(0, 1), labels)
+                anchor = logits
+        return mean.float() * num_targets if num_targets else anchor.float().sum() * 0.0
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.info.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _step(self, step: int) -> tuple[float, float, int]:
+        """One optimizer step: returns (loss, grad norm, tokens processed by this process)."""
+        config, info = self.config, self.info
+        batches = [self.train_source.batch(step * config.grad_accum + i, info.rank, info.world_size)
+                   for i in range(config.grad_accum)]
+        counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
+        total = int(distributed.all_reduce_sum(torch.tensor(float(sum(counts)))).item())
+        if total == 0:
+            raise ValueError(f"step {step + 1}: the global batch has no target token (all labels are -100)")
+        loss_sum = torch.zeros((), device=info.device)
+        for i, (batch, count) in enumerate(zip(batches, counts)):
+            batch = self._to_device(batch)
+            sync = i == len(batches) - 1 or not hasattr(self.wrapped, "no_sync")
+            with contextlib.nullcontext() if sync else self.wrapped.no_sync():
+                part = self._loss_sum(batch, count)
+                # DDP/FSDP average gradients over processes: scale by world_size to get Σ/total.
+                self.scaler.scale(part * (info.world_size / total)).backward()
+            loss_sum += part.detach()
+        loss = distributed.all_reduce_sum(loss_sum).item() / total
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), config.grad_clip or math.inf)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        finite = math.isfinite(loss) and (math.isfinite(grad_norm) or config.precision == "fp16")
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            if config.nan_policy == "stop":
+                raise FloatingPointError(
+                    f"loss is {loss} (gradient norm {grad_norm}) at step {step + 1}; stopping without saving "
+                    "this state (nan_policy='skip' skips such steps instead)"
+                )
+            logger.warning("loss is %s at step %d; update skipped", loss, step + 1)
+            with warnings.catch_warnings():  # the schedule advances although no update was made
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return loss, grad_norm, sum(int(b["input_ids"].numel()) for b in batches)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean target-token loss over eval_batches micro-batches of the validation source."""
+        if self.val_source is None:
+            raise ValueError("no validation source was given")
+        was_training = self.model.training
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for i in range(self.config.eval_batches):
+            batch = self.val_source.batch(i, self.info.rank, self.info.world_size)
+            count = int((batch["labels"] != IGNORE_INDEX).sum())
+            totals += torch.tensor([float(self._loss_sum(self._to_device(batch), count)), count], dtype=torch.float64)
+        self.model.train(was_training)
+        loss_sum, count = distributed.all_reduce_sum(totals).tolist()
+        return loss_sum / count
+
+    def fit(self, *, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+        """Train to config.max_steps (from the latest checkpoint with ``resume``). ``stop_at``
+        ends the run early after that step, with a checkpoint, as a time-limited job would."""
+        config, info = self.config, self.info
+        end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
+        self._build()
+        start = self._resume() if resume else 0
+        metrics = MetricsLog(self.out, resume_step=start if resume else None) if info.is_main else None
+        seq_len = self.train_source.batch(0, info.rank, info.world_size)["input_ids"].shape[1]
+        peak = peak_flops(info.device)
+        per_token = flops_per_token(self.model, seq_len)
+        losses: list[float] = []
+        val_loss = None
+        self.model.train()
+        bar = tqdm(range(start, end), initial=start, total=config.max_steps, desc="train",
+                   disable=not (config.progress and info.is_main), dynamic_ncols=True)
+        for step in bar:
+            started = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            loss, grad_norm, tokens = self._step(step)
+            if info.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            tokens_per_s = tokens * info.world_size / elapsed
+            losses.append(loss)
+            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+            postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if peak is not None:
+                record["mfu"] = tokens_per_s * per_token / (peak * info.world_size)
+                postfix["mfu"] = f"{record['mfu']:.1%}"
+            last = step + 1 == end
+            if self.val_source is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                val_loss = self.evaluate()
+                record.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)))
+                postfix["val"] = f"{val_loss:.3f}"
+            bar.set_postfix(postfix)
+            if metrics is not None:
+                metrics.log(record)
+            if last or (config.save_every and (step + 1) % config.save_every == 0):
+                self.save_checkpoint(step + 1)
+        if metrics is not None:
+            plot_losses(metrics.read(), self.out / PLOT_FILE)
+        return TrainResult(losses=losses, val_loss=val_loss, start_step=start, steps=end)
