@@ -1,5 +1,7 @@
-"""The fastlm command: the demo job end to end (small), generate from its checkpoint, info."""
+"""The fastlm command: the demo job end to end (small), pretrain/finetune options and config
+files, generate from a checkpoint, info."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,28 +11,36 @@ import torch
 
 import fastlm
 from fastlm.cli import main
+from fastlm.train import checkpoint as ckpt
+
+SMALL = ["--vocab-size", "320", "--batch-size", "2", "--seq-len", "32"]
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(Path(fastlm.__file__).with_name("model.py").read_text() * 3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    corpus = out / "corpus.txt"
-    corpus.write_text(Path(fastlm.__file__).with_name("model.py").read_text() * 3)
-    code = main(["demo", "--corpus", str(corpus), "--out", str(out / "ckpt"), "--steps", "4", "--vocab-size", "320",
-                 "--batch-size", "2", "--seq-len", "32", "--max-new-tokens", "8"])
-    assert code == 0
-    return out / "ckpt"
+    assert main(["demo", "--corpus", str(corpus), "--out", str(out), "--steps", "4", *SMALL,
+                 "--max-new-tokens", "8"]) == 0
+    return ckpt.latest_checkpoint(out)
 
 
-def test_demo_writes_a_loadable_checkpoint(demo_dir, capsys):
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in demo_dir.iterdir()}
-    model = fastlm.from_pretrained(demo_dir)
-    tokenizer = fastlm.load_tokenizer(demo_dir)
+def test_demo_writes_a_loadable_checkpoint_with_its_tokenizer(demo_checkpoint):
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in demo_checkpoint.iterdir()}
+    model = fastlm.from_pretrained(demo_checkpoint)
+    tokenizer = fastlm.load_tokenizer(demo_checkpoint)
     assert model.config.vocab_size == tokenizer.vocab_size == 320
     assert model.config.eos_token_id == tokenizer.eos_token_id
+    assert (demo_checkpoint.parent.parent / "loss_curve.png").is_file()
 
 
-def test_demo_reports_perplexity(tmp_path, capsys):
+def test_demo_reports_perplexity_and_a_sample(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world, this is a tiny corpus for a tiny model.\n" * 50)
     main(["demo", "--corpus", str(corpus), "--out", str(tmp_path / "o"), "--steps", "2", "--vocab-size", "300",
@@ -39,19 +49,49 @@ def test_demo_reports_perplexity(tmp_path, capsys):
     assert "validation loss" in out and "perplexity" in out and "--- sample ---" in out
 
 
-def test_generate_command(demo_dir, capsys):
-    assert main(["generate", "--model", str(demo_dir), "--prompt", "def ", "--max-new-tokens", "5", "--greedy"]) == 0
-    text = capsys.readouterr().out
-    assert text.startswith("def ")
+def test_generate_command(demo_checkpoint, capsys):
+    assert main(["generate", "--model", str(demo_checkpoint), "--prompt", "def ", "--max-new-tokens", "5",
+                 "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
 
 
-def test_transformers_loads_the_demo_checkpoint(demo_dir):
+def test_transformers_loads_the_demo_checkpoint(demo_checkpoint):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(demo_dir).eval()
-    ours = fastlm.from_pretrained(demo_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(demo_checkpoint).eval()
+    ours = fastlm.from_pretrained(demo_checkpoint)
     ids = torch.randint(0, 320, (1, 12))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+
+
+def test_pretrain_with_a_toml_config_file(corpus, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('max-steps = 3\nlr = 0.002\nschedule = "linear"\nseq_len = 32\nbatch_size = 2\n'
+                      'vocab_size = 300\nno_such_option_here = 1\n')
+    with pytest.raises(SystemExit, match="unknown option.*no_such_option_here"):
+        main(["pretrain", "--data", str(corpus), "--config", str(config), "--out", str(tmp_path / "o")])
+    config.write_text(config.read_text().replace("no_such_option_here = 1\n", ""))
+    out = tmp_path / "o"
+    # the command line wins over the file (max-steps 2, not 3)
+    assert main(["pretrain", "--data", str(corpus), "--config", str(config), "--out", str(out), "--max-steps", "2",
+                 "--no-progress"]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and lines[0]["lr"] == pytest.approx(0.002 / 100)
+
+
+def test_finetune_command(demo_checkpoint, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"{i} + 1 =", "completion": f" {i + 1}"} for i in range(20)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ft"
+    assert main(["finetune", "--data", str(data), "--model", str(demo_checkpoint), "--out", str(out),
+                 "--max-steps", "3", "--batch-size", "2", "--seq-len", "32", "--no-progress"]) == 0
+    final = ckpt.latest_checkpoint(out)
+    assert final.name == "step-00000003" and (final / "tokenizer.json").is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match='bad.jsonl:1: expected {"prompt": str, "completion": str}'):
+        main(["finetune", "--data", str(bad), "--model", str(demo_checkpoint), "--out", str(out)])
 
 
 def test_python_dash_m_and_info():
