@@ -1,5 +1,5 @@
 import sys
 
-from fastlm.cli import main
+from fastlm.cli import console_main
 
-sys.exit(main())
+sys.exit(console_main())

@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; errors propagate as exceptions (see :func:`console_main`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _apply_config_file(build_parser(), argv)
     try:
@@ -273,3 +274,19 @@ def main(argv: list[str] | None = None) -> int:
         from fastlm.train import distributed
 
         distributed.teardown()
+
+
+def console_main() -> int:
+    """The ``fastlm`` command: a bad input or missing file ends with a one-line message and exit
+    status 2 instead of a traceback (set FASTLM_DEBUG=1 for the traceback)."""
+    import os
+
+    from fastlm.io import CheckpointError
+
+    try:
+        return main()
+    except (ValueError, TypeError, FileNotFoundError, NotImplementedError, CheckpointError, FloatingPointError) as err:
+        if os.environ.get("FASTLM_DEBUG") == "1":
+            raise
+        print(f"fastlm: error: {err}", file=sys.stderr)
+        return 2

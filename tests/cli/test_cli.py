@@ -99,3 +99,7 @@ def test_python_dash_m_and_info():
     assert "reference" in result.stdout and "fastlm" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "fastlm", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "fastlm", "pretrain", "--data", "/no/such/file.txt"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "fastlm: error:" in missing.stderr and "/no/such/file.txt" in missing.stderr
+    assert "Traceback" not in missing.stderr
