@@ -13,6 +13,7 @@ import math
 import torch
 
 from fastlm.ops import reference  # noqa: F401  (public: fastlm.ops.reference, the oracle)
+from fastlm.ops.attention_triton import attention_varlen
 from fastlm.ops.registry import run
 from fastlm.ops.backend import (
     BACKENDS,
@@ -35,6 +36,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "attention",
+    "attention_varlen",
     "available_backends",
     "backend_status",
     "cross_entropy",
@@ -293,6 +295,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if targets.shape[0] != logits.shape[0]:
         raise ValueError(f"cross_entropy: {logits.shape[0]} rows of logits but {targets.shape[0]} targets")
     vocab = logits.shape[1]
-    if ((targets != ignore_index) & ((targets < 0) | (targets >= vocab))).any():
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if not torch.compiler.is_compiling() and out_of_range.any():
         raise ValueError(f"cross_entropy: targets must be in [0, {vocab}) or equal ignore_index={ignore_index}")
     return run("cross_entropy", logits.device, logits, targets, int(ignore_index))

@@ -14,9 +14,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -145,3 +149,27 @@ def select(op: str, device: torch.device) -> str:
             return candidate
     return "reference"
 
+
+
+_FASTLM_DIR = Path(__file__).resolve().parents[1]
+_CHECKOUT_KERNELS = _FASTLM_DIR.parent / "kernels"  # kernels/ beside fastlm/ in a source checkout
+
+
+def kernel_module(name: str) -> ModuleType:
+    """The Triton kernel module ``fastlm.kernels.<name>``, imported on first use (this is where
+    triton gets imported: importing fastlm never does).
+
+    Installed, kernels/ is the fastlm.kernels package (setuptools' package-dir). Run from a
+    source checkout — not installed, or with an editable install of another tree — the
+    package is bound to the checkout's kernels/, so the kernels always match the calling code.
+    """
+    package = "fastlm.kernels"
+    if package not in sys.modules and not (_FASTLM_DIR / "kernels").is_dir() and (_CHECKOUT_KERNELS / "__init__.py").is_file():
+        spec = importlib.util.spec_from_file_location(
+            package, _CHECKOUT_KERNELS / "__init__.py", submodule_search_locations=[str(_CHECKOUT_KERNELS)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[package] = module
+        spec.loader.exec_module(module)
+        sys.modules["fastlm"].kernels = module
+    return importlib.import_module(f"{package}.{name}")

@@ -89,3 +89,37 @@ def test_cache_errors():
         KVCache(1, 1, 1, 0, 8)
     cache.reset()
     assert cache.filled == 0 and cache.lens.tolist() == [0, 0]
+
+
+@torch.no_grad()
+def test_packed_documents_equal_each_document_alone(model):
+    """cu_seqlens: no attention across documents, positions restart in each one."""
+    from fastlm.train.data import document_boundaries
+
+    ids = torch.randint(1, 97, (2, 12))
+    ids[0, 4] = ids[0, 9] = ids[1, 6] = 0  # separators end documents (after them a new one starts)
+    layout = document_boundaries(ids, separator=0)
+    packed = model(ids, **layout)
+    offsets = layout["cu_seqlens"].tolist()
+    flat_ids, flat_out = ids.flatten(), packed.flatten(0, 1)
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        alone = model(flat_ids[start:end][None])[0]
+        torch.testing.assert_close(flat_out[start:end], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_attention_sees_later_tokens(model):
+    ids = torch.randint(0, 97, (1, 6))
+    changed = ids.clone()
+    changed[0, 5] = (ids[0, 5] + 1) % 97
+    with torch.no_grad():
+        causal = model(ids)[0, 0], model(changed)[0, 0]
+        both = model(ids, causal=False)[0, 0], model(changed, causal=False)[0, 0]
+    torch.testing.assert_close(*causal)
+    assert not torch.allclose(*both)
+
+
+def test_torch_compile_fullgraph(model):
+    ids = torch.randint(0, 97, (2, 9))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), model(ids), atol=1e-5, rtol=1e-5)

@@ -79,9 +79,8 @@ def test_forced_cuda_on_cpu_says_why():
 
 def test_missing_kernel_names_op_and_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with fastlm.use_backend("triton"), pytest.raises(NotImplementedError, match="'attention' has no 'triton' kernel"):
-        q = torch.randn(1, 1, 2, 4)
-        ops.attention(q, q, q)
+    with fastlm.use_backend("triton"), pytest.raises(NotImplementedError, match="'lora_linear' has no 'triton' kernel"):
+        ops.lora_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(1, 4), torch.randn(3, 1), 1.0)
 
 
 def test_backend_status_reasons(monkeypatch):
