@@ -13,7 +13,9 @@ import math
 import torch
 
 from fastlm.ops import reference  # noqa: F401  (public: fastlm.ops.reference, the oracle)
+from fastlm.ops import triton_fused  # noqa: F401  (registers the triton norm/rope/swiglu kernels)
 from fastlm.ops.attention_triton import attention_varlen
+from fastlm.ops.fused_loss import fused_linear_cross_entropy
 from fastlm.ops.registry import run
 from fastlm.ops.backend import (
     BACKENDS,
@@ -41,6 +43,7 @@ __all__ = [
     "backend_status",
     "cross_entropy",
     "decode_attention",
+    "fused_linear_cross_entropy",
     "gelu",
     "int8_linear",
     "layer_norm",

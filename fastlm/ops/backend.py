@@ -12,7 +12,6 @@ and one with no kernel for the op raises ``NotImplementedError`` — never a sil
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import importlib.util
@@ -30,7 +29,13 @@ _AUTO_ORDER = ("cuda", "triton", "reference")
 # (op name, backend) -> implementation. The reference backend is filled in by fastlm.ops;
 # kernel modules add theirs with @register_kernel.
 _KERNELS: dict[tuple[str, str], Callable] = {}
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlm_backend", default=None)
+class _Forced:
+    """The backend forced by use_backend (a plain attribute: torch.compile traces it)."""
+
+    name: str | None = None
+
+
+_forced = _Forced()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -109,7 +114,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 def forced_backend() -> str | None:
     """The backend forced by use_backend() or FASTLM_BACKEND, if any."""
-    name = _forced.get() or os.environ.get("FASTLM_BACKEND") or None
+    name = _forced.name or os.environ.get("FASTLM_BACKEND") or None
     if name is not None:
         _check_name(name)
     return name
@@ -126,10 +131,10 @@ class use_backend(contextlib.AbstractContextManager):
     def __init__(self, name: str | None) -> None:
         if name is not None:
             _check_name(name)
-        self._token = _forced.set(name)
+        self._previous, _forced.name = _forced.name, name
 
     def __exit__(self, *exc_info) -> None:
-        _forced.reset(self._token)
+        _forced.name = self._previous
 
 
 def select(op: str, device: torch.device) -> str:

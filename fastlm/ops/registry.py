@@ -176,9 +176,6 @@ def _grad_list(spec: OpSpec, args: Sequence, needs: Sequence[bool], grads: dict)
 
 
 _SAVED = object()  # marks a tensor input kept with ctx.save_for_backward
-# Under torch.compile the backend is chosen once, when tracing (dynamo cannot trace the
-# ContextVar that use_backend sets); changing it later needs a new compilation.
-_select = torch.compiler.assume_constant_result(select)
 _DEFINED: dict[str, OpSpec] = {}
 
 
@@ -187,7 +184,7 @@ def run(op: str, device: torch.device, *args):
     (autograd and torch.compile see plain PyTorch), or the custom op ``fastlm::<op>`` that
     calls the backend's kernel. Auxiliary outputs (attention's logsumexp) are dropped."""
     spec = _DEFINED[op]
-    backend = _select(op, device)
+    backend = select(op, device)
     if backend == "reference":
         out = (spec.reference_fn or getattr(reference, op))(*args)
     else:

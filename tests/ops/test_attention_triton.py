@@ -230,8 +230,7 @@ def test_opcheck_attention_triton():
 
 
 def test_torch_compile_traces_the_triton_op():
-    """aot_eager over the custom op with the triton backend, fullgraph; and over ops.attention
-    (whose backend selection reads a ContextVar, which dynamo does not trace: graph break)."""
+    """aot_eager with fullgraph over the custom op with the triton backend and over ops.attention."""
     q, k, v, do = make_inputs(1, 2, 1, 17, 17, 32)
 
     def block(q, k, v):
@@ -241,7 +240,7 @@ def test_torch_compile_traces_the_triton_op():
         return ops.attention(q, k, v, causal=True)
 
     expected = run_backend("triton", q, k, v, do, causal=True)
-    for fn, fullgraph in ((block, True), (public, False)):
+    for fn, fullgraph in ((block, True), (public, True)):
         torch._dynamo.reset()
         compiled = torch.compile(fn, backend="aot_eager", fullgraph=fullgraph)
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))

@@ -133,3 +133,9 @@ def test_schedules():
 def test_trainer_config_validation(field, value):
     with pytest.raises(ValueError, match=f"TrainerConfig.{field}"):
         TrainerConfig(**{field: value})
+
+
+def test_fused_loss_gives_the_same_training(tmp_path):
+    a = _trainer(tmp_path / "a", steps=4).fit().losses
+    b = _trainer(tmp_path / "b", steps=4, fused_loss=True).fit().losses
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
