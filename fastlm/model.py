@@ -202,10 +202,16 @@ class Model(nn.Module):
         max_seqlen: int | None = None,
         causal: bool = True,
         return_hidden: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final normed hidden states
-        (B, T, hidden) with ``return_hidden`` (for a fused linear + loss). See the class and
-        :class:`BatchLayout` for cache, key_lens, cu_seqlens/max_seqlen and causal."""
+        (B, T, hidden) with ``return_hidden`` (for a fused linear + loss). ``inputs_embeds``
+        (B, T, hidden) replaces the token embeddings (e.g. with soft-prompt vectors prepended;
+        input_ids is then ignored and may be None). See the class and :class:`BatchLayout` for
+        cache, key_lens, cu_seqlens/max_seqlen and causal."""
+        if inputs_embeds is not None:
+            self._check_embeds(inputs_embeds)
+            input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.int64, device=inputs_embeds.device)
         self._check_input(input_ids, cache, key_lens, cu_seqlens, max_seqlen, causal)
         b, t = input_ids.shape
         layout = BatchLayout(causal, key_lens, cu_seqlens, max_seqlen or 0)
@@ -215,7 +221,7 @@ class Model(nn.Module):
             positions = packed_positions(cu_seqlens, b, t)  # (B, T)
         else:
             positions = torch.arange(t, device=input_ids.device)  # (T,)
-        x = self.embed(input_ids)  # (B, T, hidden)
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         for layer in self.layers:
@@ -227,6 +233,14 @@ class Model(nn.Module):
             cache.advance(t)
         hidden = self.final_norm(x)
         return hidden if return_hidden else self.lm_head(hidden)
+
+    def _check_embeds(self, embeds: torch.Tensor) -> None:
+        hidden = self.config.hidden_size
+        if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[-1] != hidden:
+            shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            raise ValueError(f"Model: expected inputs_embeds of shape (B, T, {hidden}), got {shape}")
+        if not embeds.dtype.is_floating_point:
+            raise TypeError(f"Model: expected floating-point inputs_embeds, got {embeds.dtype}")
 
     def _check_input(self, input_ids, cache, key_lens, cu_seqlens, max_seqlen, causal) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:

@@ -123,3 +123,12 @@ def test_torch_compile_fullgraph(model):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_inputs_embeds_replace_the_token_embeddings(model):
+    ids = torch.randint(0, 97, (2, 7))
+    embeds = model.embed(ids)
+    torch.testing.assert_close(model(None, inputs_embeds=embeds), model(ids))
+    with pytest.raises(ValueError, match="inputs_embeds of shape"):
+        model(None, inputs_embeds=embeds[..., :-1])
