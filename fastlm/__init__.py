@@ -11,7 +11,7 @@ from fastlm.cache import KVCache
 from fastlm.model import Model
 from fastlm.ops import available_backends, use_backend
 from fastlm.io import CheckpointError, from_pretrained, load_config, save_pretrained
-from fastlm.generate import generate
+from fastlm.generate import generate, generate_stream
 from fastlm.data import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "available_backends",
     "from_pretrained",
     "generate",
+    "generate_stream",
     "load_config",
     "load_tokenizer",
     "ops",

@@ -77,10 +77,23 @@ class KVCache(nn.Module):
         self.v[layer].scatter_(2, index, v_new.to(self.v.dtype))
         return self.k[layer], self.v[layer]
 
-    def advance(self, num_new: int) -> None:
-        """Mark ``num_new`` more positions of every sequence as valid (after all layers wrote)."""
-        self.lens += num_new
+    def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:
+        """Mark ``num_new`` more positions of every sequence as valid (after all layers wrote);
+        with ``lens`` (B,), only lens[b] of them for sequence b (right-padded ragged prompts)."""
+        self.lens += num_new if lens is None else lens.to(self.lens)
         self.filled += num_new
+
+    def truncate(self, lens: torch.Tensor, filled: int) -> None:
+        """Roll back to ``lens`` (B,) valid positions (e.g. rejected speculative tokens);
+        ``filled`` is the new host-side upper bound of lens."""
+        self.lens.copy_(lens)
+        self.filled = filled
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep sequence index[i] as sequence i (beam search): index (B,) int64."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.lens = self.lens.index_select(0, index)
 
     def reset(self) -> None:
         self.lens.zero_()

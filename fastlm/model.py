@@ -69,7 +69,7 @@ class Attention(nn.Module):
         else:
             k_cache, v_cache = cache.update(self.layer_index, k, v, positions)
             if cache.filled == 0:  # prefill of an empty cache: attend over the new tokens only
-                o = ops.attention(q, k, v, causal=True)
+                o = ops.attention(q, k, v, causal=True, key_lens=layout.key_lens)
             else:
                 o = ops.decode_attention(q, k_cache, v_cache, cache.lens + t)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
@@ -135,7 +135,8 @@ class Model(nn.Module):
 
     With ``cache`` (a :class:`KVCache`), the tokens continue each cached sequence and their
     keys/values are appended. ``key_lens`` (B,) marks right padding: tokens at or beyond
-    key_lens[b] are not attended to (their own logits are meaningless). ``cu_seqlens`` packs
+    key_lens[b] are not attended to (their own logits are meaningless); on the prefill of an
+    empty cache it sets each sequence's cached length (ragged prompts). ``cu_seqlens`` packs
     several documents per row (see :class:`BatchLayout`); ``causal=False`` attends both ways.
     """
 
@@ -203,16 +204,19 @@ class Model(nn.Module):
         causal: bool = True,
         return_hidden: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        validate: bool = True,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final normed hidden states
         (B, T, hidden) with ``return_hidden`` (for a fused linear + loss). ``inputs_embeds``
         (B, T, hidden) replaces the token embeddings (e.g. with soft-prompt vectors prepended;
         input_ids is then ignored and may be None). See the class and :class:`BatchLayout` for
-        cache, key_lens, cu_seqlens/max_seqlen and causal."""
+        cache, key_lens, cu_seqlens/max_seqlen and causal. ``validate=False`` skips the
+        (host-synchronizing) check that token ids are in range, for ids known to be valid such
+        as sampled ones in a decode loop."""
         if inputs_embeds is not None:
             self._check_embeds(inputs_embeds)
             input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.int64, device=inputs_embeds.device)
-        self._check_input(input_ids, cache, key_lens, cu_seqlens, max_seqlen, causal)
+        self._check_input(input_ids, cache, key_lens, cu_seqlens, max_seqlen, causal, validate)
         b, t = input_ids.shape
         layout = BatchLayout(causal, key_lens, cu_seqlens, max_seqlen or 0)
         if cache is not None:
@@ -230,7 +234,7 @@ class Model(nn.Module):
             else:
                 x = layer(x, positions, cache, layout)
         if cache is not None:
-            cache.advance(t)
+            cache.advance(t, lens=key_lens)
         hidden = self.final_norm(x)
         return hidden if return_hidden else self.lm_head(hidden)
 
@@ -242,7 +246,7 @@ class Model(nn.Module):
         if not embeds.dtype.is_floating_point:
             raise TypeError(f"Model: expected floating-point inputs_embeds, got {embeds.dtype}")
 
-    def _check_input(self, input_ids, cache, key_lens, cu_seqlens, max_seqlen, causal) -> None:
+    def _check_input(self, input_ids, cache, key_lens, cu_seqlens, max_seqlen, causal, validate) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"Model: expected input_ids of shape (B, T), got {shape}")
@@ -258,13 +262,15 @@ class Model(nn.Module):
             raise ValueError(f"Model: sequence of {used} tokens is longer than the model's context of {context}")
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"Model: cache holds {cache.batch_size} sequences, input_ids has {input_ids.shape[0]}")
-        if cache is not None and (key_lens is not None or cu_seqlens is not None or not causal):
-            raise ValueError("Model: a KV cache is for causal decoding; key_lens, cu_seqlens and causal=False "
-                             "are not supported with it")
+        if cache is not None and (cu_seqlens is not None or not causal):
+            raise ValueError("Model: a KV cache is for causal decoding; cu_seqlens and causal=False are not "
+                             "supported with it")
+        if cache is not None and key_lens is not None and cache.filled:
+            raise ValueError("Model: key_lens (ragged prompts) is only supported for the prefill of an empty cache")
         if key_lens is not None and cu_seqlens is not None:
             raise ValueError("Model: give either key_lens (padding) or cu_seqlens (packing), not both")
         if cu_seqlens is not None and max_seqlen is None:
             raise ValueError("Model: cu_seqlens needs max_seqlen (the longest document, a host int)")
         vocab = self.config.vocab_size
-        if not torch.compiler.is_compiling() and ((input_ids < 0) | (input_ids >= vocab)).any():
+        if validate and not torch.compiler.is_compiling() and ((input_ids < 0) | (input_ids >= vocab)).any():
             raise ValueError(f"Model: token ids must be in [0, {vocab})")

@@ -1,0 +1,1 @@
+"""Decoding strategies behind :func:`fastlm.generate` (greedy/sampling, beam, contrastive, speculative)."""

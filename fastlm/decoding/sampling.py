@@ -1,0 +1,62 @@
+"""Greedy and sampled decoding through the KV cache, as a stream of per-step tokens.
+
+Prefill runs the (right-padded, possibly ragged) prompts once; each step then feeds one token
+per sequence. The loop itself never reads device values on the host, except every
+``sync_every`` steps to stop once all sequences finished, and where the caller asks for it
+(stop strings, streaming to the host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fastlm import ops
+from fastlm.decoding.common import Prompts, StopStrings, apply_repetition_penalty, hits_eos, presence
+
+
+def decode_steps(
+    model,
+    prompts: Prompts,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    eos_ids: list[int],
+    pad_id: int,
+    stop_strings: StopStrings | None,
+    generator: torch.Generator | None,
+    sync_every: int = 8,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens (B,), finished (B,) bool) for each generated position."""
+    b, t = prompts.ids.shape
+    cache = model.new_cache(b, t + max_new_tokens)
+    logits = model(prompts.ids, cache=cache, key_lens=prompts.lens if prompts.ragged else None)
+    last = logits[torch.arange(b, device=logits.device), prompts.lens - 1].float()  # (B, V)
+    present = presence(prompts, logits.shape[-1]) if repetition_penalty != 1.0 else None
+    finished = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    for step in range(max_new_tokens):
+        scores = last if present is None else apply_repetition_penalty(last, present, repetition_penalty)
+        token = ops.sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        if present is not None:
+            present.scatter_(1, token[:, None], True)
+        done_now = hits_eos(token, eos_ids)
+        if stop_strings is not None:
+            done_now |= stop_strings.update(token, finished)
+        finished = finished | done_now
+        yield token, finished
+        if step + 1 == max_new_tokens:
+            return
+        if (stop_strings is not None or (step + 1) % sync_every == 0) and bool(finished.all()):
+            return
+        last = model(token[:, None], cache=cache, validate=False)[:, -1].float()
+
+
+def trim_finished(tokens: torch.Tensor, finished_at: torch.Tensor) -> torch.Tensor:
+    """Drop trailing steps after every sequence finished. tokens (B, n); finished_at (B,) is the
+    step each sequence finished at (n when it never did)."""
+    return tokens[:, : int(finished_at.max().item()) + 1] if tokens.shape[1] else tokens
