@@ -129,3 +129,57 @@ def test_bad_arguments(pair, kwargs, error, message):
     kwargs = {"input_ids": _prompt(0), "max_new_tokens": 4, **kwargs}
     with pytest.raises(error, match=message):
         fastlm.generate(ours, **kwargs)
+
+
+def _tiny(seed, vocab=61, layers=1, hidden=32):
+    torch.manual_seed(seed)
+    return fastlm.Model(fastlm.ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=2,
+                                           max_position_embeddings=128)).eval()
+
+
+@pytest.mark.parametrize("num_draft_tokens", [1, 3, 5])
+def test_speculative_greedy_equals_target_greedy(pair, num_draft_tokens):
+    _, target = pair
+    draft = _tiny(1)
+    prompt = _prompt(13, b=2)
+    for eos in (None, 7):
+        expected = fastlm.generate(target, prompt, max_new_tokens=16, eos_token_id=eos, pad_token_id=0)
+        got = fastlm.generate(target, prompt, max_new_tokens=16, draft_model=draft,
+                              num_draft_tokens=num_draft_tokens, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(got, expected)
+    # a draft that agrees with the target everywhere: every proposal is accepted
+    assert torch.equal(fastlm.generate(target, prompt, max_new_tokens=16, draft_model=_copy(target)),
+                       fastlm.generate(target, prompt, max_new_tokens=16))
+
+
+def _copy(model):
+    clone = fastlm.Model(model.config).eval()
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+def test_speculative_sampling_is_distributed_as_the_target():
+    """Joint distribution of two sampled tokens, against the target's exact one (chi-square)."""
+    vocab = 6
+    target, draft = _tiny(2, vocab=vocab, hidden=16), _tiny(3, vocab=vocab, hidden=16)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(20.0)
+        draft.lm_head.weight.mul_(20.0)
+    prompt = torch.tensor([[1, 4, 2]])
+    with torch.no_grad():
+        first = torch.softmax(target(prompt)[0, -1].double(), -1)
+        joint = torch.stack([first[a] * torch.softmax(target(torch.cat((prompt, torch.tensor([[a]])), 1))[0, -1].double(), -1)
+                             for a in range(vocab)])  # (V, V)
+    n = 1500
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(vocab, vocab, dtype=torch.float64)
+    for _ in range(n):
+        out = fastlm.generate(target, prompt, max_new_tokens=2, do_sample=True, draft_model=draft,
+                              num_draft_tokens=2, generator=generator)[0, 3:]
+        counts[out[0], out[1]] += 1
+    expected = joint * n
+    keep = expected > 5
+    chi2 = (((counts - expected) ** 2) / expected.clamp(min=1e-12))[keep].sum().item()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 4 * (2 * dof) ** 0.5, (chi2, dof)  # ~4 sigma of the chi-square distribution
+    assert counts[~keep].sum() <= 0.03 * n
