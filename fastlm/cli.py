@@ -168,18 +168,36 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fastlm import from_pretrained, generate, load_tokenizer
+    from fastlm import from_pretrained, generate, generate_stream, load_tokenizer
 
     model = from_pretrained(args.model, device=args.device)
     tokenizer = load_tokenizer(args.model)
     ids = tokenizer.encode(args.prompt)
     if not ids:
-        raise SystemExit("fastlm generate: the prompt encodes to no tokens; give a non-empty --prompt")
-    generator = torch.Generator(device=model.device).manual_seed(args.seed)
-    tokens = generate(model, torch.tensor([ids], device=model.device), max_new_tokens=args.max_new_tokens,
-                      do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, generator=generator, eos_token_id=tokenizer.eos_token_id)
-    print(tokenizer.decode(tokens[0].tolist()))
+        raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    special = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, penalty_alpha=args.penalty_alpha)
+    if args.draft_model:
+        special.update(draft_model=from_pretrained(args.draft_model, device=args.device),
+                       num_draft_tokens=args.num_draft_tokens)
+    prompt = torch.tensor([ids], device=model.device)
+    if args.num_beams > 1 or args.penalty_alpha is not None or args.draft_model:
+        tokens = generate(model, prompt, **options, **special)
+        print(tokenizer.decode(tokens[0].tolist()))
+        return 0
+    # Stream: print the text as tokens arrive (holding back an incomplete UTF-8 character).
+    print(args.prompt, end="", flush=True)
+    generated: list[int] = []
+    shown = ""
+    for token in generate_stream(model, prompt, stop_strings=args.stop, tokenizer=tokenizer, **options):
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tokenizer.decode(generated)[len(shown):])
     return 0
 
 
@@ -255,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search (with --greedy)")
+    gen.add_argument("--length-penalty", type=float, default=1.0)
+    gen.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search (with --top-k)")
+    gen.add_argument("--draft-model", help="checkpoint of a small draft model for speculative decoding")
+    gen.add_argument("--num-draft-tokens", type=int, default=4)
+    gen.add_argument("--stop", nargs="+", metavar="TEXT", help="stop strings")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=_generate)

@@ -50,9 +50,17 @@ def test_demo_reports_perplexity_and_a_sample(tmp_path, capsys):
 
 
 def test_generate_command(demo_checkpoint, capsys):
-    assert main(["generate", "--model", str(demo_checkpoint), "--prompt", "def ", "--max-new-tokens", "5",
-                 "--greedy"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+    base = ["generate", "--model", str(demo_checkpoint), "--prompt", "def ", "--max-new-tokens", "6"]
+    assert main([*base, "--greedy"]) == 0
+    streamed = capsys.readouterr().out
+    model, tokenizer = fastlm.from_pretrained(demo_checkpoint), fastlm.load_tokenizer(demo_checkpoint)
+    expected = fastlm.generate(model, torch.tensor([tokenizer.encode("def ")]), max_new_tokens=6,
+                               eos_token_id=tokenizer.eos_token_id)
+    assert streamed == tokenizer.decode(expected[0].tolist()) + "\n"
+    for extra in (["--greedy", "--num-beams", "2"], ["--penalty-alpha", "0.5", "--top-k", "3", "--greedy"],
+                  ["--draft-model", str(demo_checkpoint)], ["--top-p", "0.9", "--stop", "x"]):
+        assert main([*base, *extra]) == 0
+        assert capsys.readouterr().out.startswith("def ")
 
 
 def test_transformers_loads_the_demo_checkpoint(demo_checkpoint):
