@@ -7,7 +7,7 @@
 
 from fastlm import ops
 from fastlm.config import PRESETS, ModelConfig, preset
-from fastlm.cache import KVCache
+from fastlm.cache import KVCache, PagedKVCache
 from fastlm.model import Model
 from fastlm.ops import available_backends, use_backend
 from fastlm.io import CheckpointError, from_pretrained, load_config, save_pretrained
@@ -23,6 +23,7 @@ __all__ = [
     "HFTokenizer",
     "KVCache",
     "Model",
+    "PagedKVCache",
     "ModelConfig",
     "Tokenizer",
     "available_backends",

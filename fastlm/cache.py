@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastlm import ops
 from fastlm.config import ModelConfig
 
 
@@ -77,6 +78,23 @@ class KVCache(nn.Module):
         self.v[layer].scatter_(2, index, v_new.to(self.v.dtype))
         return self.k[layer], self.v[layer]
 
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        positions: torch.Tensor,
+        key_lens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Store the new keys/values of ``layer`` and attend the queries (B, H, T, D) over each
+        sequence's cached ones. The prefill of an empty cache attends over the new tokens only
+        (``key_lens``: right-padded ragged prompts)."""
+        k_cache, v_cache = self.update(layer, k_new, v_new, positions)
+        if self.filled == 0:
+            return ops.attention(q, k_new, v_new, causal=True, key_lens=key_lens)
+        return ops.decode_attention(q, k_cache, v_cache, self.lens + q.shape[2])
+
     def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:
         """Mark ``num_new`` more positions of every sequence as valid (after all layers wrote);
         with ``lens`` (B,), only lens[b] of them for sequence b (right-padded ragged prompts)."""
@@ -98,3 +116,113 @@ class KVCache(nn.Module):
     def reset(self) -> None:
         self.lens.zero_()
         self.filled = 0
+
+
+class PagedKVCache(nn.Module):
+    """Keys and values in fixed-size blocks shared by all sequences (vLLM's paged attention).
+
+    k, v: (num_layers, num_blocks, Hkv, block_size, D); block_table (B, max_blocks) int32 maps
+    position p of sequence b to block block_table[b, p // block_size], offset p % block_size.
+    Blocks are taken from a free list as sequences grow and returned by :meth:`free`, so
+    sequences of very different lengths share the memory. Block 0 is kept as scratch: writes of
+    freed sequences land there and are never read.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if block_size < 1 or num_blocks < 2:
+            raise ValueError(f"PagedKVCache: need block_size >= 1 and num_blocks >= 2, got {block_size}, {num_blocks}")
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        max_blocks = -(-max_len // block_size)
+        self.register_buffer("block_table", torch.full((batch_size, max_blocks), -1, dtype=torch.int32, device=device),
+                             persistent=False)
+        self.register_buffer("lens", torch.zeros(batch_size, dtype=torch.int64, device=device), persistent=False)
+        self.block_size, self.max_len = block_size, max_len
+        self.free_blocks = list(range(num_blocks - 1, 0, -1))  # block 0 is scratch
+        self.seq_blocks: list[list[int]] = [[] for _ in range(batch_size)]
+        self.reserved = [0] * batch_size  # positions each sequence has blocks for (host side)
+        self.released = [False] * batch_size
+        self.filled = 0
+
+    @classmethod
+    def for_model(cls, config: ModelConfig, batch_size: int, max_len: int, *, num_blocks: int | None = None,
+                  block_size: int = 16, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> PagedKVCache:
+        """num_blocks None: enough for every sequence to reach max_len (plus the scratch block)."""
+        if max_len > config.max_position_embeddings:
+            raise ValueError(
+                f"PagedKVCache: max_len {max_len} exceeds the model's context of {config.max_position_embeddings} tokens"
+            )
+        num_blocks = batch_size * -(-max_len // block_size) + 1 if num_blocks is None else num_blocks
+        return cls(config.num_layers, batch_size, config.num_kv_heads, config.head_dim, num_blocks=num_blocks,
+                   block_size=block_size, max_len=max_len, dtype=dtype, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def blocks_in_use(self) -> int:
+        return sum(map(len, self.seq_blocks))
+
+    def positions(self, num_new: int) -> torch.Tensor:
+        """Positions of the next ``num_new`` tokens (B, num_new), allocating blocks for them."""
+        if self.filled + num_new > self.max_len:
+            raise ValueError(
+                f"PagedKVCache: {num_new} new tokens do not fit: {self.filled} of {self.max_len} positions are used"
+            )
+        needed = self.filled + num_new
+        for seq in range(self.batch_size):
+            while not self.released[seq] and self.reserved[seq] < needed:
+                if not self.free_blocks:
+                    raise RuntimeError(
+                        f"PagedKVCache: out of blocks ({self.blocks_in_use} in use); free finished sequences "
+                        "or create the cache with more num_blocks"
+                    )
+                block = self.free_blocks.pop()
+                self.block_table[seq, len(self.seq_blocks[seq])] = block
+                self.seq_blocks[seq].append(block)
+                self.reserved[seq] += self.block_size
+        return self.lens[:, None] + torch.arange(num_new, device=self.lens.device)
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write k_new/v_new (B, Hkv, T, D) at ``positions`` (B, T) of each sequence."""
+        table = self.block_table.long()
+        slot = torch.gather(table, 1, (positions // self.block_size).clamp(max=table.shape[1] - 1))
+        block = slot.clamp(min=0)  # released sequences (-1) write to the scratch block 0
+        offset = positions % self.block_size
+        # pages[layer][block, :, offset, :] = k_new[b, :, t, :]
+        self.k[layer][block, :, offset] = k_new.permute(0, 2, 1, 3).to(self.k.dtype)
+        self.v[layer][block, :, offset] = v_new.permute(0, 2, 1, 3).to(self.v.dtype)
+
+    def attend(self, layer, q, k_new, v_new, positions, key_lens=None) -> torch.Tensor:
+        """As :meth:`KVCache.attend`, through :func:`fastlm.ops.decode_attention_paged`."""
+        self.update(layer, k_new, v_new, positions)
+        if self.filled == 0:
+            return ops.attention(q, k_new, v_new, causal=True, key_lens=key_lens)
+        return ops.decode_attention_paged(q, self.k[layer], self.v[layer], self.block_table, self.lens + q.shape[2])
+
+    def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:
+        self.lens += num_new if lens is None else lens.to(self.lens)
+        self.filled += num_new
+
+    def free(self, seq: int) -> None:
+        """Return the blocks of finished sequence ``seq`` to the free list."""
+        self.free_blocks.extend(reversed(self.seq_blocks[seq]))
+        self.seq_blocks[seq] = []
+        self.block_table[seq] = -1
+        self.released[seq] = True

@@ -10,7 +10,8 @@ of 1-D tensors, each exactly what that prompt gives alone. Generation stops at
 ``tokenizer``), per sequence; finished sequences are padded with ``pad_token_id`` (default: the
 first eos id) in tensor results. ``generator`` or ``seed`` make sampling reproducible;
 ``streamer`` receives each step's tokens (B,) as they are produced, and
-:func:`generate_stream` yields them.
+:func:`generate_stream` yields them. ``cache_implementation="paged"`` decodes greedy/sampled
+batches through a :class:`fastlm.PagedKVCache` (the default is the static cache).
 """
 
 from __future__ import annotations
@@ -128,9 +129,12 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
+    cache_implementation: str = "static",
 ) -> torch.Tensor | list[torch.Tensor]:
     """Continue each prompt; see the module docstring for the strategies and arguments."""
     _check_int("num_beams", num_beams, 1)
+    if cache_implementation not in ("static", "paged"):
+        raise ValueError(f"generate: cache_implementation must be 'static' or 'paged', got {cache_implementation!r}")
     contrastive_top_k = top_k  # greedy settings drop top_k, which contrastive search uses
     prompts, eos_ids, pad, temperature, top_k, top_p, generator = _settings(
         model, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
@@ -168,7 +172,7 @@ def generate(
     for step, (token, finished) in enumerate(decode_steps(
             model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, eos_ids=eos_ids, pad_id=pad, stop_strings=stops,
-            generator=generator)):
+            generator=generator, paged=cache_implementation == "paged")):
         tokens.append(token)
         if streamer is not None:
             streamer(token)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastlm import ops
-from fastlm.cache import KVCache
+from fastlm.cache import KVCache, PagedKVCache
 from fastlm.config import ModelConfig
 
 
@@ -66,12 +66,8 @@ class Attention(nn.Module):
             o = o.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         elif cache is None:
             o = ops.attention(q, k, v, causal=layout.causal, key_lens=layout.key_lens)
-        else:
-            k_cache, v_cache = cache.update(self.layer_index, k, v, positions)
-            if cache.filled == 0:  # prefill of an empty cache: attend over the new tokens only
-                o = ops.attention(q, k, v, causal=True, key_lens=layout.key_lens)
-            else:
-                o = ops.decode_attention(q, k_cache, v_cache, cache.lens + t)
+        else:  # the cache stores the new keys/values and attends over everything cached
+            o = cache.attend(self.layer_index, q, k, v, positions, layout.key_lens)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -188,9 +184,14 @@ class Model(nn.Module):
 
         save_pretrained(self, directory, **kwargs)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for this model's dtype and device."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, paged: bool = False,
+                  **paged_options) -> KVCache | PagedKVCache:
+        """An empty KV cache for this model's dtype and device: static (preallocated per
+        sequence), or ``paged`` (blocks from a shared pool; options num_blocks, block_size)."""
         max_len = self.config.max_position_embeddings if max_len is None else max_len
+        if paged:
+            return PagedKVCache.for_model(self.config, batch_size, max_len, dtype=self.dtype, device=self.device,
+                                          **paged_options)
         return KVCache.for_model(self.config, batch_size, max_len, dtype=self.dtype, device=self.device)
 
     def forward(

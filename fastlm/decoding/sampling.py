@@ -30,10 +30,13 @@ def decode_steps(
     stop_strings: StopStrings | None,
     generator: torch.Generator | None,
     sync_every: int = 8,
+    paged: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (tokens (B,), finished (B,) bool) for each generated position."""
+    """Yield (tokens (B,), finished (B,) bool) for each generated position. With ``paged``, the
+    KV cache is a :class:`fastlm.PagedKVCache` whose finished sequences give back their blocks
+    at each host check."""
     b, t = prompts.ids.shape
-    cache = model.new_cache(b, t + max_new_tokens)
+    cache = model.new_cache(b, t + max_new_tokens, paged=paged)
     logits = model(prompts.ids, cache=cache, key_lens=prompts.lens if prompts.ragged else None)
     last = logits[torch.arange(b, device=logits.device), prompts.lens - 1].float()  # (B, V)
     present = presence(prompts, logits.shape[-1]) if repetition_penalty != 1.0 else None
@@ -51,8 +54,13 @@ def decode_steps(
         yield token, finished
         if step + 1 == max_new_tokens:
             return
-        if (stop_strings is not None or (step + 1) % sync_every == 0) and bool(finished.all()):
-            return
+        if stop_strings is not None or (step + 1) % sync_every == 0:
+            done = finished.tolist()
+            if all(done):
+                return
+            if paged:
+                for seq in (i for i, d in enumerate(done) if d and not cache.released[i]):
+                    cache.free(seq)
         last = model(token[:, None], cache=cache, validate=False)[:, -1].float()
 
 

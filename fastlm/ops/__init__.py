@@ -8,15 +8,15 @@ backend's kernel (``fastlm.ops.registry``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastlm.ops import reference  # noqa: F401  (public: fastlm.ops.reference, the oracle)
 from fastlm.ops import triton_fused  # noqa: F401  (registers the triton norm/rope/swiglu kernels)
 from fastlm.ops.attention_triton import attention_varlen
 from fastlm.ops.fused_loss import fused_linear_cross_entropy
+from fastlm.ops.paged import decode_attention_paged
 from fastlm.ops.registry import run
+from fastlm.ops.sampling import DeferredChecks, sample  # noqa: F401  (defines fastlm::sample)
 from fastlm.ops.backend import (
     BACKENDS,
     BackendUnavailableError,
@@ -37,12 +37,14 @@ from fastlm.ops.checks import (
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "DeferredChecks",
     "attention",
     "attention_varlen",
     "available_backends",
     "backend_status",
     "cross_entropy",
     "decode_attention",
+    "decode_attention_paged",
     "fused_linear_cross_entropy",
     "gelu",
     "int8_linear",
@@ -219,24 +221,37 @@ def lora_linear(
     return run("lora_linear", x.device, x, weight, lora_a, lora_b, float(scale), bias)
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8: scales = max|W[o, :]| / 127, q = round(W / scales).
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8: scales = max|W[o, group]| / 127, q = round(W / scales) ∈ [-127, 127].
 
-    weight (out, in) float -> (qweight int8 (out, in), scales float32 (out,)).
+    weight (out, in) float -> (qweight int8 (out, in), scales float32): per output channel
+    (out,) when group_size is None, else per group of group_size consecutive inputs
+    (out, in / group_size), in divisible by group_size. Dequantize with fastlm.ops.int8_triton.dequantize_int8.
     """
     check_ndim("quantize_int8", weight=(weight, 2))
     check_floating("quantize_int8", weight=weight)
     if not torch.isfinite(weight).all():
         raise ValueError("quantize_int8: weight has NaN or infinite values")
-    return run("quantize_int8", weight.device, weight)
+    if group_size is None:
+        return run("quantize_int8", weight.device, weight)
+    out_f, in_f = weight.shape
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or in_f % group_size:
+        raise ValueError(
+            f"quantize_int8: group_size must be a positive integer dividing in_features={in_f}, got {group_size!r}"
+        )
+    # Group-wise = per-channel quantization of the (out·G, group_size) view.
+    q, scales = run("quantize_int8", weight.device, weight.reshape(out_f * (in_f // group_size), group_size))
+    return q.reshape(out_f, in_f), scales.reshape(out_f, in_f // group_size)
 
 
 def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """y = x·(qweight·scales[:, None])ᵀ + bias.  x (..., in), qweight int8 (out, in), scales (out,)."""
-    check_floating("int8_linear", x=x)
-    check_ndim("int8_linear", qweight=(qweight, 2), scales=(scales, 1))
+    """y = x·Wᵀ + bias, W[o, i] = qweight[o, i]·scales[o] (per channel, scales (out,)) or
+    qweight[o, i]·scales[o, i // (in/G)] (group-wise, scales (out, G), G dividing in).
+    x (..., in) float, qweight int8 (out, in), bias (out,) -> (..., out) in x's dtype."""
+    check_floating("int8_linear", x=x, scales=scales)
+    check_ndim("int8_linear", qweight=(qweight, 2))
     check_dtype("int8_linear", qweight, torch.int8, "qweight")
     tensors = {"x": x, "qweight": qweight, "scales": scales}
     if bias is not None:
@@ -245,45 +260,15 @@ def int8_linear(
     out_f, in_f = qweight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"int8_linear: x has {x.shape[-1]} input features, qweight expects {in_f}")
-    if scales.shape != (out_f,):
-        raise ValueError(f"int8_linear: expected scales of shape ({out_f},), got {tuple(scales.shape)}")
+    groups_ok = scales.dim() == 2 and scales.shape[0] == out_f and scales.shape[1] >= 1 and in_f % scales.shape[1] == 0
+    if scales.shape != (out_f,) and not groups_ok:
+        raise ValueError(
+            f"int8_linear: expected scales of shape ({out_f},) (per channel) or ({out_f}, G) with G "
+            f"dividing {in_f} (group-wise), got {tuple(scales.shape)}"
+        )
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"int8_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
     return run("int8_linear", x.device, x, qweight, scales, bias)
-
-
-def sample(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draw one token per row: temperature, then top-k, then top-p (transformers' order).
-
-    logits (B, V) -> (B,) int64. temperature 0 is greedy (argmax). top_k keeps the k most
-    likely tokens; top_p then keeps the smallest set of the renormalized distribution whose
-    mass reaches top_p. None disables a filter. A filtered token is never drawn. The draw
-    uses one uniform number per row from ``generator`` (on logits' device).
-    """
-    check_ndim("sample", logits=(logits, 2))
-    check_floating("sample", logits=logits)
-    if logits.shape[0] == 0 or logits.shape[1] == 0:
-        raise ValueError(f"sample: expected non-empty logits (B, V), got {tuple(logits.shape)}")
-    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
-        raise ValueError(f"sample: temperature must be a number >= 0, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"sample: top_k must be an integer >= 1 or None, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"sample: top_p must be in (0, 1] or None, got {top_p!r}")
-    if (torch.isnan(logits) | (logits == math.inf)).any():
-        raise ValueError("sample: logits contain NaN or +inf; expected finite values or -inf for masked tokens")
-    if not torch.isfinite(logits).any(dim=-1).all():
-        raise ValueError("sample: a row of logits has no finite value")
-    uniform = torch.rand(logits.shape[0], device=logits.device, generator=generator, dtype=torch.float64)
-    top_k = None if top_k is None else min(top_k, logits.shape[1])
-    return run("sample", logits.device, logits, uniform, float(temperature), top_k, top_p)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
