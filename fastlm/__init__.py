@@ -13,6 +13,8 @@ from fastlm.ops import available_backends, use_backend
 from fastlm.io import CheckpointError, from_pretrained, load_config, save_pretrained
 from fastlm.generate import generate, generate_stream
 from fastlm.data import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from fastlm import quant
+from fastlm.quant import quantize
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,8 @@ __all__ = [
     "load_tokenizer",
     "ops",
     "preset",
+    "quant",
+    "quantize",
     "save_pretrained",
     "use_backend",
 ]

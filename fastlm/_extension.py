@@ -27,6 +27,8 @@ CSRC_DIR = REPO_ROOT / "csrc"
 #: Extension sources relative to the repo root. One ``.cu`` per op family + the binding file.
 SOURCES: list[str] = [
     "csrc/bindings.cpp",
+    "csrc/sampling.cu",
+    "csrc/int8.cu",
 ]
 EXTENSION_NAME = "fastlm._C"
 JIT_NAME = "fastlm_C"

@@ -5,7 +5,8 @@ Subcommands:
             library sources, report validation perplexity, save it, generate text
   pretrain  causal-LM (or masked-LM) pretraining on text files, folders or jsonl
   finetune  supervised fine-tuning on prompt/completion jsonl (loss on completions only)
-  generate  continue a prompt with a saved checkpoint
+  generate  continue a prompt with a saved checkpoint (streaming; beams, contrastive, speculative)
+  quantize  int8 weight-only or W8A8 post-training quantization of a checkpoint
   info      versions, devices and which op backends are available
 
 Training runs on several processes with ``torchrun --nproc-per-node N -m fastlm pretrain ...``.
@@ -167,10 +168,45 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from fastlm import from_pretrained, generate, generate_stream, load_tokenizer
+def _load_model(directory: str, device: str | None):
+    """A checkpoint directory, quantized (config.json has "quantization") or not."""
+    from fastlm import from_pretrained
+    from fastlm.io.checkpoint import read_hf_config
+    from fastlm.quant import load_quantized
 
-    model = from_pretrained(args.model, device=args.device)
+    if "quantization" in read_hf_config(directory):
+        return load_quantized(directory, device=device)
+    return from_pretrained(directory, device=device)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from fastlm import from_pretrained, load_tokenizer
+    from fastlm.quant import model_bytes, quantize, save_quantized
+
+    model = from_pretrained(args.src, dtype=torch.float32)
+    before = model_bytes(model)
+    calibration = None
+    if args.calibration:
+        from fastlm.data import read_texts
+        from fastlm.data.dataset import tokenize_stream
+
+        tokens = tokenize_stream(read_texts([args.calibration]), load_tokenizer(args.src))
+        calibration = tokens[: 16 * 128].view(-1, 128) if tokens.numel() >= 128 else tokens[None]
+    quantize(model, mode=args.mode, group_size=args.group_size, include_head=args.include_head,
+             calibration=calibration)
+    save_quantized(model, args.dst)
+    try:
+        load_tokenizer(args.src).save(args.dst)
+    except FileNotFoundError:
+        pass  # a checkpoint without a tokenizer
+    print(f"{args.mode}: {before / 2**20:.1f} MiB -> {model_bytes(model) / 2**20:.1f} MiB, saved to {args.dst}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fastlm import generate, generate_stream, load_tokenizer
+
+    model = _load_model(args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -180,7 +216,7 @@ def _generate(args: argparse.Namespace) -> int:
                    eos_token_id=tokenizer.eos_token_id, seed=args.seed)
     special = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, penalty_alpha=args.penalty_alpha)
     if args.draft_model:
-        special.update(draft_model=from_pretrained(args.draft_model, device=args.device),
+        special.update(draft_model=_load_model(args.draft_model, args.device),
                        num_draft_tokens=args.num_draft_tokens)
     prompt = torch.tensor([ids], device=model.device)
     if args.num_beams > 1 or args.penalty_alpha is not None or args.draft_model:
@@ -283,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=_generate)
+
+    quant = sub.add_parser("quantize", help="post-training int8 quantization of a checkpoint")
+    quant.add_argument("src", help="checkpoint folder")
+    quant.add_argument("dst", help="folder for the quantized checkpoint")
+    quant.add_argument("--mode", default="int8_weight_only", choices=("int8_weight_only", "w8a8"))
+    quant.add_argument("--group-size", type=int, default=None, help="group-wise scales (default: per channel)")
+    quant.add_argument("--include-head", action="store_true", help="quantize the output head too")
+    quant.add_argument("--calibration", help="text file for SmoothQuant calibration (w8a8)")
+    quant.set_defaults(func=_quantize)
 
     info = sub.add_parser("info", help="versions, devices and available backends")
     info.set_defaults(func=_info)

@@ -82,7 +82,10 @@ def from_pretrained(
     mis-shaped tensor.
     """
     directory = Path(directory)
-    config = config_from_hf(read_hf_config(directory))
+    hf_config = read_hf_config(directory)
+    if "quantization" in hf_config:
+        raise CheckpointError(f"{directory} holds a quantized model; load it with fastlm.quant.load_quantized")
+    config = config_from_hf(hf_config)
     hf_tensors = read_safetensors(directory)
     if dtype is None:
         floating = [t.dtype for t in hf_tensors.values() if t.dtype.is_floating_point]
@@ -124,6 +127,8 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state_dict is None else state_dict
+    if any(name.endswith(".weight_scale") for name in state):
+        raise CheckpointError("the model has quantized layers; save it with fastlm.quant.save_quantized")
     tensors = {n: t.cpu() for n, t in state_dict_to_hf(model.config, state).items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from fastlm.ops import reference  # noqa: F401  (public: fastlm.ops.reference, the oracle)
-from fastlm.ops import decode_triton, triton_fused  # noqa: F401  (register triton kernels)
+from fastlm.ops import decode_triton, int8_triton, triton_fused  # noqa: F401  (register triton kernels)
 from fastlm.ops.attention_triton import attention_varlen
 from fastlm.ops.fused_loss import fused_linear_cross_entropy
+from fastlm.ops.int8_triton import dequantize_int8, quantize_per_token, w8a8_linear
 from fastlm.ops.paged import decode_attention_paged
 from fastlm.ops.registry import run
 from fastlm.ops.sampling import DeferredChecks, sample  # noqa: F401  (defines fastlm::sample)
@@ -45,18 +46,21 @@ __all__ = [
     "cross_entropy",
     "decode_attention",
     "decode_attention_paged",
+    "dequantize_int8",
     "fused_linear_cross_entropy",
     "gelu",
     "int8_linear",
     "layer_norm",
     "lora_linear",
     "quantize_int8",
+    "quantize_per_token",
     "register_kernel",
     "rms_norm",
     "rope",
     "sample",
     "swiglu",
     "use_backend",
+    "w8a8_linear",
 ]
 
 

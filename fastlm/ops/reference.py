@@ -201,59 +201,26 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return qweight, scales
 
 
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """W[o, i] = qweight[o, i]·scales[o] for per-channel scales (out,), or
+    qweight[o, i]·scales[o, i // g] for group-wise scales (out, in/g). -> (out, in) float32."""
+    s = wide(scales)
+    if s.dim() == 2:
+        s = s.repeat_interleave(qweight.shape[1] // s.shape[1], dim=1)  # (out, in)
+        return wide(qweight).to(s.dtype) * s
+    return wide(qweight).to(s.dtype) * s[:, None]
+
+
 def int8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """y = x·(qweight·scales[:, None])ᵀ + bias, dequantized to x's dtype.  x (..., in)."""
-    weight = (wide(qweight) * wide(scales)[:, None]).to(x.dtype)
+    """y = x·Wᵀ + bias with W = dequantize_int8(qweight, scales) in x's dtype.  x (..., in)."""
+    weight = dequantize_int8(qweight, scales).to(x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-def filtered_probs(
-    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
-) -> torch.Tensor:
-    """Sampling distribution after temperature, then top-k, then top-p (transformers' order).
-
-    logits (B, V) -> probs (B, V) float32, filtered tokens exactly 0, rows summing to 1.
-    Top-k keeps exactly k tokens (ties at the boundary resolved by torch.topk); top-p keeps
-    the smallest prefix of the descending-probability order whose mass reaches top_p.
-    """
-    scaled = wide(logits) / temperature
-    if top_k is not None and top_k < scaled.shape[-1]:
-        keep = torch.zeros_like(scaled, dtype=torch.bool)
-        keep.scatter_(-1, torch.topk(scaled, top_k, dim=-1).indices, True)
-        scaled = scaled.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        keep_sorted = mass_before < top_p  # the first token is always kept
-        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-        probs = probs.masked_fill(~keep, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
-
-
-def sample(
-    logits: torch.Tensor,
-    uniform: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> torch.Tensor:
-    """Draw one token per row by inverse-CDF sampling of :func:`filtered_probs`.
-
-    logits (B, V); uniform (B,) in [0, 1) — the randomness, drawn by the caller — -> (B,) int64.
-    Token = first index whose cumulative probability exceeds uniform·total, so a token of
-    probability 0 is never drawn. temperature == 0 is greedy (argmax; uniform unused).
-    """
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    probs = filtered_probs(logits, temperature, top_k, top_p).double()
-    cdf = torch.cumsum(probs, dim=-1)
-    target = uniform.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return tokens.clamp_(max=logits.shape[-1] - 1)
+# Sampling: the semantics live in fastlm/ops/sampling_reference.py (filters, tie rule, draw).
+from fastlm.ops.sampling_reference import filtered_probs, sample  # noqa: E402, F401
 
 
 def cross_entropy(

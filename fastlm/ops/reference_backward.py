@@ -121,7 +121,7 @@ def lora_linear_backward(grad, x, weight, lora_a, lora_b, scale, bias):
 
 def int8_linear_backward(grad, x, qweight, scales, bias):
     """dx = dy·(qweight·scales)ᵀᵀ = dy·W_dequant, dbias = Σ dy (the int8 weight takes no gradient)."""
-    weight = wide(qweight) * wide(scales)[:, None]
+    weight = reference.dequantize_int8(qweight, scales)  # per-channel (out,) or group-wise (out, G) scales
     dy = wide(grad)
     dx = (dy @ weight).to(x.dtype)
     dbias = None if bias is None else dy.reshape(-1, dy.shape[-1]).sum(dim=0).to(bias.dtype)

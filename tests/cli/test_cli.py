@@ -102,6 +102,18 @@ def test_finetune_command(demo_checkpoint, tmp_path):
         main(["finetune", "--data", str(bad), "--model", str(demo_checkpoint), "--out", str(out)])
 
 
+def test_quantize_then_generate(demo_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(demo_checkpoint), str(out), "--mode", "int8_weight_only"]) == 0
+    with pytest.raises(fastlm.CheckpointError, match="load it with fastlm.quant.load_quantized"):
+        fastlm.from_pretrained(out)
+    assert main(["generate", "--model", str(out), "--prompt", "def ", "--max-new-tokens", "4", "--greedy"]) == 0
+    assert "def " in capsys.readouterr().out
+    quantized = fastlm.quant.load_quantized(out)
+    with pytest.raises(fastlm.CheckpointError, match="save it with fastlm.quant.save_quantized"):
+        quantized.save_pretrained(tmp_path / "bad")
+
+
 def test_python_dash_m_and_info():
     result = subprocess.run([sys.executable, "-m", "fastlm", "info"], capture_output=True, text=True, check=True)
     assert "reference" in result.stdout and "fastlm" in result.stdout
