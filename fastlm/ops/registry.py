@@ -133,12 +133,7 @@ SPECS: tuple[OpSpec, ...] = (
         lambda x, q, scales, bias: _linear_fake(x, q.shape[0]),
         differentiable=(0, 3),
     ),
-    OpSpec(
-        "sample",
-        "Tensor logits, Tensor uniform, float temperature, int? top_k, float? top_p",
-        "Tensor",
-        lambda logits, u, t, k, p: logits.new_empty((logits.shape[0],), dtype=torch.int64),
-    ),
+    # "sample" is defined by fastlm/ops/sampling.py (per-row parameters, min-p, status).
     OpSpec(
         "cross_entropy",
         "Tensor logits, Tensor targets, int ignore_index",

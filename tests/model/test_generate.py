@@ -63,3 +63,10 @@ def test_bad_arguments(model, kwargs, message):
     kwargs = {"input_ids": torch.zeros(1, 3, dtype=torch.int64), **kwargs}
     with pytest.raises(ValueError, match=message):
         fastlm.generate(model, **kwargs)
+
+
+def test_nan_logits_are_reported_at_the_end_of_the_loop(model):
+    with torch.no_grad():
+        model.embed.weight[:] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fastlm.generate(model, torch.zeros(1, 2, dtype=torch.int64), max_new_tokens=3)
