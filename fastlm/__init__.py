@@ -13,7 +13,7 @@ from fastlm.ops import available_backends, use_backend
 from fastlm.io import CheckpointError, from_pretrained, load_config, save_pretrained
 from fastlm.generate import generate, generate_stream
 from fastlm.data import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from fastlm import quant
+from fastlm import peft, quant
 from fastlm.quant import quantize
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "load_config",
     "load_tokenizer",
     "ops",
+    "peft",
     "preset",
     "quant",
     "quantize",

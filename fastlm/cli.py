@@ -120,10 +120,21 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from fastlm.train import finetune
+    common = dict(data=args.data, model_dir=args.model, template=args.template, seq_len=args.seq_len,
+                  val_data=args.val_data, resume=args.resume)
+    if args.method == "full":
+        from fastlm.train import finetune
 
-    output = finetune(_trainer_config(args), data=args.data, model_dir=args.model, template=args.template,
-                      seq_len=args.seq_len, val_data=args.val_data, resume=args.resume)
+        output = finetune(_trainer_config(args), **common)
+    else:
+        from fastlm.peft import LoraConfig, PromptTuningConfig
+        from fastlm.peft.tuning import finetune_adapter
+
+        targets = args.lora_targets[0] if args.lora_targets == ["all-linear"] else args.lora_targets
+        lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                          target_modules=targets)
+        prompt = PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens)
+        output = finetune_adapter(_trainer_config(args), method=args.method, lora=lora, prompt=prompt, **common)
     _report(output.result, args.out)
     return 0
 
@@ -207,6 +218,10 @@ def _generate(args: argparse.Namespace) -> int:
     from fastlm import generate, generate_stream, load_tokenizer
 
     model = _load_model(args.model, args.device)
+    if args.adapter:
+        from fastlm import peft
+
+        model = peft.from_pretrained(model, args.adapter)
     tokenizer = load_tokenizer(args.model)
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -298,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--model", required=True, help="checkpoint folder to start from")
     fine.add_argument("--template", default="plain", help="prompt template: plain, alpaca or chatml")
     fine.add_argument("--seq-len", type=int, default=512)
+    fine.add_argument("--method", default="full", choices=("full", "lora", "prompt"),
+                      help="full fine-tuning, LoRA, or soft-prompt tuning (checkpoints are PEFT adapters)")
+    fine.add_argument("--lora-r", type=int, default=16)
+    fine.add_argument("--lora-alpha", type=float, default=32.0)
+    fine.add_argument("--lora-dropout", type=float, default=0.05)
+    fine.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      help="module names, or all-linear")
+    fine.add_argument("--num-virtual-tokens", type=int, default=20, help="soft-prompt length")
     _add_trainer_options(fine, {**defaults, "out": "runs/finetune", "warmup_steps": 10, "lr": 1e-4})
     fine.set_defaults(func=_finetune)
 
@@ -313,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=int, default=1, help="beam search (with --greedy)")
     gen.add_argument("--length-penalty", type=float, default=1.0)
     gen.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search (with --top-k)")
+    gen.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) for --model")
     gen.add_argument("--draft-model", help="checkpoint of a small draft model for speculative decoding")
     gen.add_argument("--num-draft-tokens", type=int, default=4)
     gen.add_argument("--stop", nargs="+", metavar="TEXT", help="stop strings")

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from fastlm.ops import reference  # noqa: F401  (public: fastlm.ops.reference, the oracle)
-from fastlm.ops import decode_triton, int8_triton, triton_fused  # noqa: F401  (register triton kernels)
+from fastlm.ops import decode_triton, int8_triton, lora_triton, triton_fused  # noqa: F401  (register triton kernels)
 from fastlm.ops.attention_triton import attention_varlen
 from fastlm.ops.fused_loss import fused_linear_cross_entropy
 from fastlm.ops.int8_triton import dequantize_int8, quantize_per_token, w8a8_linear
+from fastlm.ops.lora_triton import lora_linear_mixed
 from fastlm.ops.paged import decode_attention_paged
 from fastlm.ops.registry import run
 from fastlm.ops.sampling import DeferredChecks, sample  # noqa: F401  (defines fastlm::sample)
@@ -52,6 +53,7 @@ __all__ = [
     "int8_linear",
     "layer_norm",
     "lora_linear",
+    "lora_linear_mixed",
     "quantize_int8",
     "quantize_per_token",
     "register_kernel",

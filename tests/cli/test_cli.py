@@ -96,6 +96,14 @@ def test_finetune_command(demo_checkpoint, tmp_path):
                  "--max-steps", "3", "--batch-size", "2", "--seq-len", "32", "--no-progress"]) == 0
     final = ckpt.latest_checkpoint(out)
     assert final.name == "step-00000003" and (final / "tokenizer.json").is_file()
+    lora_out = tmp_path / "lora"
+    assert main(["finetune", "--data", str(data), "--model", str(demo_checkpoint), "--out", str(lora_out),
+                 "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--no-progress", "--method", "lora",
+                 "--lora-r", "4"]) == 0
+    adapter = ckpt.latest_checkpoint(lora_out)
+    assert (adapter / "adapter_config.json").is_file()
+    assert main(["generate", "--model", str(demo_checkpoint), "--adapter", str(adapter), "--prompt", "1 + 1 =",
+                 "--max-new-tokens", "3", "--greedy"]) == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match='bad.jsonl:1: expected {"prompt": str, "completion": str}'):

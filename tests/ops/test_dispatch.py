@@ -79,8 +79,8 @@ def test_forced_cuda_on_cpu_says_why():
 
 def test_missing_kernel_names_op_and_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with fastlm.use_backend("triton"), pytest.raises(NotImplementedError, match="'lora_linear' has no 'triton' kernel"):
-        ops.lora_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(1, 4), torch.randn(3, 1), 1.0)
+    with fastlm.use_backend("triton"), pytest.raises(NotImplementedError, match="'quantize_int8' has no 'triton' kernel"):
+        ops.quantize_int8(torch.randn(3, 4))
 
 
 def test_backend_status_reasons(monkeypatch):

@@ -1,0 +1,151 @@
+"""Fine-tuning adapters (LoRA or a soft prompt) with fastlm's training engine.
+
+:class:`AdapterTrainer` is :class:`fastlm.train.Trainer` whose optimizer sees only the adapter
+(the base is frozen) and whose checkpoints hold the active adapter in PEFT's format (plus the
+trainer state: optimizer, scheduler, RNG, step), so resuming works and every checkpoint
+directory is a PEFT adapter. :func:`finetune_adapter` is the recipe: prompt/completion jsonl,
+loss on completion tokens only (``fastlm.train.SFTSource`` / ``encode_example``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+from fastlm.data import load_tokenizer
+from fastlm.io import from_pretrained
+from fastlm.peft.config import LoraConfig, PromptTuningConfig
+from fastlm.peft.lora import LoraModel
+from fastlm.peft.prompt import PromptTuningModel
+from fastlm.train import checkpoint as ckpt
+from fastlm.train import distributed
+from fastlm.train.data import SFTSource, encode_example, read_prompt_completions
+from fastlm.train.recipes import RecipeOutput
+from fastlm.train.trainer import Trainer, TrainerConfig, TrainResult
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("lora", "prompt")
+AdapterModel = LoraModel | PromptTuningModel
+
+
+class AdapterTrainer(Trainer):
+    """Trains the active adapter of a LoraModel / PromptTuningModel; checkpoints are PEFT adapter
+    directories (adapter_config.json, adapter_model.safetensors) plus trainer_state.pt."""
+
+    def __init__(self, model: AdapterModel, *args, **kwargs) -> None:
+        if not isinstance(model, (LoraModel, PromptTuningModel)):
+            raise TypeError(f"AdapterTrainer trains a LoraModel or PromptTuningModel, got {type(model).__name__}")
+        if model.active_adapter is None:
+            raise ValueError("AdapterTrainer: the model has no active adapter to train")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"AdapterTrainer: adapter {model.active_adapter!r} is frozen (loaded without "
+                             "is_trainable=True)")
+        super().__init__(model, *args, **kwargs)
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        optimizer_state = distributed.full_optimizer_state(self.wrapped, self.optimizer)
+        path = None
+        if self.info.is_main:
+            state = {
+                "step": step,
+                "micro_batches": step * self.config.grad_accum,
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": ckpt.rng_state(),
+                "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "device"},
+                "adapter_name": self.model.active_adapter,
+            }
+
+            def write(directory: Path) -> None:
+                self.model.save_adapter(directory)
+                ckpt.save_trainer_state(directory, state)
+                if self.extra_files is not None:
+                    self.extra_files(directory)
+
+            path = ckpt.write_checkpoint(self.out, step, write, self.config.keep_last)
+            logger.info("saved adapter checkpoint %s", path)
+        distributed.barrier()
+        return path
+
+    def _resume(self) -> int:
+        if self.info.is_main:
+            ckpt.clean_temporaries(self.out)
+        distributed.barrier()
+        latest = ckpt.latest_checkpoint(self.out)
+        if latest is None:
+            logger.warning("--resume: no checkpoint in %s yet; starting from scratch", ckpt.checkpoint_dir(self.out))
+            return 0
+        state = ckpt.load_trainer_state(latest)
+        self.model.load_adapter_weights(latest, self.model.active_adapter)
+        options = StateDictOptions(full_state_dict=True, strict=True)
+        set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        logger.info("resumed adapter from %s (step %d)", latest, state["step"])
+        return int(state["step"])
+
+
+def train_adapter(model: AdapterModel, train_source, config: TrainerConfig, *, val_source=None, extra_files=None,
+                  resume: bool = False) -> TrainResult:
+    """Train ``model``'s active adapter on a batch source (e.g. an SFTSource); the base stays frozen."""
+    trainer = AdapterTrainer(model, train_source, config, val_source=val_source, extra_files=extra_files)
+    return trainer.fit(resume=resume)
+
+
+def finetune_adapter(
+    config: TrainerConfig,
+    *,
+    data: str,
+    model_dir: str,
+    method: str = "lora",
+    lora: LoraConfig | None = None,
+    prompt: PromptTuningConfig | None = None,
+    adapter_name: str = "default",
+    template: str = "plain",
+    seq_len: int = 512,
+    val_data: str | None = None,
+    val_fraction: float = 0.05,
+    resume: bool = False,
+) -> RecipeOutput:
+    """LoRA (``method="lora"``) or soft-prompt (``"prompt"``) tuning of the checkpoint in
+    ``model_dir`` on a prompt/completion jsonl file, loss on the completion tokens only.
+    Checkpoints (``<out>/checkpoints/step-*``) are PEFT adapter directories with the tokenizer."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    distributed.setup(config.device)
+    base = from_pretrained(model_dir, dtype=torch.float32)
+    if method == "lora":
+        model: AdapterModel = LoraModel(base, lora or LoraConfig(), adapter_name)
+    else:
+        model = PromptTuningModel(base, prompt or PromptTuningConfig(), adapter_name)
+    room = model.config.max_position_embeddings
+    if seq_len > room:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {room} (after any virtual tokens)")
+    tokenizer = load_tokenizer(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
+
+    def source(pairs, seed):
+        examples = [encode_example(tokenizer, p, c, template, seq_len) for p, c in pairs]
+        return SFTSource(examples, batch_size=config.batch_size, pad_id=pad, seed=seed)
+
+    pairs = read_prompt_completions(data)
+    if val_data is not None:
+        train_pairs, val_pairs = pairs, read_prompt_completions(val_data)
+    else:
+        cut = max(1, round(len(pairs) * val_fraction)) if len(pairs) > 1 else 0
+        train_pairs, val_pairs = pairs[cut:], pairs[:cut]
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("%s tuning: %d trainable parameters of %d (%.3f%%)", method, trainable, total, 100 * trainable / total)
+    result = train_adapter(model, source(train_pairs, config.seed), config,
+                           val_source=source(val_pairs, config.seed + 1) if val_pairs else None,
+                           extra_files=tokenizer.save, resume=resume)
+    return RecipeOutput(model, tokenizer, result)
