@@ -42,10 +42,21 @@ def decode_steps(
     present = presence(prompts, logits.shape[-1]) if repetition_penalty != 1.0 else None
     finished = torch.zeros(b, dtype=torch.bool, device=logits.device)
     checks = ops.DeferredChecks()  # NaN/inf logits are flagged on the device, raised at the end
+    bad_greedy = torch.zeros(b, dtype=torch.bool, device=logits.device)
+
+    def raise_if_bad() -> None:
+        checks.raise_if_any()
+        if bool(bad_greedy.any()):
+            raise ValueError(f"generate: the logits of sequence(s) {bad_greedy.nonzero().flatten().tolist()} "
+                             "contain NaN or +inf")
     for step in range(max_new_tokens):
         scores = last if present is None else apply_repetition_penalty(last, present, repetition_penalty)
-        token = ops.sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                           check=checks)
+        if temperature == 0.0:  # greedy: the first argmax; NaN/inf logits flagged on the device
+            token = scores.argmax(dim=-1)
+            bad_greedy |= torch.isnan(scores).any(-1) | (scores == float("inf")).any(-1)
+        else:
+            token = ops.sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                               check=checks)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         if present is not None:
             present.scatter_(1, token[:, None], True)
@@ -55,12 +66,12 @@ def decode_steps(
         finished = finished | done_now
         yield token, finished
         if step + 1 == max_new_tokens:
-            checks.raise_if_any()
+            raise_if_bad()
             return
         if stop_strings is not None or (step + 1) % sync_every == 0:
             done = finished.tolist()
             if all(done):
-                checks.raise_if_any()
+                raise_if_bad()
                 return
             if paged:
                 for seq in (i for i, d in enumerate(done) if d and not cache.released[i]):

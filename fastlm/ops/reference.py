@@ -8,6 +8,7 @@ in float32, and results are cast back to the input dtype. Inputs are assumed val
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -136,6 +137,12 @@ def layer_norm(
     return y.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _inv_freq(head_dim: int, theta: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """theta^(-2i/head_dim) for i < head_dim / 2 (cached: the same for every layer and step)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim))
+
+
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, like: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +152,7 @@ def rope_cos_sin(
     ``like`` is float64).
     """
     dtype = wide(like).dtype
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=like.device, dtype=dtype) / head_dim))
+    inv_freq = _inv_freq(head_dim, float(theta), dtype, like.device)
     angles = positions.to(device=like.device, dtype=dtype)[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
