@@ -9,7 +9,6 @@ loss on completion tokens only (``fastlm.train.SFTSource`` / ``encode_example``)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from fastlm.io import from_pretrained
 from fastlm.peft.config import LoraConfig, PromptTuningConfig
 from fastlm.peft.lora import LoraModel
 from fastlm.peft.prompt import PromptTuningModel
-from fastlm.train import checkpoint as ckpt
 from fastlm.train import distributed
 from fastlm.train.data import SFTSource, encode_example, read_prompt_completions
 from fastlm.train.recipes import RecipeOutput
@@ -47,49 +45,19 @@ class AdapterTrainer(Trainer):
                              "is_trainable=True)")
         super().__init__(model, *args, **kwargs)
 
-    def save_checkpoint(self, step: int) -> Path | None:
-        optimizer_state = distributed.full_optimizer_state(self.wrapped, self.optimizer)
-        path = None
-        if self.info.is_main:
-            state = {
-                "step": step,
-                "micro_batches": step * self.config.grad_accum,
-                "optimizer": optimizer_state,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": ckpt.rng_state(),
-                "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "device"},
-                "adapter_name": self.model.active_adapter,
-            }
+    def _gather_model(self) -> None:
+        return None  # the adapter is saved from the main process's own (unsharded) model
 
-            def write(directory: Path) -> None:
-                self.model.save_adapter(directory)
-                ckpt.save_trainer_state(directory, state)
-                if self.extra_files is not None:
-                    self.extra_files(directory)
+    def _write_model(self, directory: Path, gathered) -> None:
+        self.model.save_adapter(directory)
 
-            path = ckpt.write_checkpoint(self.out, step, write, self.config.keep_last)
-            logger.info("saved adapter checkpoint %s", path)
-        distributed.barrier()
-        return path
-
-    def _resume(self) -> int:
-        if self.info.is_main:
-            ckpt.clean_temporaries(self.out)
-        distributed.barrier()
-        latest = ckpt.latest_checkpoint(self.out)
-        if latest is None:
-            logger.warning("--resume: no checkpoint in %s yet; starting from scratch", ckpt.checkpoint_dir(self.out))
-            return 0
-        state = ckpt.load_trainer_state(latest)
-        self.model.load_adapter_weights(latest, self.model.active_adapter)
+    def _load_model(self, directory: Path, optimizer_state: dict) -> None:
+        self.model.load_adapter_weights(directory, self.model.active_adapter)
         options = StateDictOptions(full_state_dict=True, strict=True)
-        set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=options)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
-        logger.info("resumed adapter from %s (step %d)", latest, state["step"])
-        return int(state["step"])
+        set_optimizer_state_dict(self.wrapped, self.optimizer, optimizer_state, options=options)
+
+    def _extra_state(self) -> dict:
+        return {"adapter_name": self.model.active_adapter}
 
 
 def train_adapter(model: AdapterModel, train_source, config: TrainerConfig, *, val_source=None, extra_files=None,

@@ -188,9 +188,26 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
 
+    def _gather_model(self) -> Any:
+        """What :meth:`_write_model` saves, gathered by every process (collective under FSDP)."""
+        return distributed.full_model_state(self.wrapped)
+
+    def _write_model(self, directory: Path, gathered: Any) -> None:
+        """Write the model part of a checkpoint: a Hugging Face checkpoint directory."""
+        self.model.save_pretrained(directory, state_dict=gathered)
+
+    def _load_model(self, directory: Path, optimizer_state: dict) -> None:
+        """Load the model part of a checkpoint, and the optimizer state, into the wrapped model."""
+        model_state = state_dict_from_hf(self.model.config, read_safetensors(directory))
+        distributed.load_full_state(self.wrapped, self.optimizer, model_state, optimizer_state)
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Entries added to trainer_state.pt by subclasses."""
+        return {}
+
     def save_checkpoint(self, step: int) -> Path | None:
         """Write ``step-<step>`` (every process takes part; the main one writes)."""
-        model_state = distributed.full_model_state(self.wrapped)
+        gathered = self._gather_model()
         optimizer_state = distributed.full_optimizer_state(self.wrapped, self.optimizer)
         path = None
         if self.info.is_main:
@@ -202,10 +219,11 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "rng": ckpt.rng_state(),
                 "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "device"},
+                **self._extra_state(),
             }
 
             def write(directory: Path) -> None:
-                self.model.save_pretrained(directory, state_dict=model_state)
+                self._write_model(directory, gathered)
                 ckpt.save_trainer_state(directory, state)
                 if self.extra_files is not None:
                     self.extra_files(directory)
@@ -224,8 +242,7 @@ class Trainer:
             logger.warning("--resume: no checkpoint in %s yet; starting from scratch", ckpt.checkpoint_dir(self.out))
             return 0
         state = ckpt.load_trainer_state(latest)
-        model_state = state_dict_from_hf(self.model.config, read_safetensors(latest))
-        distributed.load_full_state(self.wrapped, self.optimizer, model_state, state["optimizer"])
+        self._load_model(latest, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
