@@ -8,11 +8,10 @@ share of the device's measured copy bandwidth (a large device-to-device copy in 
 from __future__ import annotations
 
 import tempfile
-import time
 
 import torch
 
-from bench.common import peak_memory_mb
+from bench.common import peak_memory_mb, wall_seconds
 
 
 def _cases(device: str, quick: bool):
@@ -37,20 +36,6 @@ def _copy_bandwidth(device: str) -> float | None:
     return 2 * x.numel() / (ms / 1e3)
 
 
-def _timed(fn, device: str, reps: int = 3) -> float:
-    fn()  # warm-up (and compilation of kernels)
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def run(device: str, quick: bool) -> list[dict]:
     import fastlm
 
@@ -63,7 +48,7 @@ def run(device: str, quick: bool) -> list[dict]:
         model = fastlm.Model(config).to(device=device, dtype=dtype).eval()
         prompt = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
         shape = {"model": preset_name, "batch": batch, "prompt": prompt_len, "new_tokens": new}
-        seconds = _timed(lambda: fastlm.generate(model, prompt, max_new_tokens=new), device)
+        seconds = wall_seconds(lambda: fastlm.generate(model, prompt, max_new_tokens=new), device)
         row = {"impl": "fastlm", **shape, "status": "ok", "tokens_per_s": batch * new / seconds,
                "peak_mem_mb": peak_memory_mb(lambda: fastlm.generate(model, prompt, max_new_tokens=8), device)}
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -86,7 +71,7 @@ def run(device: str, quick: bool) -> list[dict]:
                                pad_token_id=0)
 
         with torch.no_grad():
-            seconds = _timed(hf_generate, device)
+            seconds = wall_seconds(hf_generate, device)
         records.append({"impl": "transformers", **shape, "status": "ok", "tokens_per_s": batch * new / seconds})
         del hf, model
     base = {(r["model"], r["batch"]): r["tokens_per_s"] for r in records if r["impl"] == "transformers"}

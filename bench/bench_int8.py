@@ -17,12 +17,11 @@ at M ≥ 2048. Numbers are whatever this run measures, on the device named in th
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import peak_memory_mb, time_fn
+from bench.common import peak_memory_mb, time_fn, wall_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +36,6 @@ def _decode_cases(device: str, quick: bool) -> list[tuple[str, int, int, int]]:
         return cases[:2] if quick else cases
     cases = [("tiny", 1, 16, 16), ("tiny", 16, 16, 16)]
     return cases[:1] if quick else cases
-
-
-def _timed(fn, device: str, reps: int = 3) -> float:
-    """Median wall seconds of ``fn()`` after one warm-up call (kernel compilation, autotuning)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def _build(preset: str, variant: str, device: str, dtype: torch.dtype):
@@ -81,7 +65,7 @@ def _decode_rows(device: str, quick: bool) -> list[dict]:
                 model = _build(preset, variant, device, dtype)
                 for _, batch, prompt_len, new in [c for c in cases if c[0] == preset]:
                     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
-                    seconds = _timed(lambda: fastlm.generate(model, prompt, max_new_tokens=new), device)
+                    seconds = wall_seconds(lambda: fastlm.generate(model, prompt, max_new_tokens=new), device)
                     rows.append({
                         "section": "decode", "model": preset, "variant": variant, "batch": batch,
                         "prompt": prompt_len, "new_tokens": new, "dtype": str(dtype).removeprefix("torch."),

@@ -116,6 +116,24 @@ def time_fn(
     }
 
 
+def wall_seconds(fn: Callable[[], object], device: str, reps: int = 3) -> float:
+    """Median wall seconds of ``fn()`` after one warm-up call (kernel compilation, autotuning),
+    synchronizing CUDA around each call: for whole loops such as a generate call."""
+    import torch
+
+    fn()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     """Peak allocated CUDA memory (MiB, inputs included) over one call; None on CPU."""
     if not device.startswith("cuda"):

@@ -25,6 +25,7 @@ from torch import nn
 
 from fastlm.model import Model
 from fastlm.peft import lora_io, names
+from fastlm.peft.wrapper import ModelWrapper
 from fastlm.peft.config import BASE_ADAPTER, LoraConfig, check_adapter_name, rows_for_batch
 from fastlm.peft.layers import LoraLinear, LoraState, mixed_op
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 COMBINATIONS = ("cat", "svd")
 
 
-class LoraModel(nn.Module):
+class LoraModel(ModelWrapper):
     """A fastlm :class:`Model` with named LoRA adapters (see the module docstring)."""
 
     def __init__(self, model: Model, config: LoraConfig | None = None, adapter_name: str = "default") -> None:
@@ -57,35 +58,8 @@ class LoraModel(nn.Module):
     def config(self):
         return self.model.config
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.model.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        self.model.gradient_checkpointing = value
-
     def new_cache(self, batch_size: int, max_len: int | None = None, **options):
         return self.model.new_cache(batch_size, max_len, **options)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, directory: str | Path, **_ignored) -> None:
         """Save the active adapter (PEFT format), as PEFT's save_pretrained does."""

@@ -30,13 +30,14 @@ from torch import nn
 
 from fastlm._files import atomic_write, atomic_write_text
 from fastlm.model import Model
+from fastlm.peft.wrapper import ModelWrapper
 from fastlm.peft.config import BASE_ADAPTER, PromptTuningConfig, check_adapter_name, rows_for_batch
 from fastlm.peft.lora_io import CONFIG_NAME, WEIGHTS_NAME, read_config, read_tensors
 
 PROMPT_KEY = "prompt_embeddings"
 
 
-class PromptTuningModel(nn.Module):
+class PromptTuningModel(ModelWrapper):
     """A fastlm :class:`Model` with named soft prompts (see the module docstring)."""
 
     def __init__(self, model: Model, config: PromptTuningConfig | None = None, adapter_name: str = "default") -> None:
@@ -65,37 +66,10 @@ class PromptTuningModel(nn.Module):
         base = self.model.config
         return base.replace(max_position_embeddings=base.max_position_embeddings - self.num_virtual_tokens)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.model.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        self.model.gradient_checkpointing = value
-
     def new_cache(self, batch_size: int, max_len: int | None = None, **options):
         """A cache for max_len tokens plus the virtual ones (options: the model's, e.g. paged)."""
         max_len = self.config.max_position_embeddings if max_len is None else max_len
         return self.model.new_cache(batch_size, max_len + self.num_virtual_tokens, **options)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, directory: str | Path, **_ignored) -> None:
         self.save_adapter(directory)
