@@ -69,15 +69,6 @@ class KVCache(nn.Module):
             )
         return self.lens[:, None] + torch.arange(num_new, device=self.lens.device)
 
-    def update(
-        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k_new/v_new (B, Hkv, T, D) at ``positions`` (B, T); return the layer's buffers."""
-        index = positions[:, None, :, None].expand(-1, k_new.shape[1], -1, k_new.shape[3])
-        self.k[layer].scatter_(2, index, k_new.to(self.k.dtype))
-        self.v[layer].scatter_(2, index, v_new.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
-
     def attend(
         self,
         layer: int,
@@ -86,13 +77,19 @@ class KVCache(nn.Module):
         v_new: torch.Tensor,
         positions: torch.Tensor,
         key_lens: torch.Tensor | None = None,
+        rope_theta: float | None = None,
     ) -> torch.Tensor:
-        """Store the new keys/values of ``layer`` and attend the queries (B, H, T, D) over each
-        sequence's cached ones. The prefill of an empty cache attends over the new tokens only
-        (``key_lens``: right-padded ragged prompts)."""
-        k_cache, v_cache = self.update(layer, k_new, v_new, positions)
-        if self.filled == 0:
-            return ops.attention(q, k_new, v_new, causal=True, key_lens=key_lens)
+        """Store the new keys/values (B, Hkv, T, D) of ``layer`` at ``positions`` (B, T) and
+        attend the queries (B, H, T, D) over each sequence's cached ones. With ``rope_theta``, q
+        and k are first rotated by RoPE at their positions (fused with the cache write, see
+        :func:`fastlm.ops.rope_append_kv`). The prefill of an empty cache attends over the new
+        tokens only (``key_lens``: right-padded ragged prompts)."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        q = ops.rope_append_kv(q, k_new, v_new, positions, k_cache, v_cache, theta=rope_theta)
+        if self.filled == 0:  # prefill: positions 0 ... T-1 of every sequence
+            t = q.shape[2]
+            k, v = k_cache[:, :, :t].to(q.dtype), v_cache[:, :, :t].to(q.dtype)
+            return ops.attention(q, k, v, causal=True, key_lens=key_lens)
         return ops.decode_attention(q, k_cache, v_cache, self.lens + q.shape[2])
 
     def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:
@@ -209,8 +206,10 @@ class PagedKVCache(nn.Module):
         self.k[layer][block, :, offset] = k_new.permute(0, 2, 1, 3).to(self.k.dtype)
         self.v[layer][block, :, offset] = v_new.permute(0, 2, 1, 3).to(self.v.dtype)
 
-    def attend(self, layer, q, k_new, v_new, positions, key_lens=None) -> torch.Tensor:
+    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None) -> torch.Tensor:
         """As :meth:`KVCache.attend`, through :func:`fastlm.ops.decode_attention_paged`."""
+        if rope_theta is not None:
+            q, k_new = ops.rope(q, positions, theta=rope_theta), ops.rope(k_new, positions, theta=rope_theta)
         self.update(layer, k_new, v_new, positions)
         if self.filled == 0:
             return ops.attention(q, k_new, v_new, causal=True, key_lens=key_lens)

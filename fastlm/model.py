@@ -53,6 +53,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:  # the cache rotates q/k (RoPE), stores k/v and attends over everything cached
+            o = cache.attend(self.layer_index, q, k, v, positions, layout.key_lens, rope_theta=self.rope_theta)
+            return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         if self.rope_theta is not None:
             q = ops.rope(q, positions, theta=self.rope_theta)
             k = ops.rope(k, positions, theta=self.rope_theta)
@@ -64,10 +67,8 @@ class Attention(nn.Module):
             o = ops.attention_varlen(flat(q), flat(k), flat(v), layout.cu_seqlens, layout.cu_seqlens,
                                      max_seqlen_q=n, max_seqlen_k=n, causal=layout.causal)
             o = o.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        elif cache is None:
+        else:
             o = ops.attention(q, k, v, causal=layout.causal, key_lens=layout.key_lens)
-        else:  # the cache stores the new keys/values and attends over everything cached
-            o = cache.attend(self.layer_index, q, k, v, positions, layout.key_lens)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 

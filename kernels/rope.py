@@ -27,6 +27,16 @@ import triton.language as tl
 from ._common import cast_rne as _cast
 
 @triton.jit
+def cos_sin(angle, REDUCE: tl.constexpr):
+    """(cos, sin) of ``angle``; with REDUCE (float32) the angle is first brought to [−π, π] by
+    Cody–Waite: 2π = C1 + C2, C1 = 6.28125 = 201/32 (k·C1 exact in float32 for |k| < 2^16)."""
+    if REDUCE:
+        k = tl.floor(angle * 0.15915494309189535 + 0.5)  # round(angle / 2π)
+        angle = (angle - k * 6.28125) - k * 0.001935307179586232
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
 def _rope_kernel(
     X, Y, POS, INV_FREQ,
     H, T, HALF, T_BLOCKS,
@@ -45,13 +55,8 @@ def _rope_kernel(
     d_mask = d < HALF
     pos = tl.load(POS + b * stride_pb + t * stride_pt, mask=t_mask, other=0).to(ACC)
     inv_freq = tl.load(INV_FREQ + d, mask=d_mask, other=0.0)
-    angle = pos[:, None] * inv_freq[None, :]  # (BLOCK_T, BLOCK_D): the reference's rounding
-    if REDUCE:
-        # Cody–Waite: 2π = C1 + C2, C1 = 6.28125 = 201/32 (k·C1 exact in float32 for |k| < 2^16).
-        k = tl.floor(angle * 0.15915494309189535 + 0.5)  # round(angle / 2π)
-        angle = (angle - k * 6.28125) - k * 0.001935307179586232
-    cos = tl.cos(angle)
-    sin = tl.sin(angle) * SIGN
+    cos, sin = cos_sin(pos[:, None] * inv_freq[None, :], REDUCE)  # the reference's angle rounding
+    sin = sin * SIGN
     mask = t_mask[:, None] & d_mask[None, :]
     x_tile = X + b * stride_xb + t[:, None] * stride_xt + d[None, :]
     y_tile = Y + b * stride_yb + t[:, None] * stride_yt + d[None, :]

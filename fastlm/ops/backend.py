@@ -140,6 +140,8 @@ class use_backend(contextlib.AbstractContextManager):
 def select(op: str, device: torch.device) -> str:
     """Name of the backend that runs ``op`` for tensors on ``device``."""
     name = forced_backend()
+    if name is None and device.type != "cuda":
+        return "reference"  # kernels run automatically only on CUDA (the interpreter is for tests)
     if name is not None:
         ok, why = backend_status(name, device)
         if not ok:
@@ -147,9 +149,6 @@ def select(op: str, device: torch.device) -> str:
         kernel_for(op, name)  # raises NotImplementedError if the op has no kernel there
         return name
     for candidate in _AUTO_ORDER:
-        # The interpreter is for tests only: never chosen automatically for CPU tensors.
-        if candidate != "reference" and device.type != "cuda":
-            continue
         if has_kernel(op, candidate) and backend_status(candidate, device)[0]:
             return candidate
     return "reference"

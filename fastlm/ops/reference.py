@@ -115,14 +115,18 @@ def decode_attention(
     j = torch.arange(lmax, device=q.device)[None, None, :]
     last_visible = cache_lens.to(q.device).view(-1, 1, 1) - tq + t  # (B, Tq, 1)
     visible = (j <= last_visible)[:, None]  # (B, 1, Tq, Lmax)
-    return _attention_core(q, k_cache, v_cache, visible, scale)[0]
+    # The same float32 softmax as _attention_core, through PyTorch's fused attention (no
+    # materialized GQA copies or score matrix: this is also the CPU decode path).
+    out = F.scaled_dot_product_attention(wide(q), wide(k_cache), wide(v_cache), attn_mask=visible, scale=scale,
+                                         enable_gqa=q.shape[1] != k_cache.shape[1])
+    # A query that sees no key (cache_lens < Tq) gets zeros, as in _attention_core.
+    return torch.where(last_visible[:, None] >= 0, out, 0.0).to(q.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """y = x / sqrt(mean(x², -1) + eps) · weight, computed in float32 (Llama's convention:
     normalize in float32, cast to the input dtype, then scale by the weight)."""
-    xf = wide(x)
-    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    normed = F.rms_norm(wide(x), (x.shape[-1],), eps=eps)  # x·rsqrt(mean(x²) + eps)
     return weight * normed.to(x.dtype)
 
 
@@ -167,6 +171,12 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> to
     cos, sin = rope_cos_sin(positions, x.shape[-1], theta, x)
     if positions.dim() == 2:  # (B, T, D) -> broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
+    return rotate_half(x, cos, sin)
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x·cos + [-x2, x1]·sin in x's accumulation dtype, cast back to x's dtype; cos/sin
+    broadcastable to x (..., D)."""
     xf = wide(x)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
