@@ -84,12 +84,19 @@ class KVCache(nn.Module):
         and k are first rotated by RoPE at their positions (fused with the cache write, see
         :func:`fastlm.ops.rope_append_kv`). The prefill of an empty cache attends over the new
         tokens only (``key_lens``: right-padded ragged prompts)."""
+        if self.filled:
+            return self.attend_cached(layer, q, k_new, v_new, positions, rope_theta)
         k_cache, v_cache = self.k[layer], self.v[layer]
         q = ops.rope_append_kv(q, k_new, v_new, positions, k_cache, v_cache, theta=rope_theta)
-        if self.filled == 0:  # prefill: positions 0 ... T-1 of every sequence
-            t = q.shape[2]
-            k, v = k_cache[:, :, :t].to(q.dtype), v_cache[:, :, :t].to(q.dtype)
-            return ops.attention(q, k, v, causal=True, key_lens=key_lens)
+        t = q.shape[2]  # prefill: positions 0 ... T-1 of every sequence
+        k, v = k_cache[:, :, :t].to(q.dtype), v_cache[:, :, :t].to(q.dtype)
+        return ops.attention(q, k, v, causal=True, key_lens=key_lens)
+
+    def attend_cached(self, layer, q, k_new, v_new, positions, rope_theta=None) -> torch.Tensor:
+        """:meth:`attend` for a cache that already holds each sequence's earlier tokens: no
+        host-side state is read, so a decode step through it can be compiled or graph-captured."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        q = ops.rope_append_kv(q, k_new, v_new, positions, k_cache, v_cache, theta=rope_theta)
         return ops.decode_attention(q, k_cache, v_cache, self.lens + q.shape[2])
 
     def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:

@@ -12,6 +12,9 @@ first eos id) in tensor results. ``generator`` or ``seed`` make sampling reprodu
 ``streamer`` receives each step's tokens (B,) as they are produced, and
 :func:`generate_stream` yields them. ``cache_implementation="paged"`` decodes greedy/sampled
 batches through a :class:`fastlm.PagedKVCache` (the default is the static cache).
+``compile=True`` (greedy and sampling over the static cache) runs each decode step through
+torch.compile — a CUDA graph on GPU (see :mod:`fastlm.decoding.step`); the first call pays the
+compilation, later calls with the same batch size and length bucket reuse it.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def generate_stream(
     tokenizer=None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the tokens (B,) of each step as they are produced (greedy or sampling)."""
     prompts, eos_ids, pad, temperature, top_k, top_p, generator = _settings(
@@ -101,7 +105,7 @@ def generate_stream(
         for token, _ in decode_steps(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                                      eos_ids=eos_ids, pad_id=pad, stop_strings=stops, generator=generator,
-                                     sync_every=1):
+                                     sync_every=1, compile=compile):
             yield token
 
 
@@ -130,6 +134,7 @@ def generate(
     seed: int | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
     cache_implementation: str = "static",
+    compile: bool = False,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Continue each prompt; see the module docstring for the strategies and arguments."""
     _check_int("num_beams", num_beams, 1)
@@ -144,8 +149,11 @@ def generate(
                                      ("draft_model", draft_model is not None)) if on]
     if len(special) > 1:
         raise ValueError(f"generate: choose one strategy, got {' and '.join(special)}")
-    if special and (stop_strings or streamer is not None):
-        raise ValueError(f"generate: stop_strings and streamer work with greedy and sampling, not {special[0]}")
+    if special and (stop_strings or streamer is not None or compile):
+        raise ValueError(f"generate: stop_strings, streamer and compile work with greedy and sampling, "
+                         f"not {special[0]}")
+    if compile and cache_implementation == "paged":
+        raise ValueError("generate: compile=True decodes over the static cache, not cache_implementation='paged'")
     if max_new_tokens == 0:
         return _ragged_result(prompts, prompts.ids[:, :0], eos_ids) if prompts.ragged else prompts.ids
     if special:
@@ -172,7 +180,7 @@ def generate(
     for step, (token, finished) in enumerate(decode_steps(
             model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, eos_ids=eos_ids, pad_id=pad, stop_strings=stops,
-            generator=generator, paged=cache_implementation == "paged")):
+            generator=generator, paged=cache_implementation == "paged", compile=compile)):
         tokens.append(token)
         if streamer is not None:
             streamer(token)

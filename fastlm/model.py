@@ -228,6 +228,16 @@ class Model(nn.Module):
         else:
             positions = torch.arange(t, device=input_ids.device)  # (T,)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
+        out = self.forward_embeddings(x, positions, cache, layout, return_hidden=return_hidden)
+        if cache is not None:
+            cache.advance(t, lens=key_lens)
+        return out
+
+    def forward_embeddings(self, x: torch.Tensor, positions: torch.Tensor, cache, layout: BatchLayout, *,
+                           return_hidden: bool = False) -> torch.Tensor:
+        """The layers, final norm and head on embeddings x (B, T, hidden) at ``positions``
+        ((T,) or (B, T)), with no input checks and no cache bookkeeping (the caller advances
+        the cache): the core that :meth:`forward` and the compiled decode step share."""
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         for layer in self.layers:
@@ -235,8 +245,6 @@ class Model(nn.Module):
                 x = checkpoint(layer, x, positions, cache, layout, use_reentrant=False)
             else:
                 x = layer(x, positions, cache, layout)
-        if cache is not None:
-            cache.advance(t, lens=key_lens)
         hidden = self.final_norm(x)
         return hidden if return_hidden else self.lm_head(hidden)
 

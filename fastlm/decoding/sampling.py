@@ -14,6 +14,8 @@ import torch
 
 from fastlm import ops
 from fastlm.decoding.common import Prompts, StopStrings, apply_repetition_penalty, hits_eos, presence
+from fastlm.decoding.step import DecodeStep, reusable_cache
+from fastlm.model import Model
 
 
 def decode_steps(
@@ -31,13 +33,23 @@ def decode_steps(
     generator: torch.Generator | None,
     sync_every: int = 8,
     paged: bool = False,
+    compile: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) for each generated position. With ``paged``, the
     KV cache is a :class:`fastlm.PagedKVCache` whose finished sequences give back their blocks
-    at each host check."""
+    at each host check. Otherwise each step is a :class:`DecodeStep` over a static cache,
+    compiled with ``compile`` (the cache is then kept on the model for the next call)."""
     b, t = prompts.ids.shape
-    cache = model.new_cache(b, t + max_new_tokens, paged=paged)
+    plain = isinstance(model, Model)  # adapter wrappers run their own forward at every step
+    if compile and not plain:
+        raise ValueError(f"generate: compile=True needs a plain fastlm.Model, got {type(model).__name__} "
+                         "(merge the adapter into the model first)")
+    if compile:
+        cache = reusable_cache(model, b, t + max_new_tokens)
+    else:
+        cache = model.new_cache(b, t + max_new_tokens, paged=paged)
     logits = model(prompts.ids, cache=cache, key_lens=prompts.lens if prompts.ragged else None)
+    step_fn = DecodeStep(model, cache, compile=compile) if plain and not paged else None
     last = logits[torch.arange(b, device=logits.device), prompts.lens - 1].float()  # (B, V)
     present = presence(prompts, logits.shape[-1]) if repetition_penalty != 1.0 else None
     finished = torch.zeros(b, dtype=torch.bool, device=logits.device)
@@ -76,7 +88,10 @@ def decode_steps(
             if paged:
                 for seq in (i for i, d in enumerate(done) if d and not cache.released[i]):
                     cache.free(seq)
-        last = model(token[:, None], cache=cache, validate=False)[:, -1].float()
+        if step_fn is None:
+            last = model(token[:, None], cache=cache, validate=False)[:, -1].float()
+        else:
+            last = step_fn(token)
 
 
 def trim_finished(tokens: torch.Tensor, finished_at: torch.Tensor) -> torch.Tensor:

@@ -156,7 +156,10 @@ def rope_cos_sin(
     ``like`` is float64).
     """
     dtype = wide(like).dtype
-    inv_freq = _inv_freq(head_dim, float(theta), dtype, like.device)
+    if torch.compiler.is_compiling():  # traced: the frequencies become constants of the graph
+        inv_freq = _inv_freq.__wrapped__(head_dim, float(theta), dtype, like.device)
+    else:
+        inv_freq = _inv_freq(head_dim, float(theta), dtype, like.device)
     angles = positions.to(device=like.device, dtype=dtype)[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()

@@ -1,0 +1,89 @@
+"""The decode step: one new token per sequence through a static KV cache -> next-token logits.
+
+:class:`DecodeStep` runs it eagerly, or compiled with ``torch.compile`` (fullgraph): on CUDA
+with ``mode="reduce-overhead"``, so the whole step — every layer's kernels — replays as one
+CUDA graph over the static cache (gpt-fast's recipe); on CPU as inductor's generated C++. The
+step reads no host-side state (positions and lengths are device tensors), so one compiled
+graph serves every step; the host only counts the filled positions for its capacity check.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from fastlm.cache import KVCache
+from fastlm.model import BatchLayout, Model
+
+
+class _CachedOnly:
+    """A KVCache as one decode step sees it: attention always reads the cache (no prefill)."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None):
+        return self.cache.attend_cached(layer, q, k_new, v_new, positions, rope_theta)
+
+
+def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (B,) int64 at positions cache.lens -> float32 logits (B, vocab); the tokens'
+    keys/values are appended and cache.lens advances by one (all on the device)."""
+    positions = cache.lens[:, None]  # (B, 1)
+    logits = model.forward_embeddings(model.embed(tokens[:, None]), positions, _CachedOnly(cache), BatchLayout())
+    cache.lens += 1
+    return logits[:, -1].float()
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(device_type: str):
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(decode_logits, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[mode]
+
+
+class DecodeStep:
+    """``step(tokens)`` -> logits: one decode step of ``model`` over ``cache``, which must
+    already hold each sequence's prompt (after the prefill). ``compile=True`` runs it through
+    torch.compile (see the module docstring); the first call compiles (seconds on CUDA, tens of
+    seconds on CPU), later calls with the same model and cache shapes reuse the graph."""
+
+    def __init__(self, model: Model, cache: KVCache, *, compile: bool = False) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"DecodeStep: needs a static KVCache, got {type(cache).__name__}")
+        self.model, self.cache = model, cache
+        self.device_type = cache.k.device.type
+        self.fn = _compiled(self.device_type) if compile else decode_logits
+        self.compiled = compile
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache.filled == 0:
+            raise RuntimeError("DecodeStep: the cache is empty; run the prompt through the model (prefill) first")
+        if self.cache.filled + 1 > self.cache.max_len:
+            raise ValueError(f"DecodeStep: the cache is full ({self.cache.max_len} positions)")
+        if self.compiled and self.device_type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        logits = self.fn(self.model, self.cache, tokens)
+        self.cache.filled += 1
+        return logits
+
+
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def reusable_cache(model: Model, batch_size: int, max_len: int, bucket: int = 256) -> KVCache:
+    """An empty static cache for ``model``, kept between calls (one per batch size and length
+    bucket): a compiled/graph-captured step stays valid only over the same cache buffers.
+    max_len is rounded up to a multiple of ``bucket`` (capped by the model's context)."""
+    max_len = min(-(-max_len // bucket) * bucket, model.config.max_position_embeddings)
+    caches = _STATIC_CACHES.setdefault(model, {})
+    key = (batch_size, max_len, model.dtype, model.device)
+    cache = caches.get(key)
+    if cache is None:
+        cache = caches[key] = model.new_cache(batch_size, max_len)
+    cache.reset()
+    return cache

@@ -1,0 +1,77 @@
+"""The decode step (fastlm.decoding.step) and generate(compile=True): compiled = eager."""
+
+import pytest
+import torch
+
+import fastlm
+from fastlm import Model, ModelConfig
+from fastlm.decoding.step import DecodeStep, reusable_cache
+
+CONFIG = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                     max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Model(CONFIG).eval()
+
+
+def test_eager_step_equals_the_model_forward(model):
+    """DecodeStep (no host bookkeeping inside) gives the logits of model(token, cache=...)."""
+    prompt = torch.randint(0, 64, (2, 5))
+    caches = [model.new_cache(2, 16) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(prompt, cache=cache)
+        step = DecodeStep(model, caches[0])
+        token = torch.tensor([3, 7])
+        for _ in range(4):
+            got = step(token)
+            want = model(token[:, None], cache=caches[1])[:, -1].float()
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+            assert torch.equal(caches[0].lens, caches[1].lens) and caches[0].filled == caches[1].filled
+            token = got.argmax(-1)
+
+
+def test_step_errors(model):
+    cache = model.new_cache(1, 6)
+    with pytest.raises(RuntimeError, match="prefill"):
+        DecodeStep(model, cache)(torch.tensor([1]))
+    with pytest.raises(TypeError, match="static KVCache"):
+        DecodeStep(model, model.new_cache(1, 6, paged=True))
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 6)), cache=cache)
+        with pytest.raises(ValueError, match="full"):
+            DecodeStep(model, cache)(torch.tensor([1]))
+
+
+def test_reusable_cache_is_kept_and_reset(model):
+    a = reusable_cache(model, 2, 10)
+    a.advance(3)
+    b = reusable_cache(model, 2, 30)  # same length bucket (capped by the context of 64)
+    assert a is b and b.filled == 0 and int(b.lens.sum()) == 0 and b.max_len == 64
+
+
+def test_compiled_generate_equals_eager(model):
+    """One compiled graph (fullgraph) serves greedy, sampling and ragged prompts of one batch size."""
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    eager = fastlm.generate(model, prompts, max_new_tokens=7)
+    compiled = fastlm.generate(model, prompts, max_new_tokens=7, compile=True)
+    assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
+    kwargs = dict(max_new_tokens=7, do_sample=True, top_k=10, seed=3)
+    eager = fastlm.generate(model, prompts, **kwargs)
+    compiled = fastlm.generate(model, prompts, compile=True, **kwargs)
+    assert all(torch.equal(x, y) for x, y in zip(eager, compiled))
+    streamed = list(fastlm.generate_stream(model, torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]),
+                                           max_new_tokens=3, compile=True))
+    assert len(streamed) == 3 and streamed[0].shape == (2,)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"num_beams": 2}, "compile work with greedy and sampling"),
+    ({"cache_implementation": "paged"}, "static cache"),
+])
+def test_compile_refuses_other_strategies(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fastlm.generate(model, torch.tensor([[1, 2]]), max_new_tokens=2, compile=True, **kwargs)
