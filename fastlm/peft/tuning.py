@@ -5,6 +5,11 @@
 trainer state: optimizer, scheduler, RNG, step), so resuming works and every checkpoint
 directory is a PEFT adapter. :func:`finetune_adapter` is the recipe: prompt/completion jsonl,
 loss on completion tokens only (``fastlm.train.SFTSource`` / ``encode_example``).
+
+Under ``precision="bf16"``/``"fp16"`` the forward runs under autocast while the adapter keeps
+float32 master weights (also on a bf16 base). Several processes (torchrun) train with DDP,
+which synchronizes the adapter's gradients only; N processes give one process's losses on the
+same global batch (without LoRA dropout, whose masks depend on the split). FSDP is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimi
 from fastlm.data import load_tokenizer
 from fastlm.io import from_pretrained
 from fastlm.peft.config import LoraConfig, PromptTuningConfig
+from fastlm.peft.layers import LoraLinear
 from fastlm.peft.lora import LoraModel
 from fastlm.peft.prompt import PromptTuningModel
 from fastlm.train import distributed
@@ -35,7 +41,7 @@ class AdapterTrainer(Trainer):
     """Trains the active adapter of a LoraModel / PromptTuningModel; checkpoints are PEFT adapter
     directories (adapter_config.json, adapter_model.safetensors) plus trainer_state.pt."""
 
-    def __init__(self, model: AdapterModel, *args, **kwargs) -> None:
+    def __init__(self, model: AdapterModel, train_source, config: TrainerConfig, **kwargs) -> None:
         if not isinstance(model, (LoraModel, PromptTuningModel)):
             raise TypeError(f"AdapterTrainer trains a LoraModel or PromptTuningModel, got {type(model).__name__}")
         if model.active_adapter is None:
@@ -43,7 +49,16 @@ class AdapterTrainer(Trainer):
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError(f"AdapterTrainer: adapter {model.active_adapter!r} is frozen (loaded without "
                              "is_trainable=True)")
-        super().__init__(model, *args, **kwargs)
+        if config.fsdp:
+            raise ValueError("AdapterTrainer: TrainerConfig.fsdp=True is not supported for adapter training (the "
+                             "adapter checkpoint is written from the main process's unsharded model); several "
+                             "processes train adapters with DDP (fsdp=False), which synchronizes only the adapter's "
+                             "gradients")
+        if config.fused_loss and isinstance(model.lm_head, LoraLinear):
+            raise ValueError("AdapterTrainer: TrainerConfig.fused_loss=True computes the loss from lm_head's weight "
+                             "alone, which would skip the LoRA adapter on lm_head; drop lm_head from "
+                             "target_modules or train without fused_loss")
+        super().__init__(model, train_source, config, **kwargs)
 
     def _gather_model(self) -> None:
         return None  # the adapter is saved from the main process's own (unsharded) model
@@ -89,6 +104,7 @@ def finetune_adapter(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     distributed.setup(config.device)
     base = from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(config.seed)  # the same adapter initialization in every process and every run
     if method == "lora":
         model: AdapterModel = LoraModel(base, lora or LoraConfig(), adapter_name)
     else:
