@@ -180,18 +180,28 @@ def write_results(
     *,
     device: str = "cpu",
     env: dict | None = None,
+    meta: dict | None = None,
+    notes: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``<out_dir>/<name>.json`` (env, timestamp, records) and ``<name>.md``, plus
-    ``<name>.png`` if matplotlib is importable. Returns the paths written, by kind."""
+    """Write ``<out_dir>/<name>.json`` (env, timestamp, records, and ``meta`` when given: what
+    was measured, e.g. model and data) and ``<name>.md`` (``meta`` as a list, the table, then
+    ``notes``), plus ``<name>.png`` if matplotlib is importable. Returns the paths written, by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(device) if env is None else env
     timestamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     payload = {"name": name, "timestamp": timestamp, "env": env, "records": list(records)}
+    if meta is not None:
+        payload["meta"] = meta
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
     atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=str) + "\n")
     env_line = ", ".join(f"{k}={v}" for k, v in env.items() if v is not None)
-    md = f"# {name}\n\n{timestamp} — {env_line}\n\n{markdown_table(records)}"
+    md = f"# {name}\n\n{timestamp} — {env_line}\n\n"
+    if meta:
+        md += "".join(f"- {k}: {_fmt(v)}\n" for k, v in meta.items()) + "\n"
+    md += markdown_table(records)
+    if notes:
+        md += "\n" + notes.rstrip() + "\n"
     atomic_write_text(paths["md"], md)
     png = _plot(name, records, out / f"{name}.png")
     if png is not None:

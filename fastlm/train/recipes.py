@@ -42,6 +42,21 @@ def _tokenizer_for(train_texts: list[str], out: Path, tokenizer_path: str | None
     return load_tokenizer(shared)
 
 
+def pretrain_texts(
+    data: Sequence[str] | None = None,
+    *,
+    max_corpus_bytes: int = 3_000_000,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+) -> tuple[list[str], list[str]]:
+    """The (train, validation) documents :func:`pretrain` uses for these arguments (``seed`` is
+    the TrainerConfig's): text files/folders/jsonl, or the default corpus of ``max_corpus_bytes``,
+    split by document. Evaluating a trained model on the validation documents measures it on
+    text it never saw (e.g. bench/quant_accuracy.py)."""
+    texts = read_texts(data) if data else default_corpus_texts(max_bytes=max_corpus_bytes)
+    return split_train_val(texts, val_fraction=val_fraction, seed=seed)
+
+
 def pretrain(
     config: TrainerConfig,
     *,
@@ -68,8 +83,8 @@ def pretrain(
     if objective == "mlm" and document_masking:
         raise ValueError("document_masking applies to the causal objective only")
     dist_info = distributed.setup(config.device)
-    texts = read_texts(data) if data else default_corpus_texts(max_bytes=max_corpus_bytes)
-    train_texts, val_texts = split_train_val(texts, val_fraction=val_fraction, seed=config.seed)
+    train_texts, val_texts = pretrain_texts(data, max_corpus_bytes=max_corpus_bytes, val_fraction=val_fraction,
+                                            seed=config.seed)
     out = Path(config.out)
     tokenizer = _tokenizer_for(train_texts, out, tokenizer_path, vocab_size)
     if tokenizer.eos_token_id is None:

@@ -108,3 +108,13 @@ def test_discover_finds_bench_modules():
     assert "bench_ops" in run.discover()
     with pytest.raises(SystemExit, match="unknown benchmark"):
         run.discover(["bench_nope"])
+
+
+def test_write_results_meta_and_notes(tmp_path):
+    paths = common.write_results("bench_y", [{"variant": "w8a8", "perplexity": 12.3456}], tmp_path, device="cpu",
+                                 meta={"model": "runs/x", "heldout_tokens": 1234}, notes="- goal met\n")
+    payload = json.loads(paths["json"].read_text())
+    assert payload["meta"] == {"model": "runs/x", "heldout_tokens": 1234}
+    md = paths["md"].read_text()
+    assert "- model: runs/x\n- heldout_tokens: 1234\n" in md and md.endswith("| w8a8 | 12.35 |\n\n- goal met\n")
+    assert "meta" not in json.loads(common.write_results("bench_z", [], tmp_path)["json"].read_text())
