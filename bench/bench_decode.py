@@ -1,17 +1,24 @@
 """Decoding throughput: fastlm.generate vs transformers' generate on the same weights, same run.
 
-Rows: tokens/s (batch · new tokens / wall time of a greedy generate call) and, for fastlm, the
-achieved memory bandwidth — (weight bytes + KV-cache bytes read per step) / step time — as a
-share of the device's measured copy bandwidth (a large device-to-device copy in the same run).
+Rows: tokens/s (batch · new tokens / wall time of a greedy generate call, prefill included) for
+fastlm eager, fastlm with the compiled decode step (``compile=True``; its one-time compilation
+is reported as ``compile_s``, not timed), transformers' default generate and, on CUDA,
+transformers with its static cache (which it compiles). The implementations are timed in turns
+(each repetition runs every one once) and the median is kept, so that a noisy machine slows
+them alike. For fastlm, the achieved memory bandwidth — (weight bytes + KV-cache bytes read per
+step) / step time — as a share of the device's measured copy bandwidth (a large
+device-to-device copy in the same run).
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
+import time
 
 import torch
 
-from bench.common import peak_memory_mb, wall_seconds
+from bench.common import peak_memory_mb
 
 
 def _cases(device: str, quick: bool):
@@ -36,11 +43,58 @@ def _copy_bandwidth(device: str) -> float | None:
     return 2 * x.numel() / (ms / 1e3)
 
 
+def _timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _interleaved_seconds(impls: dict, device: str, reps: int) -> dict[str, float]:
+    """Median wall seconds of each callable, timed in turns after one warm-up call each."""
+    for fn in impls.values():
+        fn()
+    times = {name: [] for name in impls}
+    for _ in range(reps):
+        for name, fn in impls.items():
+            times[name].append(_timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _transformers_impls(model, prompt, new: int, device: str, dtype) -> dict:
+    try:
+        import transformers
+    except ImportError:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+    mask = torch.ones_like(prompt)
+    common = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    @torch.no_grad()
+    def default():
+        return hf.generate(prompt, **common)
+
+    impls = {"transformers": default}
+    if device == "cuda":  # its static cache, which transformers compiles on its own
+        @torch.no_grad()
+        def static():
+            return hf.generate(prompt, cache_implementation="static", **common)
+
+        impls["transformers-static"] = static
+    return impls
+
+
 def run(device: str, quick: bool) -> list[dict]:
     import fastlm
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bandwidth = _copy_bandwidth(device)
+    reps = 3 if quick else 5
     records = []
     for preset_name, batch, prompt_len, new in _cases(device, quick):
         torch.manual_seed(0)
@@ -48,34 +102,29 @@ def run(device: str, quick: bool) -> list[dict]:
         model = fastlm.Model(config).to(device=device, dtype=dtype).eval()
         prompt = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
         shape = {"model": preset_name, "batch": batch, "prompt": prompt_len, "new_tokens": new}
-        seconds = wall_seconds(lambda: fastlm.generate(model, prompt, max_new_tokens=new), device)
-        row = {"impl": "fastlm", **shape, "status": "ok", "tokens_per_s": batch * new / seconds,
-               "peak_mem_mb": peak_memory_mb(lambda: fastlm.generate(model, prompt, max_new_tokens=8), device)}
+        start = time.perf_counter()
+        fastlm.generate(model, prompt, max_new_tokens=new, compile=True)  # compiles the decode step
+        compile_s = time.perf_counter() - start
+        impls = {
+            "fastlm": lambda: fastlm.generate(model, prompt, max_new_tokens=new),
+            "fastlm-compiled": lambda: fastlm.generate(model, prompt, max_new_tokens=new, compile=True),
+            **_transformers_impls(model, prompt, new, device, dtype),
+        }
+        seconds = _interleaved_seconds(impls, device, reps)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         kv_bytes = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * (prompt_len + new / 2) * \
             torch.finfo(dtype).bits // 8
-        if bandwidth is not None:
-            row["bandwidth_share"] = (weight_bytes + kv_bytes) / (seconds / new) / bandwidth
-        records.append(row)
-        try:
-            import transformers
-        except ImportError:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
-        mask = torch.ones_like(prompt)
-
-        def hf_generate():
-            return hf.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                               pad_token_id=0)
-
-        with torch.no_grad():
-            seconds = wall_seconds(hf_generate, device)
-        records.append({"impl": "transformers", **shape, "status": "ok", "tokens_per_s": batch * new / seconds})
-        del hf, model
-    base = {(r["model"], r["batch"]): r["tokens_per_s"] for r in records if r["impl"] == "transformers"}
-    for r in records:
-        if (r["model"], r["batch"]) in base:
-            r["speedup_vs_transformers"] = r["tokens_per_s"] / base[(r["model"], r["batch"])]
+        base = seconds.get("transformers")
+        for name, s in seconds.items():
+            row = {"impl": name, **shape, "status": "ok", "tokens_per_s": batch * new / s}
+            if base is not None:
+                row["speedup_vs_transformers"] = base / s
+            if name.startswith("fastlm"):
+                row["peak_mem_mb"] = peak_memory_mb(lambda: fastlm.generate(model, prompt, max_new_tokens=8), device)
+                if bandwidth is not None:
+                    row["bandwidth_share"] = (weight_bytes + kv_bytes) / (s / new) / bandwidth
+            if name == "fastlm-compiled":
+                row["compile_s"] = compile_s
+            records.append(row)
+        del model
     return records
