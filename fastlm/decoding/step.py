@@ -2,7 +2,8 @@
 
 :class:`DecodeStep` runs it eagerly, or compiled with ``torch.compile`` (fullgraph): on CUDA
 with ``mode="reduce-overhead"``, so the whole step — every layer's kernels — replays as one
-CUDA graph over the static cache (gpt-fast's recipe); on CPU as inductor's generated C++. The
+CUDA graph over the static cache (gpt-fast's recipe); on CPU as inductor's generated C++ called
+from a C++ wrapper. The
 step reads no host-side state (positions and lengths are device tensors), so one compiled
 graph serves every step; the host only counts the filled positions for its capacity check.
 """
@@ -40,10 +41,15 @@ _COMPILED: dict[str, object] = {}
 
 
 def _compiled(device_type: str):
-    mode = "reduce-overhead" if device_type == "cuda" else None
-    if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(decode_logits, fullgraph=True, dynamic=False, mode=mode)
-    return _COMPILED[mode]
+    """The compiled step for a device type: CUDA graphs on CUDA; on CPU a C++ wrapper calls the
+    generated kernels (no Python between them: the step is dominated by launch overhead)."""
+    if device_type not in _COMPILED:
+        if device_type == "cuda":
+            fn = torch.compile(decode_logits, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        else:
+            fn = torch.compile(decode_logits, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        _COMPILED[device_type] = fn
+    return _COMPILED[device_type]
 
 
 class DecodeStep:
