@@ -4,8 +4,8 @@ Rows: tokens/s (batch · new tokens / wall time of a greedy generate call, prefi
 fastlm eager, fastlm with the compiled decode step (``compile=True``; its one-time compilation
 is reported as ``compile_s``, not timed), transformers' default generate and, on CUDA,
 transformers with its static cache (which it compiles). The implementations are timed in turns
-(each repetition runs every one once) and the median is kept, so that a noisy machine slows
-them alike. For fastlm, the achieved memory bandwidth — (weight bytes + KV-cache bytes read per
+(each repetition runs every one once): tokens/s from the median time, and the speed-up as the
+median of the per-repetition ratios, so that a machine whose speed drifts slows them alike. For fastlm, the achieved memory bandwidth — (weight bytes + KV-cache bytes read per
 step) / step time — as a share of the device's measured copy bandwidth (a large
 device-to-device copy in the same run).
 """
@@ -53,15 +53,15 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def _interleaved_seconds(impls: dict, device: str, reps: int) -> dict[str, float]:
-    """Median wall seconds of each callable, timed in turns after one warm-up call each."""
+def _interleaved_seconds(impls: dict, device: str, reps: int) -> dict[str, list[float]]:
+    """Wall seconds of each callable per repetition, timed in turns after one warm-up call each."""
     for fn in impls.values():
         fn()
     times = {name: [] for name in impls}
     for _ in range(reps):
         for name, fn in impls.items():
             times[name].append(_timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def _transformers_impls(model, prompt, new: int, device: str, dtype) -> dict:
@@ -94,7 +94,7 @@ def run(device: str, quick: bool) -> list[dict]:
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bandwidth = _copy_bandwidth(device)
-    reps = 3 if quick else 5
+    reps = 3 if quick else 9
     records = []
     for preset_name, batch, prompt_len, new in _cases(device, quick):
         torch.manual_seed(0)
@@ -110,15 +110,16 @@ def run(device: str, quick: bool) -> list[dict]:
             "fastlm-compiled": lambda: fastlm.generate(model, prompt, max_new_tokens=new, compile=True),
             **_transformers_impls(model, prompt, new, device, dtype),
         }
-        seconds = _interleaved_seconds(impls, device, reps)
+        times = _interleaved_seconds(impls, device, reps)
+        seconds = {name: statistics.median(t) for name, t in times.items()}
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         kv_bytes = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * (prompt_len + new / 2) * \
             torch.finfo(dtype).bits // 8
-        base = seconds.get("transformers")
+        base = times.get("transformers")
         for name, s in seconds.items():
             row = {"impl": name, **shape, "status": "ok", "tokens_per_s": batch * new / s}
-            if base is not None:
-                row["speedup_vs_transformers"] = base / s
+            if base is not None:  # the median of the per-repetition ratios: robust to drifting machine speed
+                row["speedup_vs_transformers"] = statistics.median(b / t for b, t in zip(base, times[name]))
             if name.startswith("fastlm"):
                 row["peak_mem_mb"] = peak_memory_mb(lambda: fastlm.generate(model, prompt, max_new_tokens=8), device)
                 if bandwidth is not None:
