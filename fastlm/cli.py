@@ -228,7 +228,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, compile=args.compile)
     special = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, penalty_alpha=args.penalty_alpha)
     if args.draft_model:
         special.update(draft_model=_load_model(args.draft_model, args.device),
@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-draft-tokens", type=int, default=4)
     gen.add_argument("--stop", nargs="+", metavar="TEXT", help="stop strings")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--compile", action="store_true",
+                     help="compile the decode step (a CUDA graph on GPU; the first run pays the compilation)")
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     gen.set_defaults(func=_generate)
 

@@ -61,6 +61,10 @@ def test_generate_command(demo_checkpoint, capsys):
                   ["--draft-model", str(demo_checkpoint)], ["--top-p", "0.9", "--stop", "x"]):
         assert main([*base, *extra]) == 0
         assert capsys.readouterr().out.startswith("def ")
+    assert main([*base, "--greedy", "--compile"]) == 0  # the compiled decode step streams the same text
+    assert capsys.readouterr().out == streamed
+    with pytest.raises(ValueError, match="compile work with greedy and sampling"):
+        main([*base, "--greedy", "--compile", "--num-beams", "2"])
 
 
 def test_transformers_loads_the_demo_checkpoint(demo_checkpoint):
