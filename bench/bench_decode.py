@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bench.common import peak_memory_mb
+from bench.common import peak_memory_mb, timed_call
 
 
 def _cases(device: str, quick: bool):
@@ -43,16 +43,6 @@ def _copy_bandwidth(device: str) -> float | None:
     return 2 * x.numel() / (ms / 1e3)
 
 
-def _timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def _interleaved_seconds(impls: dict, device: str, reps: int) -> dict[str, list[float]]:
     """Wall seconds of each callable per repetition, timed in turns after one warm-up call each."""
     for fn in impls.values():
@@ -60,7 +50,7 @@ def _interleaved_seconds(impls: dict, device: str, reps: int) -> dict[str, list[
     times = {name: [] for name in impls}
     for _ in range(reps):
         for name, fn in impls.items():
-            times[name].append(_timed(fn, device))
+            times[name].append(timed_call(fn, device))
     return times
 
 
@@ -89,43 +79,49 @@ def _transformers_impls(model, prompt, new: int, device: str, dtype) -> dict:
     return impls
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def _run_case(preset_name: str, batch: int, prompt_len: int, new: int, device: str, dtype, reps: int,
+              bandwidth: float | None) -> list[dict]:
     import fastlm
 
+    torch.manual_seed(0)
+    config = fastlm.preset(preset_name)
+    model = fastlm.Model(config).to(device=device, dtype=dtype).eval()
+    prompt = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
+    shape = {"model": preset_name, "batch": batch, "prompt": prompt_len, "new_tokens": new}
+    start = time.perf_counter()
+    fastlm.generate(model, prompt, max_new_tokens=new, compile=True)  # compiles the decode step
+    compile_s = time.perf_counter() - start
+    impls = {
+        "fastlm": lambda: fastlm.generate(model, prompt, max_new_tokens=new),
+        "fastlm-compiled": lambda: fastlm.generate(model, prompt, max_new_tokens=new, compile=True),
+        **_transformers_impls(model, prompt, new, device, dtype),
+    }
+    times = _interleaved_seconds(impls, device, reps)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * (prompt_len + new / 2) * \
+        torch.finfo(dtype).bits // 8
+    base = times.get("transformers")
+    records = []
+    for name, runs in times.items():
+        seconds = statistics.median(runs)
+        row = {"impl": name, **shape, "status": "ok", "tokens_per_s": batch * new / seconds}
+        if base is not None:  # the median of the per-repetition ratios: robust to drifting machine speed
+            row["speedup_vs_transformers"] = statistics.median(b / t for b, t in zip(base, runs))
+        if name.startswith("fastlm"):
+            row["peak_mem_mb"] = peak_memory_mb(lambda: fastlm.generate(model, prompt, max_new_tokens=8), device)
+            if bandwidth is not None:
+                row["bandwidth_share"] = (weight_bytes + kv_bytes) / (seconds / new) / bandwidth
+        if name == "fastlm-compiled":
+            row["compile_s"] = compile_s
+        records.append(row)
+    return records
+
+
+def run(device: str, quick: bool) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bandwidth = _copy_bandwidth(device)
     reps = 3 if quick else 9
     records = []
-    for preset_name, batch, prompt_len, new in _cases(device, quick):
-        torch.manual_seed(0)
-        config = fastlm.preset(preset_name)
-        model = fastlm.Model(config).to(device=device, dtype=dtype).eval()
-        prompt = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
-        shape = {"model": preset_name, "batch": batch, "prompt": prompt_len, "new_tokens": new}
-        start = time.perf_counter()
-        fastlm.generate(model, prompt, max_new_tokens=new, compile=True)  # compiles the decode step
-        compile_s = time.perf_counter() - start
-        impls = {
-            "fastlm": lambda: fastlm.generate(model, prompt, max_new_tokens=new),
-            "fastlm-compiled": lambda: fastlm.generate(model, prompt, max_new_tokens=new, compile=True),
-            **_transformers_impls(model, prompt, new, device, dtype),
-        }
-        times = _interleaved_seconds(impls, device, reps)
-        seconds = {name: statistics.median(t) for name, t in times.items()}
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        kv_bytes = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * (prompt_len + new / 2) * \
-            torch.finfo(dtype).bits // 8
-        base = times.get("transformers")
-        for name, s in seconds.items():
-            row = {"impl": name, **shape, "status": "ok", "tokens_per_s": batch * new / s}
-            if base is not None:  # the median of the per-repetition ratios: robust to drifting machine speed
-                row["speedup_vs_transformers"] = statistics.median(b / t for b, t in zip(base, times[name]))
-            if name.startswith("fastlm"):
-                row["peak_mem_mb"] = peak_memory_mb(lambda: fastlm.generate(model, prompt, max_new_tokens=8), device)
-                if bandwidth is not None:
-                    row["bandwidth_share"] = (weight_bytes + kv_bytes) / (s / new) / bandwidth
-            if name == "fastlm-compiled":
-                row["compile_s"] = compile_s
-            records.append(row)
-        del model
+    for case in _cases(device, quick):  # one model in memory at a time
+        records += _run_case(*case, device, dtype, reps, bandwidth)
     return records

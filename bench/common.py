@@ -116,21 +116,24 @@ def time_fn(
     }
 
 
+def timed_call(fn: Callable[[], object], device: str) -> float:
+    """Wall seconds of one ``fn()``, synchronizing CUDA before and after."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def wall_seconds(fn: Callable[[], object], device: str, reps: int = 3) -> float:
     """Median wall seconds of ``fn()`` after one warm-up call (kernel compilation, autotuning),
     synchronizing CUDA around each call: for whole loops such as a generate call."""
-    import torch
-
     fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [timed_call(fn, device) for _ in range(reps)]
     return sorted(times)[len(times) // 2]
 
 
