@@ -85,18 +85,23 @@ class KVCache(nn.Module):
         :func:`fastlm.ops.rope_append_kv`). The prefill of an empty cache attends over the new
         tokens only (``key_lens``: right-padded ragged prompts)."""
         if self.filled:
-            return self.attend_cached(layer, q, k_new, v_new, positions, rope_theta)
+            return self.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.filled + q.shape[2])
         k_cache, v_cache = self.k[layer], self.v[layer]
         q = ops.rope_append_kv(q, k_new, v_new, positions, k_cache, v_cache, theta=rope_theta)
         t = q.shape[2]  # prefill: positions 0 ... T-1 of every sequence
         k, v = k_cache[:, :, :t].to(q.dtype), v_cache[:, :, :t].to(q.dtype)
         return ops.attention(q, k, v, causal=True, key_lens=key_lens)
 
-    def attend_cached(self, layer, q, k_new, v_new, positions, rope_theta=None) -> torch.Tensor:
+    def attend_cached(self, layer, q, k_new, v_new, positions, rope_theta=None, length: int | None = None
+                      ) -> torch.Tensor:
         """:meth:`attend` for a cache that already holds each sequence's earlier tokens: no
-        host-side state is read, so a decode step through it can be compiled or graph-captured."""
+        host-side state is read, so a decode step through it can be compiled or graph-captured.
+        ``length`` (a host bound on every sequence's length after this step, e.g. filled + T)
+        limits attention to the first ``length`` positions instead of all max_len."""
         k_cache, v_cache = self.k[layer], self.v[layer]
         q = ops.rope_append_kv(q, k_new, v_new, positions, k_cache, v_cache, theta=rope_theta)
+        if length is not None:
+            k_cache, v_cache = k_cache[:, :, :length], v_cache[:, :, :length]
         return ops.decode_attention(q, k_cache, v_cache, self.lens + q.shape[2])
 
     def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:

@@ -19,20 +19,23 @@ from fastlm.model import BatchLayout, Model
 
 
 class _CachedOnly:
-    """A KVCache as one decode step sees it: attention always reads the cache (no prefill)."""
+    """A KVCache as one decode step sees it: attention always reads the cache (no prefill),
+    over its first ``length`` positions (None: all of them, a static shape for compilation)."""
 
-    def __init__(self, cache: KVCache) -> None:
-        self.cache = cache
+    def __init__(self, cache: KVCache, length: int | None) -> None:
+        self.cache, self.length = cache, length
 
     def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None):
-        return self.cache.attend_cached(layer, q, k_new, v_new, positions, rope_theta)
+        return self.cache.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.length)
 
 
-def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """tokens (B,) int64 at positions cache.lens -> float32 logits (B, vocab); the tokens'
-    keys/values are appended and cache.lens advances by one (all on the device)."""
+    keys/values are appended and cache.lens advances by one (all on the device). ``length``: a
+    host bound on every sequence's length after the step (eager: attention reads no further)."""
     positions = cache.lens[:, None]  # (B, 1)
-    logits = model.forward_embeddings(model.embed(tokens[:, None]), positions, _CachedOnly(cache), BatchLayout())
+    view = _CachedOnly(cache, length)
+    logits = model.forward_embeddings(model.embed(tokens[:, None]), positions, view, BatchLayout())
     cache.lens += 1
     return logits[:, -1].float()
 
@@ -73,7 +76,10 @@ class DecodeStep:
             raise ValueError(f"DecodeStep: the cache is full ({self.cache.max_len} positions)")
         if self.compiled and self.device_type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        logits = self.fn(self.model, self.cache, tokens)
+        if self.compiled:  # static shapes: one graph for every step
+            logits = self.fn(self.model, self.cache, tokens)
+        else:
+            logits = self.fn(self.model, self.cache, tokens, self.cache.filled + 1)
         self.cache.filled += 1
         return logits
 
