@@ -3,9 +3,10 @@
 :class:`DecodeStep` runs it eagerly, or compiled with ``torch.compile`` (fullgraph): on CUDA
 with ``mode="reduce-overhead"``, so the whole step — every layer's kernels — replays as one
 CUDA graph over the static cache (gpt-fast's recipe); on CPU as inductor's generated C++ called
-from a C++ wrapper. The
-step reads no host-side state (positions and lengths are device tensors), so one compiled
-graph serves every step; the host only counts the filled positions for its capacity check.
+from a C++ wrapper. The step reads no host-side state (positions and lengths are device
+tensors), so one compiled graph serves every step; the host only counts the filled positions
+for its capacity check. The compiled path keeps its caches on the model between calls
+(:func:`reusable_cache`); :func:`release_caches` frees them.
 """
 
 from __future__ import annotations
@@ -99,3 +100,8 @@ def reusable_cache(model: Model, batch_size: int, max_len: int, bucket: int = 25
         cache = caches[key] = model.new_cache(batch_size, max_len)
     cache.reset()
     return cache
+
+
+def release_caches(model: Model) -> None:
+    """Free the static caches :func:`reusable_cache` keeps for ``model``."""
+    _STATIC_CACHES.pop(model, None)

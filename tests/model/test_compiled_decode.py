@@ -5,7 +5,7 @@ import torch
 
 import fastlm
 from fastlm import Model, ModelConfig
-from fastlm.decoding.step import DecodeStep, reusable_cache
+from fastlm.decoding.step import DecodeStep, release_caches, reusable_cache
 
 CONFIG = ModelConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
                      max_position_embeddings=64)
@@ -51,6 +51,8 @@ def test_reusable_cache_is_kept_and_reset(model):
     a.advance(3)
     b = reusable_cache(model, 2, 30)  # same length bucket (capped by the context of 64)
     assert a is b and b.filled == 0 and int(b.lens.sum()) == 0 and b.max_len == 64
+    release_caches(model)
+    assert reusable_cache(model, 2, 10) is not a
 
 
 def test_compiled_generate_equals_eager(model):
