@@ -98,6 +98,9 @@ def reusable_cache(model: Model, batch_size: int, max_len: int, bucket: int = 25
     cache = caches.get(key)
     if cache is None:
         cache = caches[key] = model.new_cache(batch_size, max_len)
+        if cache.k.is_cuda:  # fixed addresses: CUDA graphs may mutate them in place (as transformers' StaticCache)
+            for buffer in (cache.k, cache.v, cache.lens):
+                torch._dynamo.mark_static_address(buffer)
     cache.reset()
     return cache
 
