@@ -366,16 +366,6 @@ class LoraModel(ModelWrapper):
         finally:
             self._state.disabled = previous
 
-    @contextlib.contextmanager
-    def use_adapters(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
-        """Per-row adapters for calls that give none (e.g. inside ``fastlm.generate``; with beam or
-        contrastive search each name covers its sequence's consecutive expanded rows)."""
-        previous, self._row_default = self._row_default, None if adapter_names is None else list(adapter_names)
-        try:
-            yield
-        finally:
-            self._row_default = previous
-
     def forward(self, input_ids: torch.Tensor | None = None, *, adapter_names: Sequence[str] | None = None,
                 **kwargs) -> torch.Tensor:
         """The model's forward (same arguments); ``adapter_names`` gives one adapter per row

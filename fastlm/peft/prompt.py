@@ -19,9 +19,8 @@ holding ``prompt_embeddings`` (N, hidden).
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -180,16 +179,6 @@ class PromptTuningModel(ModelWrapper):
         self.prompts[adapter_name].copy_(read_tensors(path)[PROMPT_KEY])
 
     # ---- forward ------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def use_adapters(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
-        """Per-row prompts for calls that give none (e.g. inside ``fastlm.generate``; with beam or
-        contrastive search each name covers its sequence's consecutive expanded rows)."""
-        previous, self._row_default = self._row_default, None if adapter_names is None else list(adapter_names)
-        try:
-            yield
-        finally:
-            self._row_default = previous
 
     def _prompt_rows(self, batch: int, adapter_names: list[str] | None) -> torch.Tensor | None:
         """(B, N, hidden) prompt of each row, or None for no prompt."""
