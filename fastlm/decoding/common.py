@@ -106,7 +106,13 @@ def eos_set(eos_token_id: int | Sequence[int] | None, vocab_size: int) -> list[i
     return ids
 
 
-def hits_eos(tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    if not eos_ids:
+def eos_tensor(eos_ids: list[int], device: torch.device) -> torch.Tensor | None:
+    """The eos ids as a device tensor for :func:`hits_eos` (built once, outside the decode loop)."""
+    return torch.tensor(eos_ids, dtype=torch.int64, device=device) if eos_ids else None
+
+
+def hits_eos(tokens: torch.Tensor, eos: torch.Tensor | None) -> torch.Tensor:
+    """(B,) bool: which tokens are one of the ``eos`` ids (from :func:`eos_tensor`)."""
+    if eos is None:
         return torch.zeros_like(tokens, dtype=torch.bool)
-    return torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+    return torch.isin(tokens, eos)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastlm.decoding.common import hits_eos
+from fastlm.decoding.common import eos_tensor, hits_eos
 
 
 @torch.no_grad()
@@ -37,6 +37,7 @@ def contrastive_search(
     group = torch.arange(b, device=device)[:, None] * k
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     out = []
+    eos = eos_tensor(eos_ids, logits.device)
     for _ in range(max_new_tokens):
         probs = torch.softmax(logits, dim=-1)
         top_probs, candidates = probs.topk(k, dim=-1)  # (B, k)
@@ -48,7 +49,7 @@ def contrastive_search(
         token = candidates.gather(1, choice[:, None]).squeeze(1)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         out.append(token)
-        finished |= hits_eos(token, eos_ids)
+        finished |= hits_eos(token, eos)
         if bool(finished.all()):
             break
         chosen_rows = (group + choice[:, None]).squeeze(1)  # (B,)

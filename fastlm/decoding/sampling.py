@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import torch
 
 from fastlm import ops
-from fastlm.decoding.common import Prompts, StopStrings, apply_repetition_penalty, hits_eos, presence
+from fastlm.decoding.common import (Prompts, StopStrings, apply_repetition_penalty, eos_tensor, hits_eos,
+                                     presence)
 from fastlm.decoding.step import DecodeStep, reusable_cache
 from fastlm.model import Model
 
@@ -53,6 +54,7 @@ def decode_steps(
     last = logits[torch.arange(b, device=logits.device), prompts.lens - 1].float()  # (B, V)
     present = presence(prompts, logits.shape[-1]) if repetition_penalty != 1.0 else None
     finished = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    eos = eos_tensor(eos_ids, logits.device)
     checks = ops.DeferredChecks()  # NaN/inf logits are flagged on the device, raised at the end
     bad_greedy = torch.zeros(b, dtype=torch.bool, device=logits.device)
 
@@ -72,7 +74,7 @@ def decode_steps(
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         if present is not None:
             present.scatter_(1, token[:, None], True)
-        done_now = hits_eos(token, eos_ids)
+        done_now = hits_eos(token, eos)
         if stop_strings is not None:
             done_now |= stop_strings.update(token, finished)
         finished = finished | done_now
