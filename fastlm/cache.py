@@ -7,6 +7,7 @@ from torch import nn
 
 from fastlm import ops
 from fastlm.config import ModelConfig
+from fastlm.ops.kv_append import rope_append_kv_layer
 
 
 class KVCache(nn.Module):
@@ -98,8 +99,8 @@ class KVCache(nn.Module):
         host-side state is read, so a decode step through it can be compiled or graph-captured.
         ``length`` (a host bound on every sequence's length after this step, e.g. filled + T)
         limits attention to the first ``length`` positions instead of all max_len."""
+        q = rope_append_kv_layer(q, k_new, v_new, positions, self.k, self.v, layer, theta=rope_theta)
         k_cache, v_cache = self.k[layer], self.v[layer]
-        q = ops.rope_append_kv(q, k_new, v_new, positions, k_cache, v_cache, theta=rope_theta)
         if length is not None:
             k_cache, v_cache = k_cache[:, :, :length], v_cache[:, :, :length]
         return ops.decode_attention(q, k_cache, v_cache, self.lens + q.shape[2])

@@ -66,6 +66,21 @@ def rope_append_kv(
     theta: the RoPE base, or None for no rotation (GPT-2). Returns rope(q) (B, H, T, D), or q
     itself when theta is None. Equal to :func:`fastlm.ops.rope` on q and k followed by a scatter.
     """
+    return _run(q, k, v, positions, k_cache, v_cache, _check_args(q, k, v, positions, k_cache, v_cache, theta))
+
+
+def _run(q, k, v, positions, k_cache, v_cache, theta: float | None) -> torch.Tensor:
+    """:func:`rope_append_kv` on checked arguments, through the selected backend."""
+    backend = select("rope_append_kv", q.device)
+    if backend == "reference":
+        out = rope_append_kv_reference(q, k, v, positions, k_cache, v_cache, theta)
+    else:
+        out = torch.ops.fastlm.rope_append_kv(q, k, v, positions, k_cache, v_cache, theta, backend)
+    return q if theta is None else out
+
+
+def _check_args(q, k, v, positions, k_cache, v_cache, theta) -> float | None:
+    """Shapes, dtypes and devices of :func:`rope_append_kv`'s arguments; returns theta as a float."""
     name = "rope_append_kv"
     check_ndim(name, q=(q, 4), k=(k, 4), v=(v, 4), k_cache=(k_cache, 4), v_cache=(v_cache, 4),
                positions=(positions, 2))
@@ -87,10 +102,38 @@ def rope_append_kv(
                          f"{tuple(positions.shape)} {positions.dtype}")
     if theta is not None and (d % 2 or theta <= 0):
         raise ValueError(f"{name}: RoPE needs an even head dim and theta > 0, got D={d}, theta={theta}")
-    theta = None if theta is None else float(theta)
-    backend = select(name, q.device)
-    if backend == "reference":
-        out = rope_append_kv_reference(q, k, v, positions, k_cache, v_cache, theta)
-    else:
-        out = torch.ops.fastlm.rope_append_kv(q, k, v, positions, k_cache, v_cache, theta, backend)
-    return q if theta is None else out
+    return None if theta is None else float(theta)
+
+
+def rope_append_kv_layer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_caches: torch.Tensor,
+    v_caches: torch.Tensor,
+    layer: int,
+    *,
+    theta: float | None = None,
+) -> torch.Tensor:
+    """:func:`rope_append_kv` into layer ``layer`` of stacked caches k_caches, v_caches
+    (L, B, Hkv, Lmax, D): the same result as ``rope_append_kv(..., k_caches[layer],
+    v_caches[layer])``. Under torch.compile on the reference backend the rotation is traced
+    and the write is one ``index_put_`` into the stacked buffers, which the compiler keeps in
+    place; a ``scatter_`` into a layer's view would become a copy of the whole cache each step
+    (functionalization of a mutated view of a graph input)."""
+    theta = _check_args(q, k, v, positions, k_caches[layer], v_caches[layer], theta)
+    if not (torch.compiler.is_compiling() and select("rope_append_kv", q.device) == "reference"):
+        return _run(q, k, v, positions, k_caches[layer], v_caches[layer], theta)
+    if theta is not None:
+        cos, sin = reference.rope_cos_sin(positions, q.shape[-1], theta, q)
+        q = reference.rotate_half(q, cos[:, None], sin[:, None])
+        k = reference.rotate_half(k, cos[:, None], sin[:, None])
+    b, hkv = k.shape[:2]
+    rows = torch.arange(b, device=positions.device)[:, None, None]  # (B, 1, 1)
+    heads = torch.arange(hkv, device=positions.device)[None, :, None]  # (1, Hkv, 1)
+    # [layer, b, g, positions[b, t]] for every (b, g, t): (B, Hkv, T) row indices, like k
+    index = (torch.full_like(rows, layer), rows, heads, positions.long()[:, None, :])
+    k_caches.index_put_(index, k.to(k_caches.dtype))
+    v_caches.index_put_(index, v.to(v_caches.dtype))
+    return q

@@ -111,6 +111,28 @@ def test_bad_inputs(mutate, match):
                            args.pop("k_cache"), args.pop("v_cache"), theta=args.pop("theta"))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("theta", [10000.0, None])
+def test_rope_append_into_stacked_layer(compiled, theta):
+    """rope_append_kv_layer = rope_append_kv on the layer's view; compiled (the index_put_ form
+    the compiler keeps in place) it writes the same values into the same buffers, in place,
+    and leaves the other layers alone."""
+    from fastlm.ops.kv_append import rope_append_kv_layer
+
+    q, k, v, positions, _ = _inputs(3, 4, 2, 2, 7, 16, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    stacked = [torch.randn(3, 3, 2, 7, 16, generator=g) for _ in range(2)]  # (L, B, Hkv, Lmax, D)
+    want = [c.clone() for c in stacked]
+    want_q = ops.rope_append_kv(q, k, v, positions, want[0][1], want[1][1], theta=theta)
+    fn = torch.compile(rope_append_kv_layer, fullgraph=True, dynamic=False) if compiled else rope_append_kv_layer
+    pointers = [c.data_ptr() for c in stacked]
+    out = fn(q, k, v, positions, *stacked, 1, theta=theta)
+    torch.testing.assert_close(out, want_q, atol=1e-5, rtol=1e-5)  # traced vs eager rotation
+    torch.testing.assert_close(stacked[0], want[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(stacked[1], want[1])
+    assert [c.data_ptr() for c in stacked] == pointers
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rope_append_on_gpu(dtype):
