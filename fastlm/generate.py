@@ -174,20 +174,22 @@ def generate(
                         eos_ids=eos_ids, pad=pad, generator=generator)
 
     stops = StopStrings(stop_strings, tokenizer, prompts.ids.shape[0]) if stop_strings else None
-    tokens = []
-    # finished_at[b]: the step at which sequence b finished (tracked on the device: no sync)
-    finished_at = torch.full_like(prompts.lens, max_new_tokens)
-    for step, (token, finished) in enumerate(decode_steps(
+    tokens, flags = [], []  # flags: each step's finished (B,) bool, kept on the device (no sync)
+    trim = bool(eos_ids) or stops is not None
+    for token, finished in decode_steps(
             model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, eos_ids=eos_ids, pad_id=pad, stop_strings=stops,
-            generator=generator, paged=cache_implementation == "paged", compile=compile)):
+            generator=generator, paged=cache_implementation == "paged", compile=compile):
         tokens.append(token)
+        if trim:
+            flags.append(finished)
         if streamer is not None:
             streamer(token)
-        finished_at = torch.where(finished & (finished_at == max_new_tokens), step, finished_at)
     generated = torch.stack(tokens, dim=1)
-    if eos_ids or stops is not None:  # drop the steps run after every sequence had finished
-        generated = generated[:, : int(finished_at.clamp(max=generated.shape[1] - 1).max()) + 1]
+    if trim:  # drop the steps run after every sequence had finished
+        done = torch.stack(flags, dim=1)  # (B, n)
+        finished_at = torch.where(done.any(1), done.int().argmax(1), generated.shape[1] - 1)
+        generated = generated[:, : int(finished_at.max()) + 1]
     if prompts.ragged:
         return _ragged_result(prompts, generated, eos_ids)
     return torch.cat((prompts.ids, generated), dim=1)

@@ -15,7 +15,7 @@ import torch
 from fastlm import ops
 from fastlm.decoding.common import (Prompts, StopStrings, apply_repetition_penalty, eos_tensor, hits_eos,
                                      presence)
-from fastlm.decoding.step import DecodeStep, reusable_cache
+from fastlm.decoding.step import DecodeStep, pick_greedy, reusable_cache
 from fastlm.model import Model
 
 
@@ -63,22 +63,27 @@ def decode_steps(
         if bool(bad_greedy.any()):
             raise ValueError(f"generate: the logits of sequence(s) {bad_greedy.nonzero().flatten().tolist()} "
                              "contain NaN or +inf")
+    # Plain greedy steps pick their tokens inside the decode step (one graph when compiled)
+    fused_greedy = step_fn is not None and temperature == 0.0 and present is None and stop_strings is None
     for step in range(max_new_tokens):
-        scores = last if present is None else apply_repetition_penalty(last, present, repetition_penalty)
-        if temperature == 0.0:  # greedy: the first argmax; NaN/inf logits flagged on the device
-            token = scores.argmax(dim=-1)
-            bad_greedy |= torch.isnan(scores).any(-1) | (scores == float("inf")).any(-1)
+        if fused_greedy and step > 0:
+            token, finished, bad_greedy = step_fn.greedy(token, finished, bad_greedy, eos, pad_id)
+            yield token, finished
         else:
-            token = ops.sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                               check=checks)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        if present is not None:
-            present.scatter_(1, token[:, None], True)
-        done_now = hits_eos(token, eos)
-        if stop_strings is not None:
-            done_now |= stop_strings.update(token, finished)
-        finished = finished | done_now
-        yield token, finished
+            scores = last if present is None else apply_repetition_penalty(last, present, repetition_penalty)
+            if temperature == 0.0:  # greedy: the first argmax; NaN/inf logits flagged on the device
+                token, now_finished, bad_greedy = pick_greedy(scores, finished, bad_greedy, eos, pad_id)
+            else:
+                token = ops.sample(scores, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                   check=checks)
+                token = torch.where(finished, pad_id, token)
+                now_finished = finished | hits_eos(token, eos)
+            if present is not None:
+                present.scatter_(1, token[:, None], True)
+            if stop_strings is not None:
+                now_finished = now_finished | stop_strings.update(token, finished)
+            finished = now_finished
+            yield token, finished
         if step + 1 == max_new_tokens:
             raise_if_bad()
             return
@@ -92,7 +97,7 @@ def decode_steps(
                     cache.free(seq)
         if step_fn is None:
             last = model(token[:, None], cache=cache, validate=False)[:, -1].float()
-        else:
+        elif not fused_greedy:
             last = step_fn(token)
 
 

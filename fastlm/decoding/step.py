@@ -41,48 +41,77 @@ def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor, length: in
     return logits[:, -1].float()
 
 
-_COMPILED: dict[str, object] = {}
+def pick_greedy(scores: torch.Tensor, finished: torch.Tensor, bad: torch.Tensor, eos: torch.Tensor | None,
+                pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy choice with per-sequence finishing, all on the device: scores (B, V) -> (tokens
+    (B,) — the first argmax, pad_id where already finished —, finished (B,) updated with the
+    eos ids ``eos`` (a 1-D tensor or None), bad (B,) flags of NaN/+inf scores, accumulated)."""
+    tokens = torch.where(finished, pad_id, scores.argmax(dim=-1))
+    bad = bad | torch.isnan(scores).any(-1) | (scores == float("inf")).any(-1)
+    if eos is not None:
+        finished = finished | torch.isin(tokens, eos)
+    return tokens, finished, bad
 
 
-def _compiled(device_type: str):
-    """The compiled step for a device type: CUDA graphs on CUDA; on CPU a C++ wrapper calls the
+def decode_greedy(model: Model, cache: KVCache, tokens: torch.Tensor, finished: torch.Tensor, bad: torch.Tensor,
+                  eos: torch.Tensor | None, pad_id: int, length: int | None = None):
+    """:func:`decode_logits` then :func:`pick_greedy`: one greedy decode step, as one graph."""
+    return pick_greedy(decode_logits(model, cache, tokens, length), finished, bad, eos, pad_id)
+
+
+_COMPILED: dict[tuple[str, str], object] = {}
+
+
+def _compiled(fn, device_type: str):
+    """``fn`` compiled for a device type: CUDA graphs on CUDA; on CPU a C++ wrapper calls the
     generated kernels (no Python between them: the step is dominated by launch overhead)."""
-    if device_type not in _COMPILED:
+    key = (fn.__name__, device_type)
+    if key not in _COMPILED:
         if device_type == "cuda":
-            fn = torch.compile(decode_logits, fullgraph=True, dynamic=False, mode="reduce-overhead")
+            _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
         else:
-            fn = torch.compile(decode_logits, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-        _COMPILED[device_type] = fn
-    return _COMPILED[device_type]
+            _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+    return _COMPILED[key]
 
 
 class DecodeStep:
     """``step(tokens)`` -> logits: one decode step of ``model`` over ``cache``, which must
-    already hold each sequence's prompt (after the prefill). ``compile=True`` runs it through
-    torch.compile (see the module docstring); the first call compiles (seconds on CUDA, tens of
-    seconds on CPU), later calls with the same model and cache shapes reuse the graph."""
+    already hold each sequence's prompt (after the prefill); ``step.greedy(...)`` also picks
+    the next tokens (:func:`decode_greedy`). ``compile=True`` runs them through torch.compile
+    (see the module docstring); the first call compiles (seconds on CUDA, tens of seconds on
+    CPU), later calls with the same model and cache shapes reuse the graph."""
 
     def __init__(self, model: Model, cache: KVCache, *, compile: bool = False) -> None:
         if not isinstance(cache, KVCache):
             raise TypeError(f"DecodeStep: needs a static KVCache, got {type(cache).__name__}")
         self.model, self.cache = model, cache
         self.device_type = cache.k.device.type
-        self.fn = _compiled(self.device_type) if compile else decode_logits
         self.compiled = compile
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _run(self, fn, *args):
         if self.cache.filled == 0:
             raise RuntimeError("DecodeStep: the cache is empty; run the prompt through the model (prefill) first")
         if self.cache.filled + 1 > self.cache.max_len:
             raise ValueError(f"DecodeStep: the cache is full ({self.cache.max_len} positions)")
-        if self.compiled and self.device_type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
         if self.compiled:  # static shapes: one graph for every step
-            logits = self.fn(self.model, self.cache, tokens)
+            if self.device_type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+            out = _compiled(fn, self.device_type)(self.model, self.cache, *args)
         else:
-            logits = self.fn(self.model, self.cache, tokens, self.cache.filled + 1)
+            out = fn(self.model, self.cache, *args, self.cache.filled + 1)
         self.cache.filled += 1
-        return logits
+        return out
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._run(decode_logits, tokens)
+
+    def greedy(self, tokens: torch.Tensor, finished: torch.Tensor, bad: torch.Tensor, eos: torch.Tensor | None,
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feed ``tokens`` and pick the next ones greedily: see :func:`pick_greedy`."""
+        out = self._run(decode_greedy, tokens, finished, bad, eos, pad_id)
+        if self.compiled and self.device_type == "cuda":  # the graph's outputs are overwritten by its next replay
+            out = tuple(t.clone() for t in out)
+        return out
 
 
 _STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -70,6 +70,20 @@ def test_compiled_generate_equals_eager(model):
     assert len(streamed) == 3 and streamed[0].shape == (2,)
 
 
+def test_greedy_picked_inside_the_step_finishes_at_eos(model):
+    """Greedy steps pick tokens, pad finished rows and flag eos inside the (compiled) step; the
+    result equals the paged cache's loop, which picks them step by step outside."""
+    prompt = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
+    free = fastlm.generate(model, prompt, max_new_tokens=8)[:, 5:]
+    eos = int(free[0, 2])  # row 0 stops at its third token; row 1 wherever (or never) it meets it
+    kwargs = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=63)
+    paged = fastlm.generate(model, prompt, cache_implementation="paged", **kwargs)
+    eager = fastlm.generate(model, prompt, **kwargs)
+    compiled = fastlm.generate(model, prompt, compile=True, **kwargs)
+    assert torch.equal(eager, paged) and torch.equal(compiled, paged)
+    assert int(paged[0, 7]) == eos and (paged[0, 8:] == 63).all()
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"num_beams": 2}, "compile work with greedy and sampling"),
     ({"cache_implementation": "paged"}, "static cache"),
