@@ -65,6 +65,7 @@ def decode_steps(
                              "contain NaN or +inf")
     # Plain greedy steps pick their tokens inside the decode step (one graph when compiled)
     fused_greedy = step_fn is not None and temperature == 0.0 and present is None and stop_strings is None
+    token = None  # the first step picks from the prefill's logits
     for step in range(max_new_tokens):
         if fused_greedy and step > 0:
             token, finished, bad_greedy = step_fn.greedy(token, finished, bad_greedy, eos, pad_id)
