@@ -117,11 +117,12 @@ class DecodeStep:
 _STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def reusable_cache(model: Model, batch_size: int, max_len: int, bucket: int = 256) -> KVCache:
+def reusable_cache(model: Model, batch_size: int, max_len: int, min_len: int = 64) -> KVCache:
     """An empty static cache for ``model``, kept between calls (one per batch size and length
     bucket): a compiled/graph-captured step stays valid only over the same cache buffers.
-    max_len is rounded up to a multiple of ``bucket`` (capped by the model's context)."""
-    max_len = min(-(-max_len // bucket) * bucket, model.config.max_position_embeddings)
+    max_len is rounded up to a power of two (at least ``min_len``, capped by the model's
+    context): a few graphs cover every length, and attention reads at most twice the need."""
+    max_len = min(max(1 << (max_len - 1).bit_length(), min_len), model.config.max_position_embeddings)
     caches = _STATIC_CACHES.setdefault(model, {})
     key = (batch_size, max_len, model.dtype, model.device)
     cache = caches.get(key)

@@ -47,12 +47,15 @@ def test_step_errors(model):
 
 
 def test_reusable_cache_is_kept_and_reset(model):
-    a = reusable_cache(model, 2, 10)
+    a = reusable_cache(model, 2, 10, min_len=16)
+    assert a.max_len == 16
     a.advance(3)
-    b = reusable_cache(model, 2, 30)  # same length bucket (capped by the context of 64)
-    assert a is b and b.filled == 0 and int(b.lens.sum()) == 0 and b.max_len == 64
+    b = reusable_cache(model, 2, 16, min_len=16)  # the same power-of-two bucket
+    assert a is b and b.filled == 0 and int(b.lens.sum()) == 0
+    assert reusable_cache(model, 2, 17, min_len=16).max_len == 32
+    assert reusable_cache(model, 2, 40, min_len=16).max_len == 64  # capped by the context of 64
     release_caches(model)
-    assert reusable_cache(model, 2, 10) is not a
+    assert reusable_cache(model, 2, 10, min_len=16) is not a
 
 
 def test_compiled_generate_equals_eager(model):
