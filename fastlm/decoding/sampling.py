@@ -19,6 +19,17 @@ from fastlm.decoding.step import DecodeStep, pick_greedy, reusable_cache
 from fastlm.model import Model
 
 
+def prefill(model, prompts: Prompts, cache) -> torch.Tensor:
+    """Run the prompts into ``cache``; float32 logits (B, V) at each prompt's last token. A
+    plain Model applies its head to those B positions only (as transformers' logits_to_keep)."""
+    rows = torch.arange(prompts.ids.shape[0], device=prompts.ids.device)
+    key_lens = prompts.lens if prompts.ragged else None
+    if isinstance(model, Model):
+        hidden = model(prompts.ids, cache=cache, key_lens=key_lens, return_hidden=True)
+        return model.lm_head(hidden[rows, prompts.lens - 1]).float()
+    return model(prompts.ids, cache=cache, key_lens=key_lens)[rows, prompts.lens - 1].float()
+
+
 def decode_steps(
     model,
     prompts: Prompts,
@@ -49,14 +60,13 @@ def decode_steps(
         cache = reusable_cache(model, b, t + max_new_tokens)
     else:
         cache = model.new_cache(b, t + max_new_tokens, paged=paged)
-    logits = model(prompts.ids, cache=cache, key_lens=prompts.lens if prompts.ragged else None)
+    last = prefill(model, prompts, cache)  # (B, V)
     step_fn = DecodeStep(model, cache, compile=compile) if plain and not paged else None
-    last = logits[torch.arange(b, device=logits.device), prompts.lens - 1].float()  # (B, V)
-    present = presence(prompts, logits.shape[-1]) if repetition_penalty != 1.0 else None
-    finished = torch.zeros(b, dtype=torch.bool, device=logits.device)
-    eos = eos_tensor(eos_ids, logits.device)
+    present = presence(prompts, last.shape[-1]) if repetition_penalty != 1.0 else None
+    finished = torch.zeros(b, dtype=torch.bool, device=last.device)
+    eos = eos_tensor(eos_ids, last.device)
     checks = ops.DeferredChecks()  # NaN/inf logits are flagged on the device, raised at the end
-    bad_greedy = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    bad_greedy = torch.zeros(b, dtype=torch.bool, device=last.device)
 
     def raise_if_bad() -> None:
         checks.raise_if_any()
