@@ -37,7 +37,7 @@ def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor, length: in
     positions = cache.lens[:, None]  # (B, 1)
     view = _CachedOnly(cache, length)
     logits = model.forward_embeddings(model.embed(tokens[:, None]), positions, view, BatchLayout())
-    cache.lens += 1
+    cache.lens.add_(1)  # in place: no module attribute is set (fewer guards when compiled)
     return logits[:, -1].float()
 
 
