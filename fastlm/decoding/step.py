@@ -1,4 +1,5 @@
-"""The decode step: one new token per sequence through a static KV cache -> next-token logits.
+"""The decode step: one new token per sequence through a static KV cache -> next-token logits
+(:func:`decode_logits`), or for greedy decoding the next tokens themselves (:func:`decode_greedy`).
 
 :class:`DecodeStep` runs it eagerly, or compiled with ``torch.compile`` (fullgraph): on CUDA
 with ``mode="reduce-overhead"``, so the whole step — every layer's kernels — replays as one
