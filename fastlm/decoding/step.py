@@ -17,6 +17,7 @@ import weakref
 import torch
 
 from fastlm.cache import KVCache
+from fastlm.decoding.common import hits_eos
 from fastlm.model import BatchLayout, Model
 
 
@@ -49,9 +50,7 @@ def pick_greedy(scores: torch.Tensor, finished: torch.Tensor, bad: torch.Tensor,
     eos ids ``eos`` (a 1-D tensor or None), bad (B,) flags of NaN/+inf scores, accumulated)."""
     tokens = torch.where(finished, pad_id, scores.argmax(dim=-1))
     bad = bad | torch.isnan(scores).any(-1) | (scores == float("inf")).any(-1)
-    if eos is not None:
-        finished = finished | torch.isin(tokens, eos)
-    return tokens, finished, bad
+    return tokens, finished | hits_eos(tokens, eos), bad
 
 
 def decode_greedy(model: Model, cache: KVCache, tokens: torch.Tensor, finished: torch.Tensor, bad: torch.Tensor,
