@@ -42,15 +42,16 @@ def _e(dev, *shape, dtype=torch.float16):
 # ---- attention (kernels/attention.py, attention_bwd.py) -----------------------------------------
 
 
-def _attention(b, h, hkv, tq, tk, d, dtype, causal, key_lens, backward, deterministic=True):
+def _attention(b, h, hkv, tq, tk, d, dtype, causal, key_lens, backward, deterministic=True, window=None,
+               softcap=None):
     def call(dev):
         q, k, v = _e(dev, b, h, tq, d, dtype=dtype), _e(dev, b, hkv, tk, d, dtype=dtype), _e(dev, b, hkv, tk, d, dtype=dtype)
         lens = torch.empty(b, device=dev, dtype=torch.int32) if key_lens else None
-        out, lse = kernel_for("attention", "triton")(q, k, v, causal, None, lens)
+        out, lse = kernel_for("attention", "triton")(q, k, v, causal, None, lens, window, softcap)
         if backward:
             mod = kernel_module("attention_bwd")
             mod.attention_backward(torch.empty_like(out), q, k, v, causal, None, lens, out, lse,
-                                   (True, True, True), deterministic=deterministic)
+                                   (True, True, True), window=window, softcap=softcap, deterministic=deterministic)
     return call
 
 
@@ -59,14 +60,14 @@ def _attention_varlen(seqs, h, hkv, max_len, d, dtype, causal, backward):
         total = seqs * max_len
         q, k, v = (_e(dev, total, n, d, dtype=dtype) for n in (h, hkv, hkv))
         cu = torch.empty(seqs + 1, device=dev, dtype=torch.int32)
-        out, lse = kernel_for("attention_varlen", "triton")(q, k, v, cu, cu, max_len, max_len, causal, None)
+        out, lse = kernel_for("attention_varlen", "triton")(q, k, v, cu, cu, max_len, max_len, causal, None, None, None)
         if backward:
             kernel_for("attention_varlen_backward", "triton")(torch.empty_like(out), q, k, v, cu, cu, max_len, max_len,
-                                                              causal, None, out, lse, (True, True, True))
+                                                              causal, None, None, None, out, lse, (True, True, True))
     return call
 
 
-def _decode(b, h, hkv, tq, cache_len, d, dtype, paged):
+def _decode(b, h, hkv, tq, cache_len, d, dtype, paged, window=None, softcap=None):
     def call(dev):
         q = _e(dev, b, h, tq, d, dtype=dtype)
         lens = torch.empty(b, device=dev, dtype=torch.int64)
@@ -75,10 +76,10 @@ def _decode(b, h, hkv, tq, cache_len, d, dtype, paged):
             blocks = (cache_len + page - 1) // page
             pages = _e(dev, b * blocks, hkv, page, d, dtype=dtype)
             table = torch.empty(b, blocks, device=dev, dtype=torch.int32)
-            kernel_for("decode_attention_paged", "triton")(q, pages, pages, table, lens, None)
+            kernel_for("decode_attention_paged", "triton")(q, pages, pages, table, lens, None, window, softcap)
         else:
             cache = _e(dev, b, hkv, cache_len, d, dtype=dtype)
-            kernel_for("decode_attention", "triton")(q, cache, cache, lens, None)
+            kernel_for("decode_attention", "triton")(q, cache, cache, lens, None, window, softcap)
     return call
 
 
@@ -98,6 +99,9 @@ def attention_variants() -> Iterator[Variant]:
                                                                            deterministic=False)
     for d in (128, 256):
         yield "attention", f"varlen bf16 D={d} causal=True", _attention_varlen(8, 32, 8, 512, d, bf16, True, True)
+    for name, dtype, d in [("bf16", bf16, d) for d in HEAD_DIMS] + [("fp32", fp32, 128)]:  # Mistral/Gemma 2
+        yield "attention", f"dense {name} D={d} window=4096 softcap=50", _attention(
+            2, 32, 8, 1024, 1024, d, dtype, True, False, True, window=4096, softcap=50.0)
 
 
 def decode_variants() -> Iterator[Variant]:
@@ -108,6 +112,8 @@ def decode_variants() -> Iterator[Variant]:
             label = f"{name} D={d} group={group} Tq={tq} L={cache_len}"
             yield "decode_attention", label, _decode(4, 32, 32 // group, tq, cache_len, d, dtype, False)
         yield "decode_attention", f"paged {name} D={d} group=4", _decode(4, 32, 8, 1, 4096, d, dtype, True)
+        yield "decode_attention", f"{name} D={d} group=2 window=4096 softcap=50", _decode(
+            4, 16, 8, 1, 8192, d, dtype, False, window=4096, softcap=50.0)
 
 
 # ---- KV-cache append (kernels/kv_append.py) ------------------------------------------------------
