@@ -243,7 +243,9 @@ def interpreting() -> bool:
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreting()
+    """UPCAST: bf16 under the interpreter (its bf16 dot multiplies raw bits in triton 3.9);
+    ``FASTLM_INTERPRET_UPCAST=0`` runs the GPU's bf16 path instead (tests/ops/interp_bf16.py)."""
+    return dtype == torch.bfloat16 and interpreting() and os.environ.get("FASTLM_INTERPRET_UPCAST", "1") != "0"
 
 
 def _precision(dtype: torch.dtype) -> str:

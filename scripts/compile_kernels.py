@@ -233,7 +233,12 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="kernels", help="file stem of the results (default: kernels)")
     parser.add_argument("--no-write", action="store_true", help="do not write the results table")
     parser.add_argument("--list", action="store_true", help="list the distinct launches and exit")
+    parser.add_argument("--grids", type=Path, metavar="JSON",
+                        help="no compile: launch kernel_launches.grid_variants() (the largest shapes along each "
+                             "grid axis), write every launch grid and its CUDA-limit violations to JSON, exit 1 on any")
     args = parser.parse_args(argv)
+    if args.grids:
+        return check_grids(args.arch, set(args.family or ()), args.grids)
 
     t0 = time.perf_counter()
     launches, launch_errors = collect(args.arch, set(args.family or ()), "compile_variants")
@@ -266,12 +271,14 @@ def main(argv=None) -> int:
             t1, done = time.perf_counter(), 0
             context = multiprocessing.get_context("fork")
             with context.Pool(max(1, args.jobs)) as pool:
+                fresh = {}
                 for key, result in zip(todo, pool.imap(_compile_one, range(len(todo)), chunksize=1)):
-                    results[key] = result
+                    results[key] = fresh[key] = result
                     done += 1
-                    if done % 50 == 0 or done == len(todo):
+                    if done % 25 == 0 or done == len(todo):
                         print(f"  {done}/{len(todo)} compiled ({time.perf_counter() - t1:.0f}s)", flush=True)
-        _update_cache(args.cache, jobs, results)
+                        _update_cache(args.cache, fresh)  # saved as it goes: an interrupted run is not lost
+                        fresh = {}
 
     rows = []
     for key, job in jobs.items():
@@ -297,7 +304,23 @@ def main(argv=None) -> int:
     return 1 if bad or launch_errors else 0
 
 
-def _update_cache(path: Path, jobs: dict, results: dict) -> None:
+def check_grids(archs, families, path: Path) -> int:
+    """Launch the grid variants under a faked GPU; write {"launches": [...], "launch_errors": [...]}."""
+    launches, errors = collect(archs, families, "grid_variants")
+    records = [{"arch": l.arch, "variant": l.variant, "kernel": l.kernel, "grid": list(l.grid),
+                "violations": fake_cuda.grid_violations(l.grid)} for l in launches]
+    _write_atomic(path, json.dumps({"launches": records, "launch_errors": errors}, indent=1) + "\n")
+    bad = [r for r in records if r["violations"]]
+    for r in bad:
+        print(f"  FAIL sm_{r['arch']} {r['variant']}: {r['kernel']} grid {r['grid']}: {'; '.join(r['violations'])}")
+    for e in errors:
+        print(f"  FAIL launcher sm_{e['arch']} {e['variant']}: {e['error'][:300]}")
+    print(f"compile_kernels --grids: {len(records)} launches, {len(bad)} over CUDA's grid limits, "
+          f"{len(errors)} launchers raised")
+    return 1 if bad or errors else 0
+
+
+def _update_cache(path: Path, results: dict) -> None:
     """Merge this run's results into the local cache file (rows keyed like the table)."""
     old = _load_cache([path])
     old.update(results)

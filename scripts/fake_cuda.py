@@ -98,6 +98,36 @@ class _FakeDriver:
         return True
 
 
+def _basic_getitem(original):
+    """Tensor.__getitem__ for FakeTensors on the fake CUDA device: CPU-only torch's C++ indexing
+    takes a CUDA device guard and fails, so basic indices (int, slice, ..., None) are applied
+    with select/slice/unsqueeze, which give the same view; other indices go to ``original``."""
+    basic = (int, slice, type(Ellipsis), type(None))
+
+    def getitem(t, index):
+        items = index if isinstance(index, tuple) else (index,)
+        if t.device.type != "cuda" or any(isinstance(i, bool) or not isinstance(i, basic) for i in items):
+            return original(t, index)
+        real = sum(1 for i in items if i is not None and i is not Ellipsis)
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items = items[:at] + (slice(None),) * (t.dim() - real) + items[at + 1:]
+        out, dim = t, 0
+        for i in items:
+            if i is None:
+                out = out.unsqueeze(dim)
+                dim += 1
+            elif isinstance(i, int):
+                out = out.select(dim, i)
+            else:
+                start, stop, step = i.indices(out.shape[dim])
+                out = torch.ops.aten.slice(out, dim, start, max(start, stop), step)
+                dim += 1
+        return out
+
+    return getitem
+
+
 def _grid_of(fn: JITFunction, grid, args, kwargs) -> tuple:
     if callable(grid):
         meta = dict(zip(fn.arg_names, args))
@@ -161,6 +191,7 @@ class FakeCuda(contextlib.AbstractContextManager):
             finally:
                 tuner.nargs = None
 
+        self._patch(torch.Tensor, "__getitem__", _basic_getitem(torch.Tensor.__getitem__))
         self._patch(JITFunction, "run", run)
         self._patch(JITFunction, "_do_compile", do_compile)
         self._patch(Autotuner, "run", tune)
