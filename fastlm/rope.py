@@ -92,6 +92,11 @@ class Rotary:
         self.fused_theta = self.theta if plain_kind and rotary_dim == head_dim else None
         if plain_kind:
             self.kind = "default"
+        with torch.device("cpu"):  # tables on the CPU even when the model is built on "meta"
+            self._build(max_position_embeddings)
+        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def _build(self, max_position_embeddings: int) -> None:
         self.scaling = 1.0
         inv = _plain_inv_freq(self.theta, self.dim)
         if self.kind == "linear":
@@ -111,7 +116,6 @@ class Rotary:
             self.long_inv = 1.0 / (torch.tensor(self.spec["long_factor"], dtype=torch.float32) * self.theta ** shape)
             inv = 1.0 / (torch.tensor(self.spec["short_factor"], dtype=torch.float32) * self.theta ** shape)
         self.inv_freq = inv  # float32 (R/2,), on the CPU; moved to the positions' device when used
-        self._on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if device not in self._on:

@@ -100,9 +100,10 @@ def _fused_parts(config: ModelConfig, name: str) -> tuple[str, list[str]] | None
     of a fused tensor, else None."""
     if config.arch != "phi3" or not name.startswith("layers."):
         return None
-    _, i, module, proj, _ = name.split(".")
-    if module not in _FUSED or proj not in _FUSED[module][1]:
+    parts = name.split(".")
+    if len(parts) != 5 or parts[2] not in _FUSED or parts[3] not in _FUSED[parts[2]][1] or parts[4] != "weight":
         return None
+    i, module = parts[1], parts[2]
     fused, parts = _FUSED[module]
     hf_module = "self_attn" if module == "attn" else "mlp"
     return f"model.layers.{i}.{hf_module}.{fused}.weight", [f"layers.{i}.{module}.{p}.weight" for p in parts]
