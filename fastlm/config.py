@@ -120,6 +120,10 @@ class ModelConfig:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "qkv_bias", "scale_embeddings",
+                     "scale_attn_by_inverse_layer_idx"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
             _check_positive_int(name, getattr(self, name))
         if self.num_kv_heads is None:
