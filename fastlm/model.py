@@ -75,7 +75,9 @@ class Attention(nn.Module):
             self.rotary = Rotary(config.rope_theta_of(layer_index), config.head_dim, config.rotary_dim,
                                  config.rope_scaling_of(layer_index), config.max_position_embeddings)
         # scale, window and soft-cap of this layer's attention (see ModelConfig)
-        self.options = {"scale": config.attention_scale(layer_index)}
+        self.options = {}
+        if config.query_pre_attn_scalar is not None or config.scale_attn_by_inverse_layer_idx:
+            self.options["scale"] = config.attention_scale(layer_index)  # else the ops' default, D^-0.5
         if config.window(layer_index) is not None:
             self.options["window"] = config.window(layer_index)
         if config.attn_softcap is not None:
@@ -173,12 +175,15 @@ class Embedding(nn.Embedding):
     def __init__(self, num: int, dim: int, scale: float | None = None) -> None:
         super().__init__(num, dim)
         self.scale = scale
+        self._rounded: dict[torch.dtype, float] = {}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = super().forward(ids)
         if self.scale is None:
             return x
-        return x * float(torch.tensor(self.scale, dtype=x.dtype))  # the scale rounded to the dtype, as Gemma
+        if x.dtype not in self._rounded:  # the scale rounded to the weights' dtype, as Gemma does
+            self._rounded[x.dtype] = float(torch.tensor(self.scale, dtype=x.dtype))
+        return x * self._rounded[x.dtype]
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,28 @@ def test_family_features_are_read_from_the_config(pair):
     }.get(name, {})
     for field, value in expected.items():
         assert getattr(c, field) == value, (name, field)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+@torch.no_grad()
+def test_window_and_softcap_through_the_triton_kernels(name, tmp_path):
+    """Sliding window (and Gemma 2's soft-caps) on the Triton attention, decode and paged decode
+    kernels (interpreter): prefill longer than the window, then cached steps, = transformers."""
+    cls, values = FAMILIES[name]
+    config = getattr(transformers, cls)(**values)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = _perturb(transformers.AutoModelForCausalLM.from_config(config))
+    hf.save_pretrained(tmp_path)
+    ours = fastlm.from_pretrained(tmp_path)
+    ids = _ids((1, 14), 5)
+    expected = hf(ids).logits
+    with fastlm.use_backend("triton"):
+        assert (ours(ids) - expected).abs().max().item() <= 1e-4
+        for paged in (False, True):
+            cache = ours.new_cache(1, 16, paged=paged, **({"block_size": 4} if paged else {}))
+            got = [ours(ids[:, :11], cache=cache)] + [ours(ids[:, t : t + 1], cache=cache) for t in range(11, 14)]
+            assert (torch.cat(got, dim=1) - expected).abs().max().item() <= 1e-4, paged
+        tokens = fastlm.generate(ours, ids[:, :10], max_new_tokens=4)
+    assert torch.equal(tokens, hf.generate(ids[:, :10], max_new_tokens=4, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0, attention_mask=torch.ones_like(ids[:, :10])))
