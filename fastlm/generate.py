@@ -46,7 +46,7 @@ def _settings(model: Model, input_ids, *, max_new_tokens, do_sample, temperature
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     prompts = prepare_prompts(input_ids, model.device, vocab, pad)
     total = prompts.ids.shape[1] + max_new_tokens
-    context = model.config.max_position_embeddings
+    context = model.config.context_length
     if total > context:
         raise ValueError(
             f"generate: prompt ({prompts.ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens "

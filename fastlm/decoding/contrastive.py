@@ -33,7 +33,7 @@ def contrastive_search(
     cache = model.new_cache(b * k, t + max_new_tokens)
     hidden = model(ids.repeat_interleave(k, dim=0), cache=cache, return_hidden=True)  # (B·k, T, H)
     context = hidden[::k]  # (B, T, H): one copy per sequence
-    logits = model.lm_head(hidden[::k, -1]).float()  # (B, V)
+    logits = model.head(hidden[::k, -1]).float()  # (B, V)
     group = torch.arange(b, device=device)[:, None] * k
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     out = []
@@ -56,5 +56,5 @@ def contrastive_search(
         cache.reorder(chosen_rows.repeat_interleave(k))
         chosen_hidden = cand_hidden[torch.arange(b, device=device), choice]  # (B, H)
         context = torch.cat((context, chosen_hidden[:, None]), dim=1)
-        logits = model.lm_head(chosen_hidden).float()
+        logits = model.head(chosen_hidden).float()
     return torch.cat((ids, torch.stack(out, dim=1)), dim=1)

@@ -26,7 +26,7 @@ def prefill(model, prompts: Prompts, cache) -> torch.Tensor:
     key_lens = prompts.lens if prompts.ragged else None
     if isinstance(model, Model):
         hidden = model(prompts.ids, cache=cache, key_lens=key_lens, return_hidden=True)
-        return model.lm_head(hidden[rows, prompts.lens - 1]).float()
+        return model.head(hidden[rows, prompts.lens - 1]).float()
     return model(prompts.ids, cache=cache, key_lens=key_lens)[rows, prompts.lens - 1].float()
 
 

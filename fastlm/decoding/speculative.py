@@ -95,7 +95,7 @@ def speculative_decode(target, draft, ids, *, max_new_tokens, temperature, top_k
             f"generate: the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
             f"({target.config.vocab_size}); they must share the tokenizer"
         )
-    if ids.shape[1] + max_new_tokens > draft.config.max_position_embeddings:
+    if ids.shape[1] + max_new_tokens > draft.config.context_length:
         raise ValueError("generate: prompt + max_new_tokens exceeds the draft model's context")
     rows = [_one(target, draft, row[None].to(draft.device), max_new_tokens=max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, eos_ids=eos_ids, generator=generator)

@@ -28,8 +28,8 @@ class _CachedOnly:
     def __init__(self, cache: KVCache, length: int | None) -> None:
         self.cache, self.length = cache, length
 
-    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None):
-        return self.cache.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.length)
+    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None, **options):
+        return self.cache.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.length, **options)
 
 
 def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -122,7 +122,7 @@ def reusable_cache(model: Model, batch_size: int, max_len: int, min_len: int = 6
     bucket): a compiled/graph-captured step stays valid only over the same cache buffers.
     max_len is rounded up to a power of two (at least ``min_len``, capped by the model's
     context): a few graphs cover every length, and attention reads at most twice the need."""
-    max_len = min(max(1 << (max_len - 1).bit_length(), min_len), model.config.max_position_embeddings)
+    max_len = min(max(1 << (max_len - 1).bit_length(), min_len), model.config.context_length)
     caches = _STATIC_CACHES.setdefault(model, {})
     key = (batch_size, max_len, model.dtype, model.device)
     cache = caches.get(key)

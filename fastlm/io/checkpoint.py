@@ -17,7 +17,14 @@ from safetensors.torch import save_file
 
 from fastlm._files import atomic_write, atomic_write_text
 from fastlm.config import ModelConfig
-from fastlm.io.hf_format import CheckpointError, config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from fastlm.io.hf_format import (
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+    resolve_tied_head,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
 from fastlm.model import Model
 
 logger = logging.getLogger(__name__)
@@ -75,21 +82,28 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Model:
-    """Load a LlamaForCausalLM or GPT2LMHeadModel checkpoint directory.
+    """Load a Hugging Face checkpoint directory of a supported family (see
+    :data:`fastlm.io.families.ARCH_BY_HF_NAME`).
 
-    dtype None keeps the dtype stored in the checkpoint; device None means CPU. Raises
-    ValueError for an unknown architecture and CheckpointError naming any missing, extra or
-    mis-shaped tensor.
+    dtype None: the config's ``torch_dtype`` (``dtype`` in transformers 5), else the dtype the
+    tensors are stored in (the most common one if they differ); device None means CPU. Raises
+    ValueError for an unknown architecture (listing the supported ones) or a GPTQ/AWQ-quantized
+    checkpoint, and CheckpointError naming any missing, extra or mis-shaped tensor.
     """
     directory = Path(directory)
     hf_config = read_hf_config(directory)
     if "quantization" in hf_config:
         raise CheckpointError(f"{directory} holds a quantized model; load it with fastlm.quant.load_quantized")
+    if hf_config.get("quantization_config"):
+        method = (hf_config["quantization_config"] or {}).get("quant_method", "unknown")
+        raise CheckpointError(f"{directory} is a {method}-quantized checkpoint (quantization_config in config.json, "
+                              "e.g. GPTQ/AWQ); fastlm loads only unquantized float checkpoints (and its own int8 "
+                              "format): load the original float weights")
     config = config_from_hf(hf_config)
     hf_tensors = read_safetensors(directory)
+    config = resolve_tied_head(config, hf_tensors)
     if dtype is None:
-        floating = [t.dtype for t in hf_tensors.values() if t.dtype.is_floating_point]
-        dtype = floating[0] if floating else torch.float32
+        dtype = _checkpoint_dtype(hf_config, hf_tensors)
     state = state_dict_from_hf(config, hf_tensors)
     with torch.device("meta"):
         model = Model(config)
@@ -107,6 +121,25 @@ def from_pretrained(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.eval()
+
+
+def _checkpoint_dtype(hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a checkpoint loads in by default: config.json's torch_dtype / dtype, else the
+    stored floating dtype (the one holding most elements when they differ)."""
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    if isinstance(name, str) and name not in ("auto", "float8_e4m3fn"):
+        dtype = getattr(torch, name.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CheckpointError(f"config.json torch_dtype {name!r} is not a floating-point torch dtype")
+        return dtype
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.dtype.is_floating_point:
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    if len(counts) > 1:
+        logger.warning("checkpoint mixes dtypes %s and its config.json names none; loading in %s",
+                       sorted(map(str, counts)), max(counts, key=counts.get))
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def save_pretrained(

@@ -257,8 +257,12 @@ class Trainer:
         labels = batch["labels"].flatten()
         with self._autocast():
             if self.config.fused_loss:
+                model = distributed.unwrap(self.wrapped)
+                if getattr(getattr(model, "config", None), "final_softcap", None) is not None:
+                    raise ValueError("TrainerConfig.fused_loss cannot apply the model's final logit soft-cap "
+                                     "(Gemma 2); train it with fused_loss=False")
                 hidden = self.forward(batch["input_ids"], return_hidden=True, **layout)
-                head = distributed.unwrap(self.wrapped).lm_head.weight
+                head = model.lm_head.weight
                 mean = ops.fused_linear_cross_entropy(hidden.flatten(0, 1), head.to(hidden.dtype), labels)
                 anchor = hidden
             else:
