@@ -138,6 +138,11 @@ def check_run_options(args: argparse.Namespace) -> None:
     for name, allowed in _CHOICES.items():
         if getattr(args, name) not in allowed:
             raise ValueError(f"{shown(name)} must be one of {' | '.join(allowed)}, got {getattr(args, name)!r}")
+    for name in ("weight_decay", "grad_clip"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"{shown(name)} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"{shown('min_lr_ratio')} must be in [0, 1], got {args.min_lr_ratio}")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError(f"{shown('fsdp')} shards the model over several processes: launch with torchrun "
                          "--nproc-per-node N -m fastlm ... (one process trains without it)")

@@ -235,6 +235,12 @@ def prepare_finetune(config: TrainerConfig, *, data: str, model_dir: str, templa
     else:
         cut = max(1, round(len(pairs) * val_fraction)) if len(pairs) > 1 else 0
         train_pairs, val_pairs = pairs[cut:], pairs[:cut]
+    train_examples, _ = encode_examples(tokenizer, train_pairs, template, seq_len, truncation=truncation,
+                                        source=f"{data} (training)")
+    val_examples = None
+    if val_pairs:
+        val_examples, _ = encode_examples(tokenizer, val_pairs, template, seq_len, truncation=truncation,
+                                          source=f"{val_data or data} (validation)")
     info = distributed.setup(config.device)
     out = rundir.prepare_out(config.out, resume=resume, overwrite=overwrite, is_main=info.is_main)
     distributed.barrier()
@@ -243,14 +249,9 @@ def prepare_finetune(config: TrainerConfig, *, data: str, model_dir: str, templa
                     seq_len=seq_len, truncation=truncation, val_data=val_data, val_fraction=val_fraction,
                     **_trainer_settings(config))
     rundir.begin_run(out, settings, resume=resume, is_main=info.is_main)
-    length = seq_len
-    train_examples, _ = encode_examples(tokenizer, train_pairs, template, length, truncation=truncation,
-                                        source=f"{data} (training)")
     train = SFTSource(train_examples, batch_size=config.batch_size, pad_id=pad, seed=config.seed)
     val = None
-    if val_pairs:
-        val_examples, _ = encode_examples(tokenizer, val_pairs, template, length, truncation=truncation,
-                                          source=f"{val_data or data} (validation)")
+    if val_examples:
         val = SFTSource(val_examples, batch_size=config.batch_size, pad_id=pad, seed=config.seed + 1)
 
     def extra_files(directory: Path) -> None:
