@@ -235,9 +235,9 @@ def encode_examples(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], temp
                          f"completion token is left after the prompt; {advice}")
     if truncated or dropped:
         how = "the start of the prompt cut" if truncation == "left" else "the end of the completion cut"
-        logger.warning("%s: of %d examples, %d longer than %s %d were truncated (%s) and %d dropped (the prompt "
-                       "fills the length, no completion token left)", source, len(pairs), truncated, length_name,
-                       max_len, how, dropped)
+        logger.warning("%s: %d of %d examples truncated to %s %d (%s), %d dropped (the prompt fills %s %d: no "
+                       "completion token left)", source, truncated, len(pairs), length_name, max_len, how, dropped,
+                       length_name, max_len)
     return examples, report
 
 
