@@ -83,7 +83,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "(default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if ("(default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings
+                or isinstance(action, argparse._StoreFalseAction)):  # noqa: SLF001 (an off-switch: no default)
             return text
         if isinstance(action.default, list):
             return f"{text} (default: {' '.join(map(str, action.default))})"
