@@ -64,7 +64,8 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path | None:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
