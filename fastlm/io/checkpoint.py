@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from fastlm._files import atomic_write, atomic_write_text
 from fastlm.config import ModelConfig
+from fastlm.io import validate
 from fastlm.io.hf_format import (
     CheckpointError,
     config_from_hf,
@@ -37,9 +38,12 @@ _UNSAFE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.b
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}; expected a Hugging Face checkpoint directory")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        reason = validate.not_a_model_reason(directory)
+        raise (FileNotFoundError if not Path(directory).exists() else CheckpointError)(reason)
+    config = validate.read_json_file(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return config
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -47,8 +51,8 @@ def _weight_files(directory: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        content = validate.read_json_file(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no 'weight_map'")
         files = [directory / name for name in sorted(set(weight_map.values()))]
@@ -69,6 +73,7 @@ def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (single file or shards), on CPU."""
     tensors: dict[str, torch.Tensor] = {}
     for path in _weight_files(Path(directory)):
+        validate.verify_safetensors(path)  # a damaged file: one error naming it, not a SafetensorError
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name in tensors:

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import random
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -30,8 +31,11 @@ from fastlm import ops
 from fastlm.io.checkpoint import read_safetensors
 from fastlm.io.hf_format import state_dict_from_hf
 from fastlm.model import Model
+from fastlm._naming import shown
+from fastlm.io.hf_format import CheckpointError
 from fastlm.train import checkpoint as ckpt
-from fastlm.train import distributed
+from fastlm.train import distributed, rundir
+from fastlm.train.interrupt import StopOnSignal, TrainingInterrupted
 from fastlm.train.data import IGNORE_INDEX
 from fastlm.train.metrics import PLOT_FILE, MetricsLog, plot_losses
 
@@ -47,6 +51,11 @@ class BatchSource(Protocol):
     def batch(self, micro_batch: int, rank: int = 0, world_size: int = 1) -> dict: ...
 
 
+def default_warmup(max_steps: int) -> int:
+    """The warmup used when none is given: min(100, 10% of max_steps)."""
+    return min(100, max_steps // 10)
+
+
 @dataclass
 class TrainerConfig:
     out: str = "runs/train"
@@ -55,7 +64,7 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # the schedule decays to lr · min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: min(100, max_steps // 10), so short runs reach lr
     schedule: str = "cosine"
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
@@ -78,6 +87,8 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.warmup_steps is None and isinstance(self.max_steps, int):
+            self.warmup_steps = default_warmup(self.max_steps)
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batches", "keep_last"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -275,14 +286,28 @@ class Trainer:
         return path
 
     def _resume(self) -> int:
+        """Load the newest intact checkpoint (damaged newer ones are set aside with a warning)."""
         if self.info.is_main:
             ckpt.clean_temporaries(self.out)
+            latest, skipped = ckpt.latest_intact_checkpoint(self.out)
+            for path, problem in skipped:
+                moved = ckpt.set_aside(path)
+                logger.warning("checkpoint %s is damaged (%s): moved to %s; resuming from %s instead", path.name,
+                               problem, moved.name, latest.name if latest is not None else "nothing")
+            if latest is None and skipped:
+                raise CheckpointError(f"every checkpoint in {ckpt.checkpoint_dir(self.out)} is damaged (set aside "
+                                      f"as damaged-*); start the run again with {shown('overwrite')}")
         distributed.barrier()
         latest = ckpt.latest_checkpoint(self.out)
         if latest is None:
-            logger.warning("--resume: no checkpoint in %s yet; starting from scratch", ckpt.checkpoint_dir(self.out))
+            logger.warning("%s: no checkpoint in %s yet; starting from scratch", shown("resume"),
+                           ckpt.checkpoint_dir(self.out))
             return 0
         state = ckpt.load_trainer_state(latest)
+        current = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "device"}
+        refused, _ = rundir.compare_settings(state.get("config", {}), current)
+        if refused:
+            raise rundir.ResumeMismatchError(f"cannot resume from {latest}: " + "; ".join(refused))
         self._load_model(latest, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -315,6 +340,13 @@ class Trainer:
         if self._head_cast is None or self._head_cast[0] != key:
             self._head_cast = (key, weight.to(dtype))
         return self._head_cast[1]
+
+    def _stop_requested(self, stop: StopOnSignal) -> bool:
+        """Whether a signal asked to stop (in any process: they agree, so all save and stop)."""
+        if self.info.world_size == 1:
+            return stop.signum is not None
+        flag = torch.tensor([0.0 if stop.signum is None else 1.0], device=self.info.device)
+        return bool(distributed.all_reduce_sum(flag).item())
 
     def _loss_sum(self, batch: dict[str, Any], num_targets: int) -> torch.Tensor:
         """Summed next-token loss of a device micro-batch (a zero that keeps the graph when it has
@@ -472,28 +504,39 @@ class Trainer:
         bar = tqdm(range(start, end), initial=start, total=config.max_steps, desc="train",
                    disable=not (config.progress and info.is_main), dynamic_ncols=True)
         self._timer.restart()
-        for step in bar:
-            lr = self.scheduler.get_last_lr()[0]
-            loss, grad_norm, tokens = self._step(step)
-            tokens_per_s = tokens * info.world_size / max(self._step_seconds, 1e-9)
-            losses.append(loss)
-            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
-            postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
-            if peak is not None:
-                record["mfu"] = tokens_per_s * per_token / (peak * info.world_size)
-                postfix["mfu"] = f"{record['mfu']:.1%}"
-            last = step + 1 == end
-            if self.val_source is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
-                val_loss = self.evaluate()
-                record.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)))
-                postfix["val"] = f"{val_loss:.3f}"
-            bar.set_postfix(postfix)
-            if metrics is not None:
-                metrics.log(record)
-            if last or (config.save_every and (step + 1) % config.save_every == 0):
-                self.save_checkpoint(step + 1)
-            if "val_loss" in record or last or (config.save_every and (step + 1) % config.save_every == 0):
-                self._timer.restart()  # evaluation and checkpoint time is not the next step's
+        with StopOnSignal() as stop:
+            for step in bar:
+                lr = self.scheduler.get_last_lr()[0]
+                loss, grad_norm, tokens = self._step(step)
+                tokens_per_s = tokens * info.world_size / max(self._step_seconds, 1e-9)
+                losses.append(loss)
+                record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "tokens_per_s": tokens_per_s}
+                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+                if peak is not None:
+                    record["mfu"] = tokens_per_s * per_token / (peak * info.world_size)
+                    postfix["mfu"] = f"{record['mfu']:.1%}"
+                last = step + 1 == end
+                if self.val_source is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                    val_loss = self.evaluate()
+                    record.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)))
+                    postfix["val"] = f"{val_loss:.3f}"
+                bar.set_postfix(postfix)
+                if metrics is not None:
+                    metrics.log(record)
+                saved = last or (config.save_every and (step + 1) % config.save_every == 0)
+                if saved:
+                    self.save_checkpoint(step + 1)
+                if "val_loss" in record or saved:
+                    self._timer.restart()  # evaluation and checkpoint time is not the next step's
+                if not last and self._stop_requested(stop):
+                    if not saved:  # the last completed step, atomically as every checkpoint
+                        self.save_checkpoint(step + 1)
+                    bar.close()
+                    if metrics is not None:
+                        plot_losses(metrics.read(), self.out / PLOT_FILE)
+                    path = ckpt.checkpoint_dir(self.out) / f"step-{step + 1:08d}"
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, step + 1, path)
         if metrics is not None:
             plot_losses(metrics.read(), self.out / PLOT_FILE)
         return TrainResult(losses=losses, val_loss=val_loss, start_step=start, steps=end)
