@@ -3,10 +3,11 @@
 Strided sliding window (the standard method, as in the transformers perplexity guide). For a
 document of n tokens x_0..x_{n-1}, windows start at 0, stride, 2·stride, ...; window k covers
 tokens [b_k, e_k) with e_k = min(b_k + window, n) and scores only the tokens no earlier window
-scored, i.e. [e_{k-1}, e_k) (and never x_0, which has nothing to condition on). So every token
-x_t (t ≥ 1) is scored exactly once, conditioned on x_{max(b_k, 0)..t-1}: at least
-window − stride tokens of context once the first window is past. stride = window gives disjoint
-windows (fastest); a smaller stride gives more context per token for more compute.
+scored, i.e. [e_{k-1}, e_k) (and never x_0, which has nothing to condition on). With
+1 ≤ stride < window every token x_t (t ≥ 1) is scored exactly once, conditioned on at least
+window − stride earlier tokens once the first window is past (stride = window would leave the
+first token of each window unscored, so it is refused). The default stride is window // 2 (the
+guide's 512 of 1024); stride = window − 1 gives the fastest, nearly disjoint windows.
 
     NLL = −Σ_docs Σ_{t scored} log p(x_t | window context)      (nats)
     perplexity = exp(NLL / T)             T = number of scored tokens over all documents
@@ -104,12 +105,14 @@ def sliding_windows(ids: Sequence[int], window: int, stride: int) -> list[tuple[
     """The windows of one document: (window tokens, number of trailing tokens it scores).
 
     A window of L tokens with s scored tokens: inputs are its first L − 1 tokens, targets its
-    last L − 1, of which the last s count (s ≤ L − 1)."""
+    last L − 1, of which the last s count (s ≤ L − 1, which stride < window guarantees)."""
+    if not 1 <= stride < window:
+        raise ValueError(f"sliding_windows: need 1 <= stride < window, got stride={stride}, window={window}")
     out = []
     n, prev_end = len(ids), 0
     for begin in range(0, n, stride):
         end = min(begin + window, n)
-        scored = min(end - prev_end, end - begin - 1)
+        scored = end - prev_end if begin else end - 1
         if scored > 0:
             out.append((list(ids[begin:end]), scored))
         prev_end = end
@@ -163,7 +166,7 @@ def perplexity(
     texts: a string or a list of strings (then ``tokenizer`` — a fastlm Tokenizer — encodes
     them), or a list of token-id lists / 1-D tensors (then bits_per_byte is None).
     window: tokens per forward pass (default: the model's context, max_position_embeddings);
-    stride: tokens between window starts (default: window, disjoint windows), 1 ≤ stride ≤ window.
+    stride: tokens between window starts, 1 ≤ stride < window (default: window // 2).
     add_bos: prefix each text with BOS (default: when the tokenizer has one).
     progress: tqdm bar (None: only on a terminal).
 
@@ -188,9 +191,10 @@ def perplexity(
     if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= context:
         raise ValueError(f"perplexity: window must be an integer in [2, {context}] (the model's context), "
                          f"got {window!r}")
-    stride = window if stride is None else stride
-    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= window:
-        raise ValueError(f"perplexity: stride must be an integer in [1, window={window}], got {stride!r}")
+    stride = window // 2 if stride is None else stride
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride < window:
+        raise ValueError(f"perplexity: stride must be an integer in [1, window={window}) (so every token is "
+                         f"scored), got {stride!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"perplexity: batch_size must be a positive integer, got {batch_size!r}")
     docs, total_bytes = _documents(texts, tokenizer, add_bos)
