@@ -7,6 +7,7 @@ Subcommands:
   finetune  supervised fine-tuning on prompt/completion jsonl (loss on completions only)
   generate  continue a prompt with a saved checkpoint (streaming; beams, contrastive, speculative)
   quantize  int8 weight-only or W8A8 post-training quantization of a checkpoint
+  eval      checkpoints and their variants on local tasks, a side-by-side report
   info      versions, devices and which op backends are available
 
 Training runs on several processes with ``torchrun --nproc-per-node N -m fastlm pretrain ...``.
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--calibration", help="text file for SmoothQuant calibration (w8a8)")
     quant.set_defaults(func=_quantize)
 
+    from fastlm.eval.cli import add_parser as add_eval_parser  # `fastlm eval`: fastlm/eval/cli.py
+
+    add_eval_parser(sub)
     info = sub.add_parser("info", help="versions, devices and available backends")
     info.set_defaults(func=_info)
     return parser

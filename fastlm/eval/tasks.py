@@ -315,7 +315,8 @@ class TaskResult:
     outputs: list[dict[str, Any]]
     tokens_generated: int = 0
     tokens_scored: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole task, metrics included
+    model_seconds: float = 0.0  # generation or scoring only: the denominator of tokens/s
 
 
 def evaluate_task(model, tokenizer, task: Task, *, batch_size: int = 16, progress: bool | None = None) -> TaskResult:
@@ -328,29 +329,33 @@ def evaluate_task(model, tokenizer, task: Task, *, batch_size: int = 16, progres
         out = perplexity(model, [e.fields["text"] for e in task.examples], tokenizer=tokenizer,
                          window=task.option("window"), stride=task.option("stride"), batch_size=batch_size,
                          progress=progress)
-        return TaskResult(task.name, task.kind, {m: out[m] for m in task.metrics}, [], 0, out["tokens"],
-                          time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return TaskResult(task.name, task.kind, {m: out[m] for m in task.metrics}, [], 0, out["tokens"], seconds,
+                          seconds)
     if task.kind == "multiple_choice":
         examples = [(task.prompt(e), e.fields["choices"], e.fields["gold"]) for e in task.examples]
         stats: dict[str, int] = {}
         scores, per_example = multiple_choice(model, tokenizer, examples,
                                               target_delimiter=task.option("target_delimiter"),
                                               batch_size=batch_size, progress=progress, stats=stats)
+        model_seconds = time.perf_counter() - start
         outputs = [{"prompt": task.render(e), "output": e.fields["choices"][r.pred],
                     "reference": e.fields["choices"][e.fields["gold"]], "correct": bool(r.acc)}
                    for e, r in zip(task.examples, per_example)]
         return TaskResult(task.name, task.kind, {m: scores[m] for m in task.metrics}, outputs, 0,
-                          stats.get("tokens", 0), time.perf_counter() - start)
+                          stats.get("tokens", 0), time.perf_counter() - start, model_seconds)
     prompts = [task.prompt(e) for e in task.examples]
     texts, generated = generate_texts(
         model, tokenizer, prompts, max_new_tokens=task.option("max_new_tokens"), stop=task.option("stop") or (),
         do_sample=task.option("do_sample"), temperature=task.option("temperature"), top_k=task.option("top_k"),
         top_p=task.option("top_p"), seed=task.option("seed"), chat=task.option("chat"), system=task.option("system"),
         batch_size=batch_size, progress=progress)
+    model_seconds = time.perf_counter() - start
     references = [e.fields["references"] for e in task.examples]
     values: dict[str, float] = {}
     for metric in task.metrics:
         values.update(metric_fns.compute(metric, texts, references, use_stemmer=task.option("use_stemmer")))
     outputs = [{"prompt": task.render(e), "output": t, "reference": e.fields["references"][0]}
                for e, t in zip(task.examples, texts)]
-    return TaskResult(task.name, task.kind, values, outputs, generated, 0, time.perf_counter() - start)
+    return TaskResult(task.name, task.kind, values, outputs, generated, 0, time.perf_counter() - start,
+                      model_seconds)
