@@ -92,6 +92,7 @@ class Task:
     fewshot_examples: list[Example] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     metrics: tuple[str, ...] = ()
+    template_source: str = ""  # "file:line" of the template option
 
     def option(self, key: str):
         return self.options.get(key, OPTIONS[key][1])
@@ -108,10 +109,12 @@ class Task:
         try:
             return string.Formatter().vformat(template, (), example.fields)
         except KeyError as err:
-            raise TaskError(f"{example.source}: the template {template!r} uses field {err.args[0]!r}, "
-                            f"which this example lacks (fields: {', '.join(example.fields)})") from None
+            raise TaskError(f"{self.template_source or self.path}: the template {template!r} uses field "
+                            f"{err.args[0]!r}, which the example at {example.source} lacks "
+                            f"(fields: {', '.join(example.fields)})") from None
         except (IndexError, ValueError) as err:
-            raise TaskError(f"{example.source}: cannot fill the template {template!r}: {err}") from None
+            raise TaskError(f"{self.template_source or self.path}: cannot fill the template {template!r} with "
+                            f"the example at {example.source}: {err}") from None
 
     def prompt(self, example: Example) -> str:
         shots = [self.render(s) + self.option("target_delimiter") + self.answer(s)
@@ -130,8 +133,11 @@ def _key_lines(text: str, suffix: str) -> dict[str, int]:
 
         node = yaml.compose(text)
         if isinstance(node, yaml.MappingNode):
-            for key, _ in node.value:
+            for key, value in node.value:
                 lines[str(key.value)] = key.start_mark.line + 1
+                if isinstance(value, yaml.SequenceNode):  # list items: "metrics[1]"
+                    for i, item in enumerate(value.value):
+                        lines[f"{key.value}[{i}]"] = item.start_mark.line + 1
         return lines
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
@@ -249,8 +255,9 @@ def load_task(path: str | Path) -> Task:
         raise TaskError(f"{path}:1: a task file must be .jsonl, .yaml, .yml or .json")
     options, lines = _read_description(path)
 
-    def where(key: str) -> str:
-        return f"{path}:{lines.get(key, 1)}"
+    def where(key: str, index: int | None = None) -> str:
+        line = lines.get(f"{key}[{index}]") if index is not None else None
+        return f"{path}:{line or lines.get(key, 1)}"
 
     for key, value in options.items():
         if key not in OPTIONS:
@@ -290,13 +297,14 @@ def load_task(path: str | Path) -> Task:
         raise TaskError(f"{where('fewshot')}: fewshot={fewshot} but {len(shots)} few-shot examples are given "
                         "(fewshot_data or fewshot_examples)")
     metrics = tuple(options.get("metrics") or DEFAULT_METRICS[kind])
-    for metric in metrics:
+    for i, metric in enumerate(metrics):
         if metric not in KIND_METRICS[kind]:
-            raise TaskError(f"{where('metrics')}: unknown metric {metric!r} for a {kind} task; "
+            raise TaskError(f"{where('metrics', i)}: unknown metric {metric!r} for a {kind} task; "
                             f"choose from {', '.join(KIND_METRICS[kind])}")
     if not all(isinstance(s, str) and s for s in options.get("stop") or []):
         raise TaskError(f"{where('stop')}: 'stop' must be a list of non-empty strings")
-    task = Task(options.get("name") or path.stem, kind, str(path), examples, shots, options, metrics)
+    task = Task(options.get("name") or path.stem, kind, str(path), examples, shots, options, metrics,
+                where("template"))
     for example in examples[:1] + shots[:1]:
         task.render(example)  # a template naming a missing field fails here, at load time
     return task
