@@ -71,3 +71,36 @@ def test_command_line_errors_name_file_and_line(checkpoint, tmp_path):
     assert out.returncode == 2
     assert f"{task}:5: unknown metric 'bleurt'" in out.stderr, out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_adapter_variant_equals_the_wrapped_model(checkpoint, tmp_path):
+    """--adapter adds a row made from the first --model with the PEFT adapter, scored as the
+    Python API scores the same wrapped model."""
+    import torch
+
+    import fastlm
+    from fastlm import peft
+    from fastlm.eval import multiple_choice
+
+    base = fastlm.from_pretrained(checkpoint)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-zero update, so the adapter changes the scores
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    task = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    out = tmp_path / "report"
+    assert main(["eval", "--model", str(checkpoint), "--adapter", str(adapter), "--task", str(task),
+                 "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["variants"]
+    assert [r["variant"] for r in rows] == [checkpoint.name, f"{checkpoint.name}+adapter"]
+    tokenizer = fastlm.load_tokenizer(checkpoint)
+    examples = [(r["context"], r["choices"], r["gold"]) for r in MC_ROWS]
+    wrapped = peft.from_pretrained(fastlm.from_pretrained(checkpoint), adapter).eval()
+    expected, per = multiple_choice(wrapped, tokenizer, examples)
+    plain, plain_per = multiple_choice(fastlm.from_pretrained(checkpoint), tokenizer, examples)
+    assert rows[1]["metrics"] == {"mc/acc": expected["acc"], "mc/acc_norm": expected["acc_norm"]}
+    assert rows[0]["metrics"] == {"mc/acc": plain["acc"], "mc/acc_norm": plain["acc_norm"]}
+    assert [r.loglikelihoods for r in per] != [r.loglikelihoods for r in plain_per]

@@ -82,3 +82,15 @@ def test_bad_inputs_are_named():
         bleu(["a"], [[]])
     with pytest.raises(TypeError, match="not a single string"):
         exact_match("abc", "abc")
+
+
+def test_missing_extra_is_named(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rouge_score", None)
+    monkeypatch.setitem(sys.modules, "rouge_score.rouge_scorer", None)
+    with pytest.raises(ImportError, match=r"install the eval extra \(pip install 'fastlm\[eval\]'\)"):
+        rouge(["a"], ["a"])
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    with pytest.raises(ImportError, match="'sacrebleu' package"):
+        bleu(["a"], ["a"])

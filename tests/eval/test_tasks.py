@@ -109,3 +109,39 @@ def test_chat_without_template_is_a_clear_error(checkpoint, tmp_path):
     (tmp_path / "t.yaml").write_text("type: generate\ndata: qa.jsonl\nchat: true\n")
     with pytest.raises(ValueError, match="chat"):
         evaluate_task(model, tokenizer, load_task(tmp_path / "t.yaml"))
+
+
+def test_yaml_without_pyyaml_says_so(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "t.yaml"
+    path.write_text("type: generate\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(TaskError, match=r"t.yaml:1: reading a YAML task needs PyYAML .*\.json or \.jsonl"):
+        load_task(path)
+
+
+def test_chat_template_is_applied_when_the_tokenizer_has_one(checkpoint):
+    """chat=True renders the prompt through tokenizer.apply_chat_template (transformers' signature)."""
+    from fastlm.eval import generate_texts
+
+    model = fastlm.from_pretrained(checkpoint)
+    base = fastlm.load_tokenizer(checkpoint)
+    seen = []
+
+    class ChatTokenizer:
+        bos_token_id, eos_token_id = base.bos_token_id, base.eos_token_id
+
+        def encode(self, text):
+            seen.append(text)
+            return base.encode(text)
+
+        def decode(self, ids, skip_special_tokens=True):
+            return base.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        def apply_chat_template(self, messages, *, add_generation_prompt, tokenize):
+            assert add_generation_prompt and not tokenize
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    texts, n = generate_texts(model, ChatTokenizer(), ["Hi"], max_new_tokens=3, chat=True, system="Be brief")
+    assert seen[0] == "<system>Be brief<user>Hi<assistant>" and n == 3 and len(texts) == 1
