@@ -145,3 +145,22 @@ def test_chat_template_is_applied_when_the_tokenizer_has_one(checkpoint):
 
     texts, n = generate_texts(model, ChatTokenizer(), ["Hi"], max_new_tokens=3, chat=True, system="Be brief")
     assert seen[0] == "<system>Be brief<user>Hi<assistant>" and n == 3 and len(texts) == 1
+
+
+def test_perplexity_task_from_text_files(checkpoint, tmp_path):
+    """`data` naming a folder of text files: one document per file, scored as perplexity() scores them."""
+    from fastlm.eval import perplexity
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The capital of France is Paris.", encoding="utf-8")
+    (docs / "b.md").write_text("Naïve café owners in Zürich 😀", encoding="utf-8")
+    (tmp_path / "t.yaml").write_text("type: perplexity\ndata: [docs]\nwindow: 8\nstride: 3\n"
+                                     "metrics: [perplexity, nll, bits_per_byte]\n")
+    task = load_task(tmp_path / "t.yaml")
+    assert [e.fields["text"][:3] for e in task.examples] == ["The", "Naï"]
+    model = fastlm.from_pretrained(checkpoint)
+    tokenizer = fastlm.load_tokenizer(checkpoint)
+    result = evaluate_task(model, tokenizer, task)
+    expected = perplexity(model, [e.fields["text"] for e in task.examples], window=8, stride=3, tokenizer=tokenizer)
+    assert result.metrics == {k: expected[k] for k in ("perplexity", "nll", "bits_per_byte")}
