@@ -5,7 +5,7 @@ Writes into the output folder (each file to a temp name, then renamed into place
 - ``results.json``: per variant, each task's metrics, time and tokens, the throughput and memory;
   the tasks; the scales; versions and device.
 - ``results.md``: one row per variant, one column per task metric, then generated tokens/s,
-  scored tokens/s, peak memory and weight size.
+  scored tokens/s (each variant warmed up first, untimed), peak memory and weight size.
 - ``results.png``: a bar chart of the same metrics (matplotlib; skipped, with a message, when
   it is not installed).
 - ``samples.md`` / ``samples.html`` (with ``samples`` > 0): the first N prompts of each
@@ -104,6 +104,18 @@ def _rate(results: Sequence[TaskResult], attribute: str) -> float | None:
     return sum(getattr(r, attribute) for r in results) / seconds if results and seconds > 0 else None
 
 
+@torch.no_grad()
+def warm_up(model, tokenizer) -> None:
+    """One short forward and generation, untimed, so that one-time costs (lazy imports, kernel
+    selection, allocator growth) do not land in the first variant's tokens/s."""
+    from fastlm.eval.scoring import prefix_token_id
+    from fastlm.generate import generate
+
+    token = prefix_token_id(tokenizer)
+    model(torch.tensor([[token] * 8], device=model.device))
+    generate(model, [[token]], max_new_tokens=2)
+
+
 def evaluate_variants(variants: Sequence[Variant], tasks: Sequence[Task], *, batch_size: int = 16,
                       progress: bool | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
     """Evaluate each variant on each task; one result dict per variant (see results.json)."""
@@ -111,6 +123,7 @@ def evaluate_variants(variants: Sequence[Variant], tasks: Sequence[Task], *, bat
     for variant in variants:
         model, tokenizer = variant.load()
         device = model.device
+        warm_up(model, tokenizer)
         results: list[TaskResult] = []
         with PeakMemory(device) as memory:
             for task in tasks:
