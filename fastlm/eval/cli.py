@@ -119,6 +119,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks = [load_task(path) for path in args.task]  # every task file is checked before any model runs
+    from fastlm.eval.metrics import check_available
+
+    for task in tasks:  # a missing optional package is reported before any model runs
+        for metric in task.metrics:
+            try:
+                check_available(metric)
+            except ImportError as err:
+                raise ValueError(f"--task {task.path}: metric {metric!r}: {err}") from None
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"--task: two tasks share a name ({', '.join(names)}); give each a distinct `name`")

@@ -53,6 +53,15 @@ def _require(module: str, what: str):
         ) from None
 
 
+_PACKAGES = {"rouge": "rouge_score.rouge_scorer", "bleu": "sacrebleu"}
+
+
+def check_available(metric: str) -> None:
+    """Raise ImportError (naming the eval extra) now if ``metric`` needs a package that is missing."""
+    if metric in _PACKAGES:
+        _require(_PACKAGES[metric], metric)
+
+
 def reference_lists(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
                     what: str) -> list[list[str]]:
     """Check the inputs and return the references as one non-empty list of strings per prediction."""

@@ -18,7 +18,7 @@ Description keys (all optional but ``type`` and a data source)::
     type: generate                # generate | multiple_choice | perplexity
     data: qa.jsonl                # path(s) relative to this file; or `examples:` inline
     template: "Q: {prompt}\\nA:"   # str.format over the example's fields
-    fewshot: 2                    # examples from fewshot_data / fewshot_examples, shown first
+    fewshot: 2                    # the first 2 of fewshot_data / fewshot_examples, shown first
     fewshot_data: train.jsonl
     fewshot_separator: "\\n\\n"
     target_delimiter: " "         # between a prompt and its answer (few-shot and choices)

@@ -104,3 +104,12 @@ def test_adapter_variant_equals_the_wrapped_model(checkpoint, tmp_path):
     assert rows[1]["metrics"] == {"mc/acc": expected["acc"], "mc/acc_norm": expected["acc_norm"]}
     assert rows[0]["metrics"] == {"mc/acc": plain["acc"], "mc/acc_norm": plain["acc_norm"]}
     assert [r.loglikelihoods for r in per] != [r.loglikelihoods for r in plain_per]
+
+
+def test_missing_metric_package_is_reported_before_any_model_runs(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "a", "references": "b"}])
+    task = tmp_path / "t.yaml"
+    task.write_text("type: generate\ndata: qa.jsonl\nmetrics: [bleu]\n")
+    with pytest.raises(ValueError, match=r"--task .*t.yaml: metric 'bleu': .*pip install 'fastlm\[eval\]'"):
+        main(["eval", "--model", str(tmp_path / "nowhere"), "--task", str(task), "--out", str(tmp_path / "o")])
