@@ -159,3 +159,19 @@ def test_multiple_choice_acc_by_hand(checkpoint, hf_model):
     assert scores == {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples)}
     # acc and acc_norm differ on this data (otherwise the test could not tell them apart).
     assert [r.pred for r in per] != [r.pred_norm for r in per]
+
+
+@pytest.mark.gpu
+def test_cuda_scores_equal_cpu(checkpoint):
+    """The same fp32 weights on CUDA give the CPU's perplexity and choice log-likelihoods."""
+    tokenizer = fastlm.load_tokenizer(checkpoint)
+    cpu = fastlm.from_pretrained(checkpoint, dtype=torch.float32)
+    gpu = fastlm.from_pretrained(checkpoint, dtype=torch.float32, device="cuda")
+    a = perplexity(cpu, TEXTS, window=24, stride=10, tokenizer=tokenizer)
+    b = perplexity(gpu, TEXTS, window=24, stride=10, tokenizer=tokenizer)
+    assert b["tokens"] == a["tokens"] and b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-4)
+    examples = [(r["context"], r["choices"], r["gold"]) for r in MC_ROWS]
+    _, per_cpu = multiple_choice(cpu, tokenizer, examples)
+    _, per_gpu = multiple_choice(gpu, tokenizer, examples)
+    for x, y in zip(per_cpu, per_gpu):
+        assert y.loglikelihoods == pytest.approx(x.loglikelihoods, rel=1e-4)
