@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from fastlm import ops
+from fastlm.eval.scoring import encode
 
 
 def _forward_logprobs(model, batch: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ def _documents(texts, tokenizer, add_bos: bool | None) -> tuple[list[list[int]],
             use_bos = (bos is not None) if add_bos is None else add_bos
             if use_bos and bos is None:
                 raise ValueError("perplexity: add_bos=True but the tokenizer has no BOS token")
-            docs.append(([bos] if use_bos else []) + list(tokenizer.encode(item)))
+            docs.append(([bos] if use_bos else []) + encode(tokenizer, item))
             if total_bytes is not None:
                 total_bytes += len(item.encode("utf-8"))
         elif isinstance(item, torch.Tensor) and item.dim() == 1 or isinstance(item, (list, tuple)):
