@@ -7,6 +7,7 @@ Subcommands:
   finetune  supervised fine-tuning on prompt/completion jsonl (loss on completions only)
   generate  continue a prompt with a saved checkpoint (streaming; beams, contrastive, speculative)
   quantize  int8 weight-only or W8A8 post-training quantization of a checkpoint
+  eval      checkpoints and their variants on local tasks, a side-by-side report
   info      versions, devices and which op backends are available
 
 Training runs on several processes with ``torchrun --nproc-per-node N -m fastlm pretrain ...``.
@@ -497,6 +498,12 @@ def _add_generate(sub) -> None:
     add_generate(sub)
 
 
+def _add_eval(sub) -> None:
+    from fastlm.eval.cli import add_parser as add_eval_parser  # `fastlm eval`: fastlm/eval/cli.py
+
+    add_eval_parser(sub)
+
+
 def _add_info(sub) -> None:
     info = add_parser(sub, "info", help="versions, devices and available backends",
                       description="Versions, devices and which op backends are available.")
@@ -506,7 +513,7 @@ def _add_info(sub) -> None:
 #: Functions that add a subcommand (see the module docstring); other modules append theirs
 #: with :func:`register`.
 REGISTRARS: list[Callable[[Any], None]] = [_add_demo, _add_pretrain, _add_finetune, _add_generate, _add_quantize,
-                                           _add_info]
+                                           _add_eval, _add_info]
 
 
 def register(registrar: Callable[[Any], None]) -> Callable[[Any], None]:
