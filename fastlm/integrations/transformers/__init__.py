@@ -7,7 +7,18 @@ model instance (no class is patched globally) and :func:`remove` takes them out 
 """
 
 from fastlm.integrations.transformers.attention import NAME, fastlm_attention_forward, fastlm_mask, register
+from fastlm.integrations.transformers.patch import (
+    SUPPORTED_ARCHITECTURES,
+    apply,
+    is_patched,
+    patched,
+    patched_summary,
+    remove,
+)
 
 register()
 
-__all__ = ["NAME", "fastlm_attention_forward", "fastlm_mask", "register"]
+__all__ = [
+    "NAME", "SUPPORTED_ARCHITECTURES", "apply", "fastlm_attention_forward", "fastlm_mask", "is_patched", "patched",
+    "patched_summary", "register", "remove",
+]
