@@ -408,10 +408,14 @@ def attention_forward(
     causal: bool = False,
     scale: float | None = None,
     key_lens: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention. q (B, H, Tq, D), k/v (B, Hkv, Tk, D), key_lens (B,) int or None ->
     (o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32). scale defaults to 1/sqrt(D)."""
     check_inputs("attention", q, k, v)
+    if window is not None or softcap is not None:
+        raise NotImplementedError("attention: the triton kernels do not take window/softcap yet (use the reference backend)")
     b, h, tq, d = q.shape
     p = Problem(b, h, k.shape[1], d, tq, k.shape[2], bool(causal), default_scale(scale, d), varlen=False,
                 key_lens=None if key_lens is None else key_lens.to(device=q.device, dtype=torch.int32).contiguous())
@@ -443,11 +447,15 @@ def attention_varlen_forward(
     max_seqlen_k: int,
     causal: bool = False,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed attention. q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens_* (num_seqs + 1,)
     int32 offsets, max_seqlen_* the longest sequence -> (o (total_q, H, D), lse (H, total_q) fp32).
     No query sees a key of another sequence; causal alignment is per sequence (bottom-right)."""
     check_inputs("attention_varlen", q, k, v)
+    if window is not None or softcap is not None:
+        raise NotImplementedError("attention_varlen: the triton kernels do not take window/softcap yet (use the reference backend)")
     p = varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     out = empty_like_rows(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)

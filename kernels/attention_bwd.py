@@ -459,6 +459,8 @@ def attention_backward(
     lse: torch.Tensor,
     needs=(True, True, True),
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     deterministic: bool = True,
     split_heads: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -466,6 +468,8 @@ def attention_backward(
     (dq, dk, dv) shaped like q, k, v; an empty tensor for each one not in ``needs``.
     ``deterministic=False`` allows the split-heads GQA path with fp32 atomics."""
     check_inputs("attention backward", q, k, v)
+    if window is not None or softcap is not None:
+        raise NotImplementedError("attention backward: the triton kernels do not take window/softcap yet (use the reference backend)")
     b, h, tq, d = q.shape
     p = Problem(b, h, k.shape[1], d, tq, k.shape[2], bool(causal), default_scale(scale, d), varlen=False,
                 key_lens=None if key_lens is None else key_lens.to(device=q.device, dtype=torch.int32).contiguous())
@@ -487,11 +491,15 @@ def attention_varlen_backward(
     lse: torch.Tensor,
     needs=(True, True, True),
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     deterministic: bool = True,
     split_heads: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed backward: q/out/grad (total_q, H, D), k/v (total_k, Hkv, D), lse (H, total_q) ->
     (dq, dk, dv) shaped like q, k, v (empty where not in ``needs``)."""
     check_inputs("attention_varlen backward", q, k, v)
+    if window is not None or softcap is not None:
+        raise NotImplementedError("attention_varlen backward: the triton kernels do not take window/softcap yet (use the reference backend)")
     p = varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     return _backward(p, grad.to(q.dtype), q, k, v, out, lse.float().contiguous(), needs, deterministic, split_heads)

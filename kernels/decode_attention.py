@@ -110,9 +110,11 @@ def _num_splits(max_len: int, programs: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max_len, 256), 64))
 
 
-def decode_attention(q, k, v, cache_lens, scale=None, block_table=None):
+def decode_attention(q, k, v, cache_lens, scale=None, block_table=None, window=None, softcap=None):
     """q (B, H, Tq, D); k/v (B, Hkv, Lmax, D), or pages (num_blocks, Hkv, PAGE, D) with
     block_table (B, max_blocks); cache_lens (B,) -> o (B, H, Tq, D) in q's dtype."""
+    if window is not None or softcap is not None:
+        raise NotImplementedError("decode_attention: the triton kernels do not take window/softcap yet (use the reference backend)")
     b, h, tq, d = q.shape
     hkv = k.shape[1]
     group = h // hkv

@@ -35,6 +35,7 @@ from fastlm.ops.checks import (
     check_ndim,
     check_same_device,
     check_same_dtype,
+    check_window_softcap,
 )
 
 __all__ = [
@@ -98,13 +99,18 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     key_lens: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention, o = softmax(q·kᵀ·scale + mask)·v.
+    """Scaled dot-product attention, o = softmax(s + mask)·v with s = q·kᵀ·scale.
 
     q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with H divisible by Hkv (GQA/MQA: query head h
     reads key/value head h // (H / Hkv)) -> o (B, H, Tq, D). scale defaults to 1/sqrt(D).
-    causal: query i sees keys j <= i + (Tk - Tq), i.e. aligned bottom-right as for a cached
-    prefix. key_lens (B,) int: for right-padded batches, keys j >= key_lens[b] are hidden.
+    causal: query i, at position p_i = i + (Tk - Tq) (aligned bottom-right as for a cached
+    prefix), sees keys j <= p_i. key_lens (B,) int: for right-padded batches, keys
+    j >= key_lens[b] are hidden. window (int >= 1, needs causal; transformers'
+    ``sliding_window``): query i sees only keys p_i - window < j <= p_i. softcap (float > 0,
+    Gemma 2): s ← softcap·tanh(s / softcap) before masking and softmax.
     A query row that sees no key returns zeros (and zero gradients), never NaN. Differentiable.
     """
     check_ndim("attention", q=(q, 4), k=(k, 4), v=(v, 4))
@@ -114,7 +120,8 @@ def attention(
     _check_heads("attention", q, k, v)
     if key_lens is not None:
         _check_lengths("attention key_lens", key_lens, q.shape[0], q.device)
-    return run("attention", q.device, q, k, v, bool(causal), scale, key_lens)
+    window, softcap = check_window_softcap("attention", window, softcap, bool(causal))
+    return run("attention", q.device, q, k, v, bool(causal), scale, key_lens, window, softcap)
 
 
 def decode_attention(
@@ -124,13 +131,17 @@ def decode_attention(
     cache_lens: torch.Tensor,
     *,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of the newest Tq tokens of each sequence over its KV cache.
 
     q (B, H, Tq, D) (Tq = 1 for plain decoding, a few for speculative verification);
     k_cache, v_cache (B, Hkv, Lmax, D); cache_lens (B,) int: valid cache length of each
     sequence, *including* the Tq new tokens already written at cache_lens[b] - Tq ... - 1.
-    Causal among the new tokens. Returns (B, H, Tq, D).
+    Causal among the new tokens: query t, at position p = cache_lens[b] - Tq + t, sees keys
+    j <= p, and with a sliding window (int >= 1) only j > p - window. softcap (float > 0):
+    scores s ← softcap·tanh(s / softcap). Returns (B, H, Tq, D).
     """
     check_ndim("decode_attention", q=(q, 4), k_cache=(k_cache, 4), v_cache=(v_cache, 4))
     check_floating("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
@@ -138,7 +149,8 @@ def decode_attention(
     check_same_device("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     _check_heads("decode_attention", q, k_cache, v_cache)
     _check_lengths("decode_attention cache_lens", cache_lens, q.shape[0], q.device)
-    return run("decode_attention", q.device, q, k_cache, v_cache, cache_lens, scale)
+    window, softcap = check_window_softcap("decode_attention", window, softcap)
+    return run("decode_attention", q.device, q, k_cache, v_cache, cache_lens, scale, window, softcap)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

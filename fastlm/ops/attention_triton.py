@@ -27,7 +27,7 @@ import torch
 
 from fastlm.ops import reference, reference_backward
 from fastlm.ops.backend import kernel_module, register_kernel
-from fastlm.ops.checks import check_floating, check_ndim, check_same_device, check_same_dtype
+from fastlm.ops.checks import check_floating, check_ndim, check_same_device, check_same_dtype, check_window_softcap
 from fastlm.ops.registry import OpSpec, define_op, run
 
 __all__ = [
@@ -55,15 +55,16 @@ def kernel_modules() -> tuple[ModuleType, ModuleType]:
 # --------------------------------------------------------------------------------------------
 
 
-def triton_attention(q, k, v, causal, scale, key_lens):
+def triton_attention(q, k, v, causal, scale, key_lens, window, softcap):
     """(out, lse) of ``fastlm::attention`` on the triton backend."""
-    return kernel_modules()[0].attention_forward(q, k, v, causal, scale, key_lens)
+    return kernel_modules()[0].attention_forward(q, k, v, causal, scale, key_lens, window, softcap)
 
 
-def triton_attention_backward(grad, q, k, v, causal, scale, key_lens, out, lse, needs):
+def triton_attention_backward(grad, q, k, v, causal, scale, key_lens, window, softcap, out, lse, needs):
     """[dq, dk, dv] of ``fastlm::attention_backward``: an empty tensor where ``needs`` is False."""
     grads = kernel_modules()[1].attention_backward(
-        grad, q, k, v, causal, scale, key_lens, out, lse, needs, deterministic=deterministic_backward())
+        grad, q, k, v, causal, scale, key_lens, out, lse, needs, window=window, softcap=softcap,
+        deterministic=deterministic_backward())
     return list(grads)
 
 
@@ -77,7 +78,8 @@ def _spans(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(offsets[:-1], offsets[1:]))
 
 
-def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                               window=None, softcap=None):
     """Plain PyTorch: ``reference.attention_forward`` on each packed sequence.
 
     q (total_q, H, D), k/v (total_k, Hkv, D) -> (out (total_q, H, D), lse (H, total_q) float32;
@@ -87,7 +89,7 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     outs, lses = [], []
     for (qs, qe), (ks, ke) in zip(_spans(cu_seqlens_q), _spans(cu_seqlens_k)):
         qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[qs:qe], k[ks:ke], v[ks:ke]))  # (1, heads, T, D)
-        o, lse = reference.attention_forward(qb, kb, vb, causal, scale, None)
+        o, lse = reference.attention_forward(qb, kb, vb, causal, scale, None, window, softcap)
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0])
     lse_dtype = reference.wide(q).dtype
@@ -97,7 +99,7 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
 
 def attention_varlen_reference_backward(
-    grad, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, out, lse
+    grad, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window, softcap, out, lse
 ):
     """(dq, dk, dv): ``reference_backward.attention_backward`` on each packed sequence."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -106,7 +108,7 @@ def attention_varlen_reference_backward(
         args = (t.transpose(0, 1)[None] for t in (grad[qs:qe], q[qs:qe], k[ks:ke], v[ks:ke]))
         g, qb, kb, vb = args
         ob, lb = out[qs:qe].transpose(0, 1)[None], lse[:, qs:qe][None]
-        dq, dk, dv = reference_backward.attention_backward(g, qb, kb, vb, causal, scale, None, ob, lb)
+        dq, dk, dv = reference_backward.attention_backward(g, qb, kb, vb, causal, scale, None, window, softcap, ob, lb)
         dqs.append(dq[0].transpose(0, 1))
         dks.append(dk[0].transpose(0, 1))
         dvs.append(dv[0].transpose(0, 1))
@@ -115,7 +117,7 @@ def attention_varlen_reference_backward(
     return torch.cat(dqs), torch.cat(dks), torch.cat(dvs)
 
 
-def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window, softcap):
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
 
@@ -123,7 +125,7 @@ def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 VARLEN_SPEC = OpSpec(
     "attention_varlen",
     "Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-    "int max_seqlen_k, bool causal, float? scale",
+    "int max_seqlen_k, bool causal, float? scale, int? window, float? softcap",
     "(Tensor, Tensor)",  # out (total_q, H, D), logsumexp (H, total_q) float32
     _varlen_fake,
     differentiable=(0, 1, 2),
@@ -135,17 +137,19 @@ VARLEN_SPEC = OpSpec(
 define_op(VARLEN_SPEC)
 
 
-def triton_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def triton_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                            window, softcap):
     return kernel_modules()[0].attention_varlen_forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window, softcap)
 
 
 def triton_attention_varlen_backward(
-    grad, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, out, lse, needs
+    grad, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window, softcap, out, lse,
+    needs
 ):
     grads = kernel_modules()[1].attention_varlen_backward(
         grad, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, out, lse, needs,
-        deterministic=deterministic_backward())
+        window=window, softcap=softcap, deterministic=deterministic_backward())
     return list(grads)
 
 
@@ -205,6 +209,8 @@ def attention_varlen(
     max_seqlen_k: int,
     causal: bool = False,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention over packed variable-length sequences (flash-attn's varlen API).
 
@@ -213,7 +219,9 @@ def attention_varlen(
     query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1 and key rows likewise. max_seqlen_*:
     the longest sequence (sizes the kernel grid). Each query attends only to keys of its own
     sequence; causal aligns bottom-right per sequence (query i of a sequence with Tq queries and
-    Tk keys sees keys j <= i + Tk - Tq). scale defaults to 1/sqrt(D). Returns (total_q, H, D);
+    Tk keys sees keys j <= i + Tk - Tq); window (int >= 1, needs causal): only keys
+    j > i + Tk - Tq - window; softcap (float > 0): scores s ← softcap·tanh(s / softcap).
+    scale defaults to 1/sqrt(D). Returns (total_q, H, D);
     rows that see no key are 0. Differentiable. Equal to ``fastlm.ops.attention`` on each sequence.
     """
     check_ndim("attention_varlen", q=(q, 3), k=(k, 3), v=(v, 3))
@@ -237,5 +245,7 @@ def attention_varlen(
             f"got shapes {tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
     _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    window, softcap = check_window_softcap("attention_varlen", window, softcap, bool(causal))
     return run("attention_varlen", q.device, q, k, v, cu_seqlens_q, cu_seqlens_k,
-               int(max_seqlen_q), int(max_seqlen_k), bool(causal), None if scale is None else float(scale))
+               int(max_seqlen_q), int(max_seqlen_k), bool(causal), None if scale is None else float(scale),
+               window, softcap)

@@ -49,3 +49,21 @@ def check_last_dim(op: str, x: torch.Tensor, **params: torch.Tensor) -> None:
     for name, p in params.items():
         if x.dim() == 0 or p.shape != (d,):
             raise ValueError(f"{op}: expected {name} of shape ({d},) matching x (..., {d}), got {tuple(p.shape)}")
+
+
+def check_window_softcap(op: str, window, softcap, causal: bool = True) -> tuple[int | None, float | None]:
+    """Validate attention's sliding ``window`` (an int >= 1, or None; needs causal) and logit
+    ``softcap`` (a finite float > 0, or None); returns them as (int | None, float | None)."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{op}: window must be an integer >= 1 (the number of most recent keys each query "
+                             f"sees) or None, got {window!r}")
+        if not causal:
+            raise ValueError(f"{op}: window={window} (sliding-window attention) requires causal=True")
+        window = int(window)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf"):
+            raise ValueError(f"{op}: softcap must be a finite number > 0 (scores become softcap·tanh(s / softcap)) "
+                             f"or None, got {softcap!r}")
+        softcap = float(softcap)
+    return window, softcap

@@ -20,20 +20,27 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def softcap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma-2 logit soft-capping: s ← softcap·tanh(s / softcap) (identity when softcap is None)."""
+    return scores if softcap is None else softcap * torch.tanh(scores / softcap)
+
+
 def _attention_core(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q·kᵀ·scale, masked by ``visible``)·v in float32, and the row logsumexp.
+    """softmax(s, masked by ``visible``)·v in float32, and the row logsumexp, where
+    s = scale·q·kᵀ, soft-capped to softcap·tanh(s / softcap) when softcap is given.
 
     q (B, H, Tq, D), k/v (B, Hkv, Tk, D), visible broadcastable to (B, H, Tq, Tk) ->
-    out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32 = log Σ_visible exp(q·k·scale).
+    out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32 = log Σ_visible exp(s).
     A row that sees no key gives out = 0 and lse = -inf.
     """
     group = q.shape[1] // k.shape[1]
     # GQA: query head h reads key/value head h // group (transformers' repeat_kv order).
     k = wide(k).repeat_interleave(group, dim=1)
     v = wide(v).repeat_interleave(group, dim=1)
-    scores = torch.matmul(wide(q), k.transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    scores = softcap_scores(torch.matmul(wide(q), k.transpose(-1, -2)) * scale, softcap)  # (B, H, Tq, Tk)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where no key is visible
     any_visible = visible.any(dim=-1, keepdim=True)
@@ -50,17 +57,22 @@ def attention_mask(
     causal: bool,
     key_lens: torch.Tensor | None,
     device: torch.device,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Boolean visibility mask, True where query i may attend to key j.
 
-    Causal masking is aligned bottom-right: query i sees keys j <= i + (tk - tq). With
-    ``key_lens`` (B,), keys j >= key_lens[b] are hidden. Shape (B or 1, 1, tq, tk).
+    Queries sit at the last tq key positions (bottom-right): query i is at position
+    p_i = i + (tk - tq). Causal: j <= p_i. Sliding window (transformers' ``sliding_window``,
+    requires causal): also j > p_i - window, i.e. the last ``window`` keys, itself included.
+    With ``key_lens`` (B,), keys j >= key_lens[b] are hidden. Shape (B or 1, 1, tq, tk).
     """
     i = torch.arange(tq, device=device)[:, None]
     j = torch.arange(tk, device=device)[None, :]
     visible = torch.ones(tq, tk, dtype=torch.bool, device=device)
     if causal:
         visible = j <= i + (tk - tq)
+    if window is not None:
+        visible = visible & (j > i + (tk - tq) - window)
     visible = visible[None, None]
     if key_lens is not None:
         visible = visible & (j[None, None] < key_lens.to(device).view(-1, 1, 1, 1))
@@ -74,14 +86,19 @@ def attention_forward(
     causal: bool = False,
     scale: float | None = None,
     key_lens: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse): o = softmax(q·kᵀ·scale + mask)·v and lse = logsumexp(q·kᵀ·scale + mask, -1).
+    """(o, lse): o = softmax(s + mask)·v and lse = logsumexp(s + mask, -1), with
+    s = scale·q·kᵀ soft-capped (softcap·tanh(s / softcap)) when softcap is given, and the mask
+    of :func:`attention_mask` (causal, sliding window, key_lens).
 
     q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> o (B, H, Tq, D), lse (B, H, Tq) float32.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    visible = attention_mask(q.shape[2], k.shape[2], causal=causal, key_lens=key_lens, device=q.device)
-    return _attention_core(q, k, v, visible, scale)
+    visible = attention_mask(q.shape[2], k.shape[2], causal=causal, key_lens=key_lens, device=q.device,
+                             window=window)
+    return _attention_core(q, k, v, visible, scale, softcap)
 
 
 def attention(
@@ -91,9 +108,11 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     key_lens: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """o = softmax(q·kᵀ·scale + mask)·v.  q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
-    return attention_forward(q, k, v, causal, scale, key_lens)[0]
+    """o = softmax(s + mask)·v.  q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
+    return attention_forward(q, k, v, causal, scale, key_lens, window, softcap)[0]
 
 
 def decode_attention(
@@ -102,19 +121,27 @@ def decode_attention(
     v_cache: torch.Tensor,
     cache_lens: torch.Tensor,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of the last Tq tokens of each sequence over its cached keys.
 
     q (B, H, Tq, D); caches (B, Hkv, Lmax, D); cache_lens (B,) valid lengths *including*
     the Tq new tokens, which sit at positions cache_lens[b] - Tq ... cache_lens[b] - 1.
-    Query t of sequence b sees keys j <= cache_lens[b] - Tq + t.
+    Query t of sequence b, at position p = cache_lens[b] - Tq + t, sees keys j <= p, and with a
+    sliding window only j > p - window. softcap: scores s ← softcap·tanh(s / softcap).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     tq, lmax = q.shape[2], k_cache.shape[2]
     t = torch.arange(tq, device=q.device)[None, :, None]
     j = torch.arange(lmax, device=q.device)[None, None, :]
     last_visible = cache_lens.to(q.device).view(-1, 1, 1) - tq + t  # (B, Tq, 1)
-    visible = (j <= last_visible)[:, None]  # (B, 1, Tq, Lmax)
+    visible = j <= last_visible
+    if window is not None:
+        visible = visible & (j > last_visible - window)
+    visible = visible[:, None]  # (B, 1, Tq, Lmax)
+    if softcap is not None:  # SDPA has no soft-cap: the materialized reference core
+        return _attention_core(q, k_cache, v_cache, visible, scale, softcap)[0]
     # The same float32 softmax as _attention_core, through PyTorch's fused attention (no
     # materialized GQA copies or score matrix: this is also the CPU decode path).
     out = F.scaled_dot_product_attention(wide(q), wide(k_cache), wide(v_cache), attn_mask=visible, scale=scale,

@@ -22,26 +22,30 @@ def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1, grad.shape[-1]).sum(dim=0).to(like.dtype)
 
 
-def attention_backward(grad, q, k, v, causal, scale, key_lens, out, lse):
-    """FlashAttention-2's backward from the saved output and logsumexp:
-    P = exp(q·kᵀ·scale - lse) on visible keys (0 on rows with lse = -inf), dV = Pᵀ·dO,
-    dS = P ∘ (dO·Vᵀ - rowsum(dO ∘ O)), dQ = dS·K·scale, dK = dSᵀ·Q·scale; GQA gradients
-    summed over the query heads of each group."""
+def attention_backward(grad, q, k, v, causal, scale, key_lens, window, softcap, out, lse):
+    """FlashAttention-2's backward from the saved output and logsumexp: with raw scores
+    r = q·kᵀ·scale and s = r (or s = c·tanh(r / c) with softcap c),
+    P = exp(s - lse) on visible keys (0 on rows with lse = -inf), dV = Pᵀ·dO,
+    dS = P ∘ (dO·Vᵀ - rowsum(dO ∘ O)), dR = dS ∘ ds/dr with ds/dr = 1 - tanh²(r / c) = 1 - (s / c)²
+    (1 without softcap), dQ = dR·K·scale, dK = dRᵀ·Q·scale; GQA gradients summed over the query
+    heads of each group."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = h // hkv
-    visible = reference.attention_mask(tq, tk, causal=causal, key_lens=key_lens, device=q.device)
+    visible = reference.attention_mask(tq, tk, causal=causal, key_lens=key_lens, device=q.device, window=window)
     qf, do, of = wide(q), wide(grad), wide(out)
     kf = wide(k).repeat_interleave(group, dim=1)
     vf = wide(v).repeat_interleave(group, dim=1)
     lse = wide(lse)[..., None]
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    scores = reference.softcap_scores(torch.matmul(qf, kf.transpose(-1, -2)) * scale, softcap)
     p = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))
     p = p.masked_fill(~visible | torch.isinf(lse), 0.0)
     dv = torch.matmul(p.transpose(-1, -2), do)
     dp = torch.matmul(do, vf.transpose(-1, -2))
     ds = p * (dp - (do * of).sum(dim=-1, keepdim=True))
+    if softcap is not None:
+        ds = ds * (1.0 - (scores / softcap).square())
     dq = torch.matmul(ds, kf) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
 

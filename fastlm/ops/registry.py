@@ -64,9 +64,9 @@ def _linear_fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
 SPECS: tuple[OpSpec, ...] = (
     OpSpec(
         "attention",
-        "Tensor q, Tensor k, Tensor v, bool causal, float? scale, Tensor? key_lens",
+        "Tensor q, Tensor k, Tensor v, bool causal, float? scale, Tensor? key_lens, int? window, float? softcap",
         "(Tensor, Tensor)",  # out (B, H, Tq, D), logsumexp (B, H, Tq) float32
-        lambda q, k, v, causal, scale, key_lens: (
+        lambda q, k, v, causal, scale, key_lens, window, softcap: (
             torch.empty_like(q),
             q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32)),
         ),
@@ -77,9 +77,9 @@ SPECS: tuple[OpSpec, ...] = (
     ),
     OpSpec(
         "decode_attention",
-        "Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float? scale",
+        "Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float? scale, int? window, float? softcap",
         "Tensor",
-        lambda q, k, v, lens, scale: torch.empty_like(q),
+        lambda q, k, v, lens, scale, window, softcap: torch.empty_like(q),
     ),
     OpSpec(
         "rms_norm",

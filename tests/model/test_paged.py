@@ -21,7 +21,7 @@ def test_paged_decode_attention_equals_contiguous():
     torch.testing.assert_close(out, ops.decode_attention(q, k, v, lens))
     assert torch.equal(k[0, :, 4:8], pages_k[7])  # positions 4..7 of sequence 0 live in block 7
     torch.library.opcheck(torch.ops.fastlm.decode_attention_paged.default,
-                          (q, pages_k, pages_v, table, lens, None, "reference"))
+                          (q, pages_k, pages_v, table, lens, None, None, None, "reference"))
     with pytest.raises(ValueError, match="one row per sequence"):
         ops.decode_attention_paged(q, pages_k, pages_v, table[:2], lens)
 

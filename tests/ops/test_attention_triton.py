@@ -58,7 +58,7 @@ def reference64(q, k, v, do, causal=False, scale=None, key_lens=None):
     """(out, lse, dq, dk, dv) in float64 from the reference formulas."""
     q, k, v, do = (t.double() for t in (q, k, v, do))
     out, lse = reference.attention_forward(q, k, v, causal, scale, key_lens)
-    grads = reference_backward.attention_backward(do, q, k, v, causal, scale, key_lens, out, lse)
+    grads = reference_backward.attention_backward(do, q, k, v, causal, scale, key_lens, None, None, out, lse)
     return (out, lse, *grads)
 
 
@@ -118,7 +118,7 @@ def test_fp32_output_lse_and_grads_match_reference(b, h, hkv, tq, tk, d, causal,
     got = run_backend("triton", q, k, v, do, causal=causal, key_lens=key_lens)
     ref = reference64(q, k, v, do, causal, None, key_lens)
     assert_close_to_reference(got, (ref[0], *ref[2:]))
-    _, lse = torch.ops.fastlm.attention(q, k, v, causal, None, key_lens, "triton")
+    _, lse = torch.ops.fastlm.attention(q, k, v, causal, None, key_lens, None, None, "triton")
     assert lse.dtype == torch.float32 and lse.shape == (b, h, tq)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref[1]))  # -inf exactly on rows that see no key
     torch.testing.assert_close(lse.double().nan_to_num(neginf=0.0), ref[1].nan_to_num(neginf=0.0), rtol=1e-5, atol=1e-5)
@@ -149,7 +149,7 @@ def test_fully_masked_rows_and_hidden_keys_get_exact_zeros():
     q, k, v, do = make_inputs(2, 2, 1, 37, 9, 32)
     key_lens = torch.tensor([9, 0], device=DEVICE)
     out, dq, dk, dv = run_backend("triton", q, k, v, do, causal=True, key_lens=key_lens)
-    _, lse = torch.ops.fastlm.attention(q, k, v, True, None, key_lens, "triton")
+    _, lse = torch.ops.fastlm.attention(q, k, v, True, None, key_lens, None, None, "triton")
     # Batch 0: causal with Tq - Tk = 28, rows 0..27 see nothing. Batch 1: no key at all.
     for rows in (out[0, :, :28], dq[0, :, :28], out[1], dq[1], dk[1], dv[1]):
         assert torch.equal(rows, torch.zeros_like(rows))
@@ -180,7 +180,7 @@ def test_only_needed_gradients_are_computed():
     out.backward(do)
     ref = reference64(q.detach(), k, v, do, True)
     torch.testing.assert_close(q.grad.double(), ref[2], rtol=1e-4, atol=1e-4)
-    needs = torch.ops.fastlm.attention_backward(do, q.detach(), k, v, True, None, None, out, ref[1].float(),
+    needs = torch.ops.fastlm.attention_backward(do, q.detach(), k, v, True, None, None, None, None, out, ref[1].float(),
                                                 [False, True, False], "triton")
     assert [t.numel() for t in needs] == [0, k.numel(), 0]
 
@@ -225,7 +225,8 @@ def test_triton_limits_raise_clear_errors():
 
 def test_opcheck_attention_triton():
     q, k, v, _ = make_inputs(1, 2, 1, 9, 13, 32)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, None, torch.tensor([13], device=DEVICE))
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), True, None, torch.tensor([13], device=DEVICE),
+            None, None)
     torch.library.opcheck(torch.ops.fastlm.attention.default, (*args, "triton"))
 
 
@@ -234,7 +235,7 @@ def test_torch_compile_traces_the_triton_op():
     q, k, v, do = make_inputs(1, 2, 1, 17, 17, 32)
 
     def block(q, k, v):
-        return torch.ops.fastlm.attention(q, k, v, True, None, None, "triton")[0]
+        return torch.ops.fastlm.attention(q, k, v, True, None, None, None, None, "triton")[0]
 
     def public(q, k, v):
         return ops.attention(q, k, v, causal=True)

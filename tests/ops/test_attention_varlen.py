@@ -96,8 +96,8 @@ def test_varlen_equals_attention_on_each_sequence(q_lens, k_lens, h, hkv, d, cau
 def test_varlen_lse_layout_and_empty_rows():
     q_lens, k_lens = [4, 6], [0, 6]
     q, k, v, _, cu_q, cu_k = packed(q_lens, k_lens, 2, 2, 32)
-    out, lse = torch.ops.fastlm.attention_varlen(q, k, v, cu_q, cu_k, 4, 6, True, None, "triton")
-    ref_out, ref_lse = torch.ops.fastlm.attention_varlen(q, k, v, cu_q, cu_k, 4, 6, True, None, "reference")
+    out, lse = torch.ops.fastlm.attention_varlen(q, k, v, cu_q, cu_k, 4, 6, True, None, None, None, "triton")
+    ref_out, ref_lse = torch.ops.fastlm.attention_varlen(q, k, v, cu_q, cu_k, 4, 6, True, None, None, None, "reference")
     assert lse.shape == (2, 10) and lse.dtype == torch.float32
     assert torch.isinf(lse[:, :4]).all() and torch.isfinite(lse[:, 4:]).all()  # the first sequence has no key
     assert torch.equal(out[:4], torch.zeros_like(out[:4]))
@@ -186,13 +186,13 @@ def test_reference_backend_equals_per_sequence_attention():
 @pytest.mark.parametrize("causal", [False, True])
 def test_opcheck_varlen_reference(causal):
     q, k, v, _, cu_q, cu_k = packed([3, 0, 5], [4, 2, 5], 4, 2, 8, dtype=torch.float64, device="cpu")
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 5, 5, causal, None)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 5, 5, causal, None, None, None)
     torch.library.opcheck(torch.ops.fastlm.attention_varlen.default, (*args, "reference"))
 
 
 def test_opcheck_varlen_triton():
     q, k, v, _, cu_q, cu_k = packed([3, 9], [4, 9], 2, 1, 32)
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 9, 9, True, None)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu_q, cu_k, 9, 9, True, None, None, None)
     torch.library.opcheck(torch.ops.fastlm.attention_varlen.default, (*args, "triton"))
 
 
@@ -201,7 +201,7 @@ def test_torch_compile_traces_the_varlen_op():
     q, k, v, do, cu, _ = packed(lens, lens, 2, 1, 32)
 
     def block(q, k, v, cu):
-        return torch.ops.fastlm.attention_varlen(q, k, v, cu, cu, 12, 12, True, None, "triton")[0]
+        return torch.ops.fastlm.attention_varlen(q, k, v, cu, cu, 12, 12, True, None, None, None, "triton")[0]
 
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)

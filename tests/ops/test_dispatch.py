@@ -107,9 +107,9 @@ def test_kernel_backend_trains_through_the_custom_op(monkeypatch):
     def forward(*args):
         return reference.attention_forward(*args)
 
-    def backward(grad, q, k, v, causal, scale, key_lens, out, lse, needs):
+    def backward(grad, q, k, v, causal, scale, key_lens, window, softcap, out, lse, needs):
         seen["lse"], seen["needs"] = lse, list(needs)
-        grads = reference_backward.attention_backward(grad, q, k, v, causal, scale, key_lens, out, lse)
+        grads = reference_backward.attention_backward(grad, q, k, v, causal, scale, key_lens, window, softcap, out, lse)
         return [g if need else g.new_empty(0) for g, need in zip(grads, needs)]
 
     monkeypatch.setitem(backend._KERNELS, ("attention", "triton"), forward)

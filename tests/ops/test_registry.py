@@ -21,10 +21,12 @@ def op_cases():
     q_w, lora_a, lora_b = _double(10, 12), _double(3, 12), _double(10, 3)
     qweight, scales = reference.quantize_int8(torch.randn(10, 12))
     return [
-        ("attention", (q, k, v, False, None, None)),
-        ("attention", (q, k, v, True, 0.7, None)),
-        ("attention", (q, k, v, True, None, torch.tensor([7, 0]))),  # padding + a fully masked sequence
-        ("decode_attention", (q[:, :, :2], k, v, torch.tensor([3, 7]), None)),
+        ("attention", (q, k, v, False, None, None, None, None)),
+        ("attention", (q, k, v, True, 0.7, None, None, None)),
+        ("attention", (q, k, v, True, None, torch.tensor([7, 0]), None, None)),  # padding + a fully masked sequence
+        ("attention", (q, k, v, True, None, torch.tensor([7, 4]), 3, 0.9)),  # sliding window + soft-cap
+        ("decode_attention", (q[:, :, :2], k, v, torch.tensor([3, 7]), None, None, None)),
+        ("decode_attention", (q[:, :, :2], k, v, torch.tensor([3, 7]), None, 2, 1.5)),
         ("rms_norm", (x, w, 1e-6)),
         ("layer_norm", (x, w, _double(12), 1e-5)),
         ("rope", (_double(2, 3, 5, 8), torch.arange(5), 10000.0)),
@@ -85,14 +87,14 @@ def test_custom_op_gradients_match_autograd_through_reference(name, args):
 def test_gradcheck_attention_through_custom_op():
     q, k, v = (t.requires_grad_(True) for t in (_double(1, 2, 3, 4), _double(1, 1, 5, 4), _double(1, 1, 5, 4)))
     assert torch.autograd.gradcheck(
-        lambda q, k, v: torch.ops.fastlm.attention(q, k, v, True, None, None, "reference")[0], (q, k, v)
+        lambda q, k, v: torch.ops.fastlm.attention(q, k, v, True, None, None, None, None, "reference")[0], (q, k, v)
     )
 
 
 def test_attention_logsumexp_output():
     q, k, v = _double(2, 2, 4, 8), _double(2, 1, 6, 8), _double(2, 1, 6, 8)
     key_lens = torch.tensor([6, 0])
-    out, lse = torch.ops.fastlm.attention(q, k, v, True, 0.5, key_lens, "reference")
+    out, lse = torch.ops.fastlm.attention(q, k, v, True, 0.5, key_lens, None, None, "reference")
     scores = (q @ k.transpose(-1, -2)) * 0.5  # (B, H, 4, 6); causal offset 2: query i sees keys <= i + 2
     mask = torch.arange(6)[None, :] <= torch.arange(4)[:, None] + 2
     expected = torch.logsumexp(scores[0].masked_fill(~mask, float("-inf")), dim=-1)
@@ -114,7 +116,7 @@ def test_torch_compile_traces_custom_ops():
 
     def block(x, w, q, k, v):
         h = torch.ops.fastlm.rms_norm(x, w, 1e-6, "reference")
-        o = torch.ops.fastlm.attention(q, k, v, True, None, None, "reference")[0]
+        o = torch.ops.fastlm.attention(q, k, v, True, None, None, None, None, "reference")[0]
         return h.sum() + o.sum()
 
     args = [torch.randn(2, 8), torch.randn(8), torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)]
