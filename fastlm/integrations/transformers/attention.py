@@ -27,19 +27,19 @@ queries, padded keys). Rows are rotated (a gather) so each row's real tokens com
 and per-sequence bottom-right causal alignment in ``attention_varlen`` (query i' sees keys
 j' <= i' + n_b - nq_b) is then exactly transformers' causal mask (n_b - nq_b = M - Tq + qs_b - s_b).
 Sliding windows (transformers' ``sliding_window``: query i sees keys with i - j < window) and
-Gemma-2 soft-capping are passed to the fastlm ops when they support them; a window at least as
-long as the keys is a no-op and is dropped. Padded query rows come back as zeros.
+Gemma-2 soft-capping (``softcap``: scores s -> softcap·tanh(s / softcap)) go to the fastlm ops'
+``window=`` / ``softcap=``; a window at least as long as the keys is a no-op and is dropped. Padded query rows come back as zeros.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 
 import torch
 
 import fastlm.ops as ops
+from fastlm.ops.checks import check_window_softcap
 from fastlm.ops.registry import run
 
 logger = logging.getLogger(__name__)
@@ -47,16 +47,6 @@ logger = logging.getLogger(__name__)
 NAME = "fastlm"
 
 __all__ = ["NAME", "fastlm_attention_forward", "fastlm_mask", "register", "is_registered"]
-
-
-def _keywords(fn: Callable) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
-
-
-# Which optional features the installed fastlm ops accept (window= and softcap= are added to the
-# attention ops by the sliding-window/soft-capping work; until then such calls are refused).
-_DENSE_KW = _keywords(ops.attention)
-_VARLEN_KW = _keywords(ops.attention_varlen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,24 +134,6 @@ def fastlm_mask(
 # --------------------------------------------------------------------------------------------
 
 
-def _features(kw: frozenset[str], op: str, window: int | None, softcap: float | None) -> dict:
-    extra = {}
-    if window is not None:
-        if "window" not in kw:
-            raise NotImplementedError(
-                f"attn_implementation='fastlm': this model uses a sliding window of {window} keys over longer "
-                f"sequences, and the installed fastlm.ops.{op} has no window= argument yet; use "
-                f"attn_implementation='sdpa' or 'eager' for it")
-        extra["window"] = int(window)
-    if softcap is not None:
-        if "softcap" not in kw:
-            raise NotImplementedError(
-                f"attn_implementation='fastlm': this model soft-caps attention scores (softcap={softcap}), and "
-                f"the installed fastlm.ops.{op} has no softcap= argument yet; use attn_implementation='eager'")
-        extra["softcap"] = float(softcap)
-    return extra
-
-
 def _rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rows rotated left by shift: out[b, t] = x[b, (t + shift[b]) mod T].  x (B, T, ...)."""
     t = x.shape[1]
@@ -184,7 +156,7 @@ def _cu(starts: torch.Tensor, counts: torch.Tensor, length: int, second: str) ->
     return torch.cat((zero, bounds.reshape(-1))).to(torch.int32)
 
 
-def _padded_attention(query, key, value, keep, causal, scaling, extra):
+def _padded_attention(query, key, value, keep, causal, scaling, window, softcap):
     """query (B, H, Tq, D), key/value (B, Hkv, Tk, D), keep (B, M) bool -> (B, Tq, H, D)."""
     b, _, tq, _ = query.shape
     tk = key.shape[2]
@@ -213,13 +185,9 @@ def _padded_attention(query, key, value, keep, causal, scaling, extra):
     cu_q = _cu(rows * tq, n_queries, tq, "pad")
     cu_k = _cu(rows * tk, n_keys, tk, "last")
     # The offsets are valid by construction: call the registered op directly, skipping the public
-    # function's value checks (each a host sync).
-    args = (q, k, v, cu_q, cu_k, tq, tk, bool(causal), scaling)
-    if extra:
-        out = ops.attention_varlen(*args[:5], max_seqlen_q=tq, max_seqlen_k=tk, causal=bool(causal),
-                                   scale=scaling, **extra)
-    else:
-        out = run("attention_varlen", q.device, *args)
+    # function's value checks of them (each a host sync).
+    window, softcap = check_window_softcap("attention_varlen", window, softcap, bool(causal))
+    out = run("attention_varlen", q.device, q, k, v, cu_q, cu_k, tq, tk, bool(causal), scaling, window, softcap)
     return _rotate(out.view(b, tq, h, d), (tq - q_first) % tq)
 
 
@@ -256,16 +224,15 @@ def fastlm_attention_forward(
     if sliding_window is not None and sliding_window >= tk:
         sliding_window = None  # every key is inside the window
     if attention_mask is None:
-        extra = _features(_DENSE_KW, "attention", sliding_window, softcap)
-        out = ops.attention(query, key, value, causal=bool(causal), scale=scaling, **extra)
+        out = ops.attention(query, key, value, causal=bool(causal), scale=scaling, window=sliding_window, softcap=softcap)
         return out.transpose(1, 2).contiguous(), None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
         raise TypeError(
             "attn_implementation='fastlm' expects the (batch, keys) bool mask built by its own mask function; got "
             f"{type(attention_mask).__name__} {tuple(getattr(attention_mask, 'shape', ()))} — was the model's "
             "mask built for another attention implementation?")
-    extra = _features(_VARLEN_KW, "attention_varlen", sliding_window, softcap)
-    return _padded_attention(query, key, value, attention_mask, causal, scaling, extra), None
+    out = _padded_attention(query, key, value, attention_mask, causal, scaling, sliding_window, softcap)
+    return out, None
 
 
 def register() -> None:
