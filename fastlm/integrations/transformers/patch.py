@@ -135,13 +135,15 @@ def _mlp_kind(hf: nn.Module) -> str | None:
 
 
 def _plain_rope_theta(inv_freq: torch.Tensor, head_dim: int) -> float | None:
-    """theta if ``inv_freq`` is plain RoPE's theta^(-2i/D) for D = head_dim, else None."""
+    """theta if ``inv_freq`` is plain RoPE's theta^(-2i/D) for D = head_dim (to the rounding of
+    the buffer's dtype: ``model.to(bfloat16)`` rounds it), else None."""
     if inv_freq.numel() != head_dim // 2 or inv_freq.numel() < 2:
         return None
     freq = inv_freq.detach().double().cpu()
     theta = float(freq[1]) ** (-head_dim / 2.0)
     expected = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    return theta if torch.allclose(freq, expected, rtol=1e-5, atol=0.0) else None
+    rtol = max(1e-6, 2 * torch.finfo(inv_freq.dtype).eps)
+    return theta if torch.allclose(freq, expected, rtol=rtol, atol=0.0) else None
 
 
 def _rope_thetas(hf: nn.Module, head_dim: int) -> dict[str | None, float | None]:
