@@ -35,6 +35,7 @@ over the kept tokens, or the sum divided by ``num_items_in_batch`` when the Trai
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import types
@@ -224,9 +225,11 @@ def _finish_loss(loss: torch.Tensor, targets: torch.Tensor, kwargs: dict) -> tor
     return loss * (targets != -100).sum() / num_items
 
 
-def _make_causal_lm_forward(fused: bool, plain_ce: bool):
+def _make_causal_lm_forward(cls: type, fused: bool, plain_ce: bool):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    # The class's signature is kept (Trainer picks dataset columns and loss kwargs from it)
+    @functools.wraps(cls.forward)
     def forward(self, *args, **kwargs):
         labels = kwargs.pop("labels", None)
         original = _class_forward(self)
@@ -341,8 +344,12 @@ def _apply(hf, arch, state, rms_norm, rope, swiglu, cross_entropy, fused, attent
                 _set_forward(state, layer.mlp, fn, "swiglu" if kind == "silu" else "geglu")
     if rope:
         _patch_rope(hf, arch, state)
-    if cross_entropy or fused:
-        _set_forward(state, hf, _make_causal_lm_forward(fused, cross_entropy), "loss")
+    if (cross_entropy or fused) and "forward" in hf.__dict__:
+        # e.g. TRL's trainers put their own fused LM head there (model(..., fused_lm_head=True)):
+        # keep it, it computes the training loss without the logits itself
+        state.kept.append(f"loss: the model already has an instance-level forward ({hf.forward.__qualname__})")
+    elif cross_entropy or fused:
+        _set_forward(state, hf, _make_causal_lm_forward(type(hf), fused, cross_entropy), "loss")
     if fused and getattr(hf.config, "final_logit_softcapping", None) is not None:
         state.kept.append("fused linear cross-entropy (final_logit_softcapping needs the logits)")
     lora = _lora_layers(hf)
