@@ -1,0 +1,36 @@
+"""A patched transformers model under DDP and FSDP2 (two gloo processes on CPU) gives the loss
+and gradients of the unpatched model on the whole batch in one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integrations.hf_models import batch, build
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_match_one(tmp_path, mode):
+    out = tmp_path / "rank0.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "tests.integrations.ddp_worker", mode, str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = torch.load(out)
+
+    ids, mask, labels = batch(batch_size=4, length=10, seed=9, padding=None)
+    model = build("llama", attn="sdpa")
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
