@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import sys
@@ -109,6 +110,47 @@ def _compile_one(index: int) -> dict:
     return {"registers": int(regs.group(1)), "stack": int(spill.group(1)), "spill_stores": int(spill.group(2)),
             "spill_loads": int(spill.group(3)), "shared": int(kernel.metadata.shared),
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _child(index: int, conn, err_path: str) -> None:
+    """Forked compile worker: stderr to a file (LLVM reports fatal errors there and aborts)."""
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    conn.send(_compile_one(index))
+    conn.close()
+
+
+def _compile_isolated(count: int, jobs: int, tmp: Path):
+    """Yield (index, result) for launches 0..count-1, each compiled in its own forked process,
+    ``jobs`` at a time: a compiler crash (LLVM aborts on some inputs) is reported as that
+    launch's compile error instead of taking the whole check down."""
+    context = multiprocessing.get_context("fork")
+    pending, running = list(range(count)), {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            index = pending.pop(0)
+            receive, send = context.Pipe(duplex=False)
+            err_path = str(tmp / f"stderr_{index}.txt")
+            proc = context.Process(target=_child, args=(index, send, err_path), daemon=True)
+            proc.start()
+            send.close()
+            running[index] = (proc, receive, err_path)
+        multiprocessing.connection.wait([r for _, r, _ in running.values()] + [p.sentinel for p, _, _ in running.values()])
+        for index, (proc, receive, err_path) in list(running.items()):
+            result = None
+            if receive.poll():
+                try:
+                    result = receive.recv()
+                except EOFError:
+                    result = None
+            if result is None and proc.is_alive():
+                continue
+            proc.join()
+            if result is None:
+                err = Path(err_path).read_text(errors="replace").strip().splitlines()[-5:] if Path(err_path).exists() else []
+                result = {"error": f"the compiler died (exit {proc.exitcode}): " + " | ".join(err)[-600:]}
+            del running[index]
+            yield index, result
 
 
 def collect(archs, families, variants_fn, pattern: str | None = None) -> tuple[list, list]:
@@ -277,17 +319,14 @@ def main(argv=None) -> int:
         _LAUNCHES[:] = [jobs[key]["launch"] for key in todo]
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["TRITON_CACHE_DIR"] = tmp
-            t1, done = time.perf_counter(), 0
-            context = multiprocessing.get_context("fork")
-            with context.Pool(max(1, args.jobs)) as pool:
-                fresh = {}
-                for key, result in zip(todo, pool.imap(_compile_one, range(len(todo)), chunksize=1)):
-                    results[key] = fresh[key] = result
-                    done += 1
-                    if done % 25 == 0 or done == len(todo):
-                        print(f"  {done}/{len(todo)} compiled ({time.perf_counter() - t1:.0f}s)", flush=True)
-                        _update_cache(args.cache, fresh)  # saved as it goes: an interrupted run is not lost
-                        fresh = {}
+            t1, done, fresh = time.perf_counter(), 0, {}
+            for index, result in _compile_isolated(len(todo), max(1, args.jobs), Path(tmp)):
+                results[todo[index]] = fresh[todo[index]] = result
+                done += 1
+                if done % 25 == 0 or done == len(todo):
+                    print(f"  {done}/{len(todo)} compiled ({time.perf_counter() - t1:.0f}s)", flush=True)
+                    _update_cache(args.cache, fresh)  # saved as it goes: an interrupted run is not lost
+                    fresh = {}
 
     rows = []
     for key, job in jobs.items():
