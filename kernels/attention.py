@@ -12,8 +12,11 @@ m ← max(m, m̃), acc ← acc·2^(m_old - m) + 2^(s' - m)·V, l ← l·2^(m_old
 the end o = acc / l, lse = (m + log2 l)·ln 2. A row with an empty V_i gets o = 0, lse = -inf.
 
 Visibility (as ``fastlm.ops.reference.attention_mask``): key j of a sequence with Tq queries
-and Tk keys is visible to query i iff j < key_len (per-sequence key length, padded batches)
-and, when causal, j <= i + (Tk - Tq) (aligned bottom-right, as for a cached prefix).
+and Tk keys is visible to query i, at position p_i = i + (Tk - Tq) (aligned bottom-right, as for
+a cached prefix), iff j < key_len (per-sequence key length, padded batches), when causal
+j <= p_i, and with a sliding window W also j > p_i - W. Key tiles wholly outside the window
+are never visited (``_key_ranges``). Soft-cap c (Gemma 2): s_ij ← c·tanh(s_ij / c) before the
+mask and softmax.
 
 Layouts: a dense batch is q (B, H, Tq, D), k/v (B, Hkv, Tk, D); a packed (varlen) batch is
 q (total_q, H, D), k/v (total_k, Hkv, D) with int32 offsets cu_seqlens (num_seqs + 1,) as
