@@ -12,8 +12,11 @@ m ← max(m, m̃), acc ← acc·2^(m_old - m) + 2^(s' - m)·V, l ← l·2^(m_old
 the end o = acc / l, lse = (m + log2 l)·ln 2. A row with an empty V_i gets o = 0, lse = -inf.
 
 Visibility (as ``fastlm.ops.reference.attention_mask``): key j of a sequence with Tq queries
-and Tk keys is visible to query i iff j < key_len (per-sequence key length, padded batches)
-and, when causal, j <= i + (Tk - Tq) (aligned bottom-right, as for a cached prefix).
+and Tk keys is visible to query i, at position p_i = i + (Tk - Tq) (aligned bottom-right, as for
+a cached prefix), iff j < key_len (per-sequence key length, padded batches), when causal
+j <= p_i, and with a sliding window W also j > p_i - W. Key tiles wholly outside the window
+are never visited (``_key_ranges``). Soft-cap c (Gemma 2): s_ij ← c·tanh(s_ij / c) before the
+mask and softmax.
 
 Layouts: a dense batch is q (B, H, Tq, D), k/v (B, Hkv, Tk, D); a packed (varlen) batch is
 q (total_q, H, D), k/v (total_k, Hkv, D) with int32 offsets cu_seqlens (num_seqs + 1,) as
@@ -300,22 +303,24 @@ def _configs(table: dict[int, list[tuple]], head_dim: int) -> list[triton.Config
     raise ValueError(f"head dim {head_dim} > {MAX_HEAD_DIM}")
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, fp16/bf16. Hopper (sm90) has
-# 228 KB of shared memory per SM, Ampere (sm80) 164 KB (sm86/89: 100 KB); configs that do not
-# fit are discarded by the autotuner (OutOfResources), so the lists may be optimistic.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, fp16/bf16 (tables 9 and 8) and
+# fp32 or pre-Ampere (table 0). Every config is kept only if it compiles for its arch (sm_90,
+# sm_80) without register spills and within shared memory (scripts/compile_kernels.py, the
+# ahead-of-time check): 4-warp tiles of 128 rows spill at D >= 128, fp32 (IEEE FMA dots) needs
+# small tiles.
 _FWD_TABLES = {
     9: {
-        64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
-        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-        256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
+        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+        256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)],
     },
     8: {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-        128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2)],
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        128: [(64, 64, 4, 3), (128, 32, 8, 3)],
         256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
     },
     0: {  # older GPUs and fp32 inputs: small tiles
-        64: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        64: [(32, 32, 4, 2)],
         128: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 1)],
         256: [(32, 32, 4, 1), (64, 16, 4, 1), (16, 32, 4, 1)],
     },

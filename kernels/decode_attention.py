@@ -194,7 +194,7 @@ class DecodeConfig:
 # sm_80's 163 KB of shared memory (the smaller of sm_80/sm_90), for every row count.
 _CONFIGS = {
     "16bit": {64: (64, 64, 4, 3), 128: (32, 64, 4, 3), 256: (16, 32, 4, 3)},
-    "fp32": {64: (32, 64, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 2)},
+    "fp32": {64: (16, 64, 4, 2), 128: (16, 32, 8, 2), 256: (16, 16, 4, 2)},
 }
 INTERPRET_BLOCK_N = 16
 

@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import sys
@@ -111,8 +112,50 @@ def _compile_one(index: int) -> dict:
             "seconds": round(time.perf_counter() - start, 2)}
 
 
-def collect(archs, families, variants_fn) -> tuple[list, list]:
-    """(launches, launch errors): run every variant under a faked GPU of each arch."""
+def _child(index: int, conn, err_path: str) -> None:
+    """Forked compile worker: stderr to a file (LLVM reports fatal errors there and aborts)."""
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    conn.send(_compile_one(index))
+    conn.close()
+
+
+def _compile_isolated(count: int, jobs: int, tmp: Path):
+    """Yield (index, result) for launches 0..count-1, each compiled in its own forked process,
+    ``jobs`` at a time: a compiler crash (LLVM aborts on some inputs) is reported as that
+    launch's compile error instead of taking the whole check down."""
+    context = multiprocessing.get_context("fork")
+    pending, running = list(range(count)), {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            index = pending.pop(0)
+            receive, send = context.Pipe(duplex=False)
+            err_path = str(tmp / f"stderr_{index}.txt")
+            proc = context.Process(target=_child, args=(index, send, err_path), daemon=True)
+            proc.start()
+            send.close()
+            running[index] = (proc, receive, err_path)
+        multiprocessing.connection.wait([r for _, r, _ in running.values()] + [p.sentinel for p, _, _ in running.values()])
+        for index, (proc, receive, err_path) in list(running.items()):
+            result = None
+            if receive.poll():
+                try:
+                    result = receive.recv()
+                except EOFError:
+                    result = None
+            if result is None and proc.is_alive():
+                continue
+            proc.join()
+            if result is None:
+                err = Path(err_path).read_text(errors="replace").strip().splitlines()[-5:] if Path(err_path).exists() else []
+                result = {"error": f"the compiler died (exit {proc.exitcode}): " + " | ".join(err)[-600:]}
+            del running[index]
+            yield index, result
+
+
+def collect(archs, families, variants_fn, pattern: str | None = None) -> tuple[list, list]:
+    """(launches, launch errors): run every variant (of ``families``, matching ``pattern``) under
+    a faked GPU of each arch."""
     import kernel_launches
 
     launches, errors = [], []
@@ -120,7 +163,7 @@ def collect(archs, families, variants_fn) -> tuple[list, list]:
         fake = fake_cuda.FakeCuda(arch)
         with fake:
             for family, label, call in getattr(kernel_launches, variants_fn)():
-                if families and family not in families:
+                if (families and family not in families) or (pattern and not re.search(pattern, label)):
                     continue
                 fake.variant = f"{family}: {label}"
                 try:
@@ -226,6 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(fake_cuda.GPUS))
     parser.add_argument("--family", nargs="+", help="only these families (attention, decode_attention, kv_append, "
                         "int8, lora, norms, rope, swiglu, cross_entropy, sampling)")
+    parser.add_argument("--variant", help="only variants whose label matches this regular expression")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--no-cache", action="store_true", help="compile everything again")
@@ -233,6 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="kernels", help="file stem of the results (default: kernels)")
     parser.add_argument("--no-write", action="store_true", help="do not write the results table")
     parser.add_argument("--list", action="store_true", help="list the distinct launches and exit")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="compile nothing: report the cached results only (a partial table; exit 1)")
     parser.add_argument("--grids", type=Path, metavar="JSON",
                         help="no compile: launch kernel_launches.grid_variants() (the largest shapes along each "
                              "grid axis), write every launch grid and its CUDA-limit violations to JSON, exit 1 on any")
@@ -241,7 +287,7 @@ def main(argv=None) -> int:
         return check_grids(args.arch, set(args.family or ()), args.grids)
 
     t0 = time.perf_counter()
-    launches, launch_errors = collect(args.arch, set(args.family or ()), "compile_variants")
+    launches, launch_errors = collect(args.arch, set(args.family or ()), "compile_variants", args.variant)
     jobs: dict[str, dict] = {}
     for launch in launches:
         key = _key(launch)
@@ -257,28 +303,30 @@ def main(argv=None) -> int:
     if args.list:
         for key, job in jobs.items():
             print(f"{job['launch'].kernel} sm_{job['launch'].arch} {_config_label(job['launch'])} <- {job['variants'][0]}")
-        return 0
+        for error in launch_errors:
+            print(f"  launcher raised: sm_{error['arch']} {error['variant']}: {error['error'][:300]}")
+        return 1 if launch_errors else 0
 
     cache = {} if args.no_cache else _load_cache([args.out / f"{args.name}.json", args.cache])
     todo = [key for key in jobs if key not in cache]
     print(f"compile_kernels: {len(jobs) - len(todo)} cached, compiling {len(todo)} on {args.jobs} processes",
           flush=True)
     results = {key: cache[key] for key in jobs if key in cache}
-    if todo:
+    if args.cached_only:
+        print(f"compile_kernels: --cached-only: {len(todo)} compiles left out of the table")
+        jobs = {key: job for key, job in jobs.items() if key in results}
+    elif todo:
         _LAUNCHES[:] = [jobs[key]["launch"] for key in todo]
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["TRITON_CACHE_DIR"] = tmp
-            t1, done = time.perf_counter(), 0
-            context = multiprocessing.get_context("fork")
-            with context.Pool(max(1, args.jobs)) as pool:
-                fresh = {}
-                for key, result in zip(todo, pool.imap(_compile_one, range(len(todo)), chunksize=1)):
-                    results[key] = fresh[key] = result
-                    done += 1
-                    if done % 25 == 0 or done == len(todo):
-                        print(f"  {done}/{len(todo)} compiled ({time.perf_counter() - t1:.0f}s)", flush=True)
-                        _update_cache(args.cache, fresh)  # saved as it goes: an interrupted run is not lost
-                        fresh = {}
+            t1, done, fresh = time.perf_counter(), 0, {}
+            for index, result in _compile_isolated(len(todo), max(1, args.jobs), Path(tmp)):
+                results[todo[index]] = fresh[todo[index]] = result
+                done += 1
+                if done % 25 == 0 or done == len(todo):
+                    print(f"  {done}/{len(todo)} compiled ({time.perf_counter() - t1:.0f}s)", flush=True)
+                    _update_cache(args.cache, fresh)  # saved as it goes: an interrupted run is not lost
+                    fresh = {}
 
     rows = []
     for key, job in jobs.items():
@@ -301,7 +349,7 @@ def main(argv=None) -> int:
         print(f"  FAIL launcher sm_{error['arch']} {error['variant']}: {error['error'][:300]}")
     print(f"compile_kernels: {len(rows)} compiles, {len(bad)} failing, {len(launch_errors)} launchers raised "
           f"({time.perf_counter() - t0:.0f}s)")
-    return 1 if bad or launch_errors else 0
+    return 1 if bad or launch_errors or args.cached_only else 0
 
 
 def check_grids(archs, families, path: Path) -> int:

@@ -192,6 +192,8 @@ class FakeCuda(contextlib.AbstractContextManager):
                 tuner.nargs = None
 
         self._patch(torch.Tensor, "__getitem__", _basic_getitem(torch.Tensor.__getitem__))
+        # Tensor.copy_'s Python binding also takes a CUDA device guard; the aten op does not.
+        self._patch(torch.Tensor, "copy_", lambda t, src, non_blocking=False: torch.ops.aten.copy_(t, src, non_blocking))
         self._patch(JITFunction, "run", run)
         self._patch(JITFunction, "_do_compile", do_compile)
         self._patch(Autotuner, "run", tune)

@@ -298,7 +298,9 @@ def config_to_hf(config: ModelConfig, dtype) -> dict[str, Any]:
         out["sliding_window"] = config.sliding_window
     if arch in ("qwen2", "qwen3"):
         out["use_sliding_window"] = config.sliding_window is not None
-        out["max_window_layers"] = config.num_layers
+        types = [config.layer_type(i) for i in range(config.num_layers)]
+        first = types.index("sliding_attention") if "sliding_attention" in types else config.num_layers
+        out["max_window_layers"] = first  # transformers 4.x reads this; 5.x the layer_types below
     if arch in ("qwen2", "qwen3", "gemma2", "gemma3"):
         out["layer_types"] = [config.layer_type(i) for i in range(config.num_layers)]
     return out

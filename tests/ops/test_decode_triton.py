@@ -139,3 +139,28 @@ def test_decode_on_gpu(b, lmax, window, softcap, tq):
     q, k, v, lens = _inputs(b, 32, 8, tq, lmax, 128, torch.bfloat16)
     out = ops.decode_attention(q, k, v, lens, window=window, softcap=softcap)  # auto: the triton kernel on CUDA
     _check(out, q, k, v, lens, window, softcap, torch.bfloat16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the Triton interpreter (CPU)")
+def test_interpreter_bf16_dot_is_still_wrong_so_bf16_upcasts():
+    """The kernels take UPCAST (fp32 dots) for bf16 only under the interpreter, because its bf16
+    tl.dot is wrong (fp16 runs the real dot, tested above). If this fails, the interpreter was
+    fixed: drop UPCAST for bf16 so the interpreter tests run the real bf16 path too."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot16(A, B, C, N: tl.constexpr):
+        r = tl.arange(0, N)
+        c = tl.dot(tl.load(A + r[:, None] * N + r[None, :]), tl.load(B + r[:, None] * N + r[None, :]))
+        tl.store(C + r[:, None] * N + r[None, :], c)
+
+    g = torch.Generator().manual_seed(0)
+    errors = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        a, b = torch.randn(16, 16, generator=g).to(dtype), torch.randn(16, 16, generator=g).to(dtype)
+        c = torch.empty(16, 16)
+        dot16[(1,)](a, b, c, N=16)
+        errors[dtype] = (c - a.float() @ b.float()).abs().max().item()
+    assert errors[torch.float16] < 1e-3
+    assert errors[torch.bfloat16] > 1.0
