@@ -4,8 +4,9 @@ Subcommands:
   demo      the main job: pretrain a tiny model and its BPE tokenizer on Python's own standard
             library sources, report validation perplexity, save it, generate text
   pretrain  causal-LM (or masked-LM) pretraining on text files, folders or jsonl
-  finetune  supervised fine-tuning on prompt/completion jsonl (loss on completions only)
+  finetune  supervised fine-tuning on prompt/completion or chat jsonl (loss on completions / assistant turns)
   generate  continue a prompt with a saved checkpoint (streaming; beams, contrastive, speculative)
+  chat      interactive streaming chat with a checkpoint, through its chat template
   quantize  int8 weight-only or W8A8 post-training quantization of a checkpoint
   info      versions, devices and which op backends are available
 
@@ -173,7 +174,7 @@ def _demo(args: argparse.Namespace) -> int:
     tokens = generate(model.eval(), prompt_ids, max_new_tokens=args.max_new_tokens, do_sample=True,
                       temperature=0.8, top_k=50, generator=generator)
     print("--- sample ---")
-    print(tokenizer.decode(tokens[0].tolist()))
+    print(tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True))
     print("--------------")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
@@ -236,7 +237,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = torch.tensor([ids], device=model.device)
     if args.num_beams > 1 or args.penalty_alpha is not None or args.draft_model:
         tokens = generate(model, prompt, **options, **special)
-        print(tokenizer.decode(tokens[0].tolist()))
+        print(tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True))
         return 0
     # Stream: print the text as tokens arrive (holding back an incomplete UTF-8 character).
     print(args.prompt, end="", flush=True)
@@ -244,11 +245,11 @@ def _generate(args: argparse.Namespace) -> int:
     shown = ""
     for token in generate_stream(model, prompt, stop_strings=args.stop, tokenizer=tokenizer, **options):
         generated.append(int(token[0]))
-        text = tokenizer.decode(generated)
+        text = tokenizer.decode(generated, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
             print(text[len(shown):], end="", flush=True)
             shown = text
-    print(tokenizer.decode(generated)[len(shown):])
+    print(tokenizer.decode(generated, skip_special_tokens=True)[len(shown):])
     return 0
 
 
@@ -311,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--data", required=True, help='jsonl with {"prompt": ..., "completion": ...} per line')
     fine.add_argument("--val-data", help="validation jsonl (default: hold out 5%% of --data)")
     fine.add_argument("--model", required=True, help="checkpoint folder to start from")
-    fine.add_argument("--template", default="plain", help="prompt template: plain, alpaca or chatml")
+    fine.add_argument("--template", default=None,
+                      help="chat (the model's chat template, loss on assistant turns; default when the tokenizer has "
+                           "one), plain (the default otherwise), alpaca or chatml")
     fine.add_argument("--seq-len", type=int, default=512)
     fine.add_argument("--method", default="full", choices=("full", "lora", "prompt"),
                       help="full fine-tuning, LoRA, or soft-prompt tuning (checkpoints are PEFT adapters)")
@@ -354,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--include-head", action="store_true", help="quantize the output head too")
     quant.add_argument("--calibration", help="text file for SmoothQuant calibration (w8a8)")
     quant.set_defaults(func=_quantize)
+
+    from fastlm.chat import add_chat_parser
+
+    add_chat_parser(sub)
 
     info = sub.add_parser("info", help="versions, devices and available backends")
     info.set_defaults(func=_info)

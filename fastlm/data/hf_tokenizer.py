@@ -10,10 +10,13 @@ What ``transformers`` (``PreTrainedTokenizerFast`` / ``AutoTokenizer``) does on 
   become *added special tokens* of the backend when they are not already added tokens, so
   their strings inside text are matched as single ids (``split_special_tokens=False``, the
   default; ``True`` in the config makes them plain text).
-- BOS/EOS: the post-processor of ``tokenizer.json`` adds them (Llama 3's
-  ``<|begin_of_text|>``). If the config sets ``add_bos_token`` or ``add_eos_token``, or the file
-  has no post-processor, the post-processor is replaced by ``[bos] $A [eos]`` as those flags
-  say (Llama 2's ``add_bos_token: true``).
+- BOS/EOS: the post-processor of ``tokenizer.json`` adds them (Llama 2's ``<s> $A``, Llama 3's
+  ``<|begin_of_text|> $A``, Gemma's ``<bos> $A``); ``encode(text)`` equals
+  ``tokenizer(text).input_ids``. As in transformers 5, ``add_bos_token``/``add_eos_token`` in
+  ``tokenizer_config.json`` do not change it when ``tokenizer.json`` is present (transformers 5
+  drops them on loading and saving; the file's post-processor is the truth; transformers 4's
+  ``LlamaTokenizerFast`` rebuilt the post-processor from them instead, which gives the same ids
+  for published checkpoints, whose post-processor already adds BOS).
 - ``decode`` keeps special tokens unless ``skip_special_tokens=True``; the config's
   ``clean_up_tokenization_spaces`` applies to non-BPE models only (as transformers 5).
 - Truncation and padding stored in ``tokenizer.json`` are not applied to ``encode``.
@@ -29,7 +32,7 @@ from typing import Any
 
 import tokenizers
 import torch
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
 from fastlm.data.chat_template import parse_chat_template_entry, read_chat_templates
 from fastlm.data.tokenizer_base import (
@@ -109,7 +112,7 @@ class HFTokenizer(Tokenizer):
         bos_token, eos_token, pad_token: token strings; override ``hf_config``'s entries.
         split_special_tokens: None takes ``hf_config["split_special_tokens"]`` (default False,
             as transformers); True encodes special-token strings in text as plain text.
-        hf_config: the ``tokenizer_config.json`` entries (special tokens, ``add_bos_token``,
+        hf_config: the ``tokenizer_config.json`` entries (special tokens, ``split_special_tokens``,
             ``chat_template``, ...), kept on ``save``.
         chat_template: a template source or ``{name: source}``; overrides ``hf_config``'s.
     """
@@ -143,11 +146,11 @@ class HFTokenizer(Tokenizer):
         self._tok.no_truncation()
         self._tok.no_padding()
         self._tok.encode_special_tokens = self.split_special_tokens
-        self._configure(tokenizer.post_processor is None)
+        self._configure()
 
     # ---- construction
 
-    def _configure(self, had_no_post_processor: bool) -> None:
+    def _configure(self) -> None:
         source = HF_TOKENIZER_CONFIG_FILE
         named = {k: _added_token(self.hf_config.get(k), source, k) for k in NAMED_SPECIAL_TOKENS}
         listed, extra_named = _extra_tokens(self.hf_config, source)
@@ -182,9 +185,6 @@ class HFTokenizer(Tokenizer):
         self._guessed = {k: self._tok.id_to_token(i) for k, i in self._ids.items()
                          if i is not None and k not in self._named}
 
-        flags = {k: self.hf_config[k] for k in ("add_bos_token", "add_eos_token") if k in self.hf_config}
-        if flags or had_no_post_processor:
-            self._set_post_processor(bool(flags.get("add_bos_token", False)), bool(flags.get("add_eos_token", False)))
         framed = self._tok.encode("", add_special_tokens=True).ids
         self._adds_bos = bool(framed) and framed[0] == self._ids["bos_token"]
         self._adds_eos = len(framed) > int(self._adds_bos) and framed[-1] == self._ids["eos_token"]
@@ -192,15 +192,6 @@ class HFTokenizer(Tokenizer):
         # One past the largest id: ids need not be contiguous in arbitrary tokenizer.json files.
         self._vocab_size = max(vocab.values()) + 1 if vocab else 0
         self._special_ids = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-
-    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
-        """``[bos] $A [eos]`` as transformers' ``update_post_processor`` builds it (a flag whose token is unset is off)."""
-        bos, eos = self._named.get("bos_token"), self._named.get("eos_token")
-        add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
-        single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-        pair = f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1{' ' + eos + ':1' if add_eos else ''}"
-        specials = [(t, self._tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        self._tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
     @classmethod
     def train_bpe(

@@ -96,8 +96,8 @@ class Tokenizer(abc.ABC):
     ) -> list[int]:
         """Encode ``text`` to token ids.
 
-        ``add_special_tokens``: add what the tokenizer adds by itself (its post-processor or
-        ``add_bos_token``/``add_eos_token``), as ``transformers``' ``tokenizer(text).input_ids``.
+        ``add_special_tokens``: add what the tokenizer adds by itself (the BOS/EOS of its
+        post-processor), as ``transformers``' ``tokenizer(text).input_ids``.
         ``add_bos``/``add_eos``: make sure the ids start with ``bos_token_id`` / end with
         ``eos_token_id``: added unless the special tokens step already put it there.
         ``split_special_tokens``: overrides the tokenizer's setting for this call (False:

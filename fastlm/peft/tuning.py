@@ -27,7 +27,7 @@ from fastlm.peft.layers import LoraLinear
 from fastlm.peft.lora import LoraModel
 from fastlm.peft.prompt import PromptTuningModel
 from fastlm.train import distributed
-from fastlm.train.data import SFTSource, encode_example, read_prompt_completions
+from fastlm.train.data import SFTSource, encode_examples, read_prompt_completions
 from fastlm.train.recipes import RecipeOutput
 from fastlm.train.trainer import Trainer, TrainerConfig, TrainResult
 
@@ -91,7 +91,7 @@ def finetune_adapter(
     lora: LoraConfig | None = None,
     prompt: PromptTuningConfig | None = None,
     adapter_name: str = "default",
-    template: str = "plain",
+    template: str | None = None,
     seq_len: int = 512,
     val_data: str | None = None,
     val_fraction: float = 0.05,
@@ -118,7 +118,7 @@ def finetune_adapter(
         raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
 
     def source(pairs, seed):
-        examples = [encode_example(tokenizer, p, c, template, seq_len) for p, c in pairs]
+        examples = encode_examples(tokenizer, pairs, template, seq_len)
         return SFTSource(examples, batch_size=config.batch_size, pad_id=pad, seed=seed)
 
     pairs = read_prompt_completions(data)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fastlm.data import Tokenizer
+from fastlm.data.chat import check_special_tokens, encode_rows, parse_row
 
 IGNORE_INDEX = -100
 
@@ -132,8 +133,9 @@ TEMPLATES = {
 }
 
 
-def read_prompt_completions(path: str | Path) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs from a jsonl file with "prompt" and "completion" strings."""
+def read_prompt_completions(path: str | Path) -> list[tuple[str, str] | list[dict]]:
+    """Rows of a jsonl file: (prompt, completion) pairs from "prompt"/"completion" strings, or
+    message lists from "messages" (chats, see fastlm.data.chat)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such data file: {path}")
@@ -146,9 +148,7 @@ def read_prompt_completions(path: str | Path) -> list[tuple[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)):
-                raise ValueError(f'{path}:{number}: expected {{"prompt": str, "completion": str}}')
-            pairs.append((row["prompt"], row["completion"]))
+            pairs.append(parse_row(row, f"{path}:{number}"))
     if not pairs:
         raise ValueError(f"{path} holds no examples")
     return pairs
@@ -160,11 +160,22 @@ def encode_example(tokenizer: Tokenizer, prompt: str, completion: str, template:
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; available: {', '.join(TEMPLATES)}")
     prompt_format, suffix = TEMPLATES[template]
-    context = tokenizer.encode(prompt_format.format(prompt=prompt), add_bos=tokenizer.bos_token_id is not None)
-    answer = tokenizer.encode(completion + suffix, add_eos=tokenizer.eos_token_id is not None)
+    if template == "chatml":  # the control tokens as their real ids, never as their text
+        check_special_tokens(tokenizer, ("<|im_start|>", "<|im_end|>"), template)
+    split = False if template == "chatml" else None
+    context = tokenizer.encode(prompt_format.format(prompt=prompt), add_bos=tokenizer.bos_token_id is not None,
+                               split_special_tokens=split)
+    answer = tokenizer.encode(completion + suffix, add_special_tokens=False, add_eos=tokenizer.eos_token_id is not None,
+                              split_special_tokens=split)
     ids = (context + answer)[: max_len + 1]
     targets = ([IGNORE_INDEX] * len(context) + answer)[: max_len + 1]
     return ids, targets
+
+
+def encode_examples(tokenizer: Tokenizer, rows: Sequence, template: str | None, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, targets) of each row of read_prompt_completions: template None or "chat" renders them with the
+    tokenizer's chat template, loss on assistant turns (fastlm.data.chat); the others use encode_example."""
+    return encode_rows(tokenizer, rows, template, max_len, plain=encode_example, plain_templates=tuple(TEMPLATES))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from fastlm.data.dataset import tokenize_stream
 from fastlm.io import from_pretrained
 from fastlm.model import Model
 from fastlm.train import distributed
-from fastlm.train.data import PackedSource, SFTSource, encode_example, read_prompt_completions
+from fastlm.train.data import PackedSource, SFTSource, encode_examples, read_prompt_completions
 from fastlm.train.trainer import Trainer, TrainerConfig, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def finetune(
     *,
     data: str,
     model_dir: str,
-    template: str = "plain",
+    template: str | None = None,
     seq_len: int = 512,
     val_data: str | None = None,
     val_fraction: float = 0.05,
@@ -134,7 +134,7 @@ def finetune(
         raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
 
     def encode(pairs):
-        return [encode_example(tokenizer, p, c, template, seq_len) for p, c in pairs]
+        return encode_examples(tokenizer, pairs, template, seq_len)
 
     pairs = read_prompt_completions(data)
     if val_data is not None:
