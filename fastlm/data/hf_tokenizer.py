@@ -185,9 +185,6 @@ class HFTokenizer(Tokenizer):
         self._guessed = {k: self._tok.id_to_token(i) for k, i in self._ids.items()
                          if i is not None and k not in self._named}
 
-        framed = self._tok.encode("", add_special_tokens=True).ids
-        self._adds_bos = bool(framed) and framed[0] == self._ids["bos_token"]
-        self._adds_eos = len(framed) > int(self._adds_bos) and framed[-1] == self._ids["eos_token"]
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # One past the largest id: ids need not be contiguous in arbitrary tokenizer.json files.
         self._vocab_size = max(vocab.values()) + 1 if vocab else 0
@@ -304,15 +301,13 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, *, add_special_tokens: bool = True, add_bos: bool = False, add_eos: bool = False,
                split_special_tokens: bool | None = None) -> list[int]:
         [encoding] = self._backend_encode([check_text(text)], add_special_tokens, split_special_tokens)
-        return self._frame(encoding.ids, add_bos, add_eos, add_special_tokens and self._adds_bos,
-                           add_special_tokens and self._adds_eos)
+        return self._frame(encoding.ids, add_bos, add_eos)
 
     def encode_batch(self, texts: Iterable[str], *, add_special_tokens: bool = True, add_bos: bool = False,
                      add_eos: bool = False) -> list[list[int]]:
         """Encode many texts at once (in parallel, in Rust)."""
         encodings = self._backend_encode([check_text(t) for t in texts], add_special_tokens, None)
-        has_bos, has_eos = add_special_tokens and self._adds_bos, add_special_tokens and self._adds_eos
-        return [self._frame(e.ids, add_bos, add_eos, has_bos, has_eos) for e in encodings]
+        return [self._frame(e.ids, add_bos, add_eos) for e in encodings]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         [encoding] = self._backend_encode([check_text(text)], False, None)

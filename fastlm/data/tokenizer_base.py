@@ -99,7 +99,7 @@ class Tokenizer(abc.ABC):
         ``add_special_tokens``: add what the tokenizer adds by itself (the BOS/EOS of its
         post-processor), as ``transformers``' ``tokenizer(text).input_ids``.
         ``add_bos``/``add_eos``: make sure the ids start with ``bos_token_id`` / end with
-        ``eos_token_id``: added unless the special tokens step already put it there.
+        ``eos_token_id``: added unless already there (e.g. put by the special tokens step).
         ``split_special_tokens``: overrides the tokenizer's setting for this call (False:
         special-token strings in the text become their ids; True: they are plain text).
 
@@ -150,15 +150,18 @@ class Tokenizer(abc.ABC):
         """Ids of ``text`` (no special tokens added) and each token's ``[start, end)`` character span."""
         raise NotImplementedError(f"{type(self).__name__} does not report token offsets")
 
-    def _frame(self, ids: list[int], add_bos: bool, add_eos: bool, has_bos: bool = False, has_eos: bool = False) -> list[int]:
-        if add_bos and not has_bos:
+    def _frame(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        """``ids`` made to start with BOS (``add_bos``) / end with EOS (``add_eos``): added only when not already there."""
+        if add_bos:
             if self.bos_token_id is None:
                 raise ValueError(f"add_bos=True but {type(self).__name__} has no bos token")
-            ids.insert(0, self.bos_token_id)
-        if add_eos and not has_eos:
+            if not ids or ids[0] != self.bos_token_id:
+                ids.insert(0, self.bos_token_id)
+        if add_eos:
             if self.eos_token_id is None:
                 raise ValueError(f"add_eos=True but {type(self).__name__} has no eos token")
-            ids.append(self.eos_token_id)
+            if not ids or ids[-1] != self.eos_token_id:
+                ids.append(self.eos_token_id)
         return ids
 
     def apply_chat_template(
