@@ -23,12 +23,16 @@ import torch
 from fastlm.data.tokenizer_base import Tokenizer
 from fastlm.generate import generate_stream
 
-__all__ = ["add_chat_parser", "chat_loop", "reply"]
+__all__ = ["add_chat_parser", "chat_loop", "reply", "stop_ids"]
 
 PROMPT = "you> "
 
 
-def _stop_ids(model: Any, tokenizer: Tokenizer) -> list[int] | None:
+class MessageTooLong(ValueError):
+    """One user turn does not fit in the model's context with the reply's room."""
+
+
+def stop_ids(model: Any, tokenizer: Tokenizer) -> list[int] | None:
     """The eos ids to stop at: None (generation_config's, taken by generate) or the tokenizer's eos."""
     config = getattr(model, "generation_config", None) or getattr(getattr(model, "model", None), "generation_config", None)
     if config is not None and config.eos_token_id is not None:
@@ -46,7 +50,7 @@ def _fit(messages: list[dict], tokenizer: Tokenizer, room: int) -> list[int]:
             return ids
         first = 1 if messages and messages[0].get("role") == "system" else 0
         if len(messages) - first <= 1:
-            raise ValueError(f"the message is {len(ids)} tokens with the template, more than the {room} the "
+            raise MessageTooLong(f"the message is {len(ids)} tokens with the template, more than the {room} the "
                              "model's context leaves for it; write a shorter one or lower --max-new-tokens")
         del messages[first]
 
@@ -61,7 +65,7 @@ def reply(model: Any, tokenizer: Tokenizer, messages: list[dict], out: TextIO, *
     ids = _fit(messages, tokenizer, room)
     generation = {**generation, "max_new_tokens": max_new}
     if generation.get("eos_token_id") is None:
-        generation["eos_token_id"] = _stop_ids(model, tokenizer)
+        generation["eos_token_id"] = stop_ids(model, tokenizer)
     prompt = torch.tensor([ids], device=model.device)
     generated: list[int] = []
     shown = ""
@@ -98,8 +102,13 @@ def chat_loop(model: Any, tokenizer: Tokenizer, lines: Iterable[str], out: TextI
             out.write("(conversation reset)\n")
         elif text.strip():
             messages.append({"role": "user", "content": text})
-            answer = reply(model, tokenizer, messages, out, **generation)
-            messages.append({"role": "assistant", "content": answer})
+            try:
+                answer = reply(model, tokenizer, messages, out, **generation)
+            except MessageTooLong as err:  # tell the user and keep chatting
+                messages.pop()
+                out.write(f"(not sent: {err})\n")
+            else:
+                messages.append({"role": "assistant", "content": answer})
         if show_prompt:
             out.write(PROMPT)
             out.flush()

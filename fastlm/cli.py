@@ -217,6 +217,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from fastlm import generate, generate_stream, load_tokenizer
+    from fastlm.chat import stop_ids  # generation_config.json's eos ids (all of them), else the tokenizer's
 
     model = _load_model(args.model, args.device)
     if args.adapter:
@@ -229,7 +230,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("the prompt encodes to no tokens; give a non-empty --prompt")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, compile=args.compile)
+                   eos_token_id=stop_ids(model, tokenizer), seed=args.seed, compile=args.compile)
     special = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, penalty_alpha=args.penalty_alpha)
     if args.draft_model:
         special.update(draft_model=_load_model(args.draft_model, args.device),

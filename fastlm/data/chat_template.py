@@ -131,6 +131,9 @@ def compile_chat_template(source: str) -> jinja2.Template:
     """
     if not isinstance(source, str):
         raise TypeError(f"chat template must be a str, got {type(source).__name__}")
+    if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
+        raise ImportError(f"chat templates need jinja2>=3.1.6 (older versions have known sandbox escapes), "
+                          f"found {jinja2.__version__}")
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
     )

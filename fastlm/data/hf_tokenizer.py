@@ -115,6 +115,7 @@ class HFTokenizer(Tokenizer):
         hf_config: the ``tokenizer_config.json`` entries (special tokens, ``split_special_tokens``,
             ``chat_template``, ...), kept on ``save``.
         chat_template: a template source or ``{name: source}``; overrides ``hf_config``'s.
+        copy: False hands ``tokenizer`` over (it is then changed in place) instead of copying it.
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class HFTokenizer(Tokenizer):
         split_special_tokens: bool | None = None,
         hf_config: Mapping[str, Any] | None = None,
         chat_template: str | Mapping[str, str] | None = None,
+        copy: bool = True,
     ) -> None:
         if not isinstance(tokenizer, tokenizers.Tokenizer):
             raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
@@ -142,7 +144,7 @@ class HFTokenizer(Tokenizer):
             chat_template = parse_chat_template_entry(self.hf_config.get("chat_template"), "hf_config")
         self.chat_template = parse_chat_template_entry(chat_template, "chat_template")
 
-        self._tok = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+        self._tok = tokenizers.Tokenizer.from_str(tokenizer.to_str()) if copy else tokenizer
         self._tok.no_truncation()
         self._tok.no_padding()
         self._tok.encode_special_tokens = self.split_special_tokens
@@ -243,7 +245,8 @@ class HFTokenizer(Tokenizer):
         tok.train_from_iterator(checked(texts), trainer=trainer)
         if seen[0] == 0:
             raise ValueError("cannot train a tokenizer on an empty corpus (no non-empty texts)")
-        return cls(tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, split_special_tokens=True)
+        return cls(tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, split_special_tokens=True,
+                   copy=False)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, split_special_tokens: bool | None = None) -> HFTokenizer:
@@ -273,7 +276,7 @@ class HFTokenizer(Tokenizer):
                 logger.info("%s %r of %s is not in tokenizer.json; it is added as a new token (as transformers does)",
                             key, content, path.parent)
         templates = read_chat_templates(path.parent, config)
-        return cls(tok, split_special_tokens=split_special_tokens, hf_config=config, chat_template=templates)
+        return cls(tok, split_special_tokens=split_special_tokens, hf_config=config, chat_template=templates, copy=False)
 
     # ---- interface
 

@@ -58,6 +58,11 @@ def test_reset_and_context_trimming(model_dir):
     assert messages[0] == {"role": "system", "content": "S"}
     assert len(tok.apply_chat_template(messages[:-1], add_generation_prompt=True)) <= 512 - 4
     assert len(messages) < 1 + 2 * len(long_lines)
+    # A single message too long for the context is not sent; the chat goes on.
+    out = io.StringIO()
+    messages = chat_loop(model, tok, ["word " * 600 + "\n", "short\n"], out, max_new_tokens=4)
+    assert out.getvalue().startswith("(not sent: the message is ") and "lower --max-new-tokens" in out.getvalue()
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["short"]
 
 
 def test_chat_needs_a_template(tmp_path):
