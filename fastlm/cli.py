@@ -4,8 +4,9 @@ Subcommands:
   demo      the main job: pretrain a tiny model and its BPE tokenizer on Python's own standard
             library sources, report validation perplexity, save it, generate text
   pretrain  causal-LM (or masked-LM) pretraining on text files, folders or jsonl
-  finetune  supervised fine-tuning on prompt/completion jsonl (loss on completions only)
+  finetune  supervised fine-tuning on prompt/completion or chat jsonl (loss on completions / assistant turns)
   generate  continue a prompt with a saved checkpoint (streaming; beams, contrastive, speculative)
+  chat      interactive streaming chat with a checkpoint, through its chat template
   quantize  int8 weight-only or W8A8 post-training quantization of a checkpoint
   eval      checkpoints and their variants on local tasks, a side-by-side report
   info      versions, devices and which op backends are available
@@ -341,7 +342,7 @@ def _demo(args: argparse.Namespace) -> int:
     tokens = generate(model.eval(), prompt_ids, max_new_tokens=args.max_new_tokens, do_sample=True,
                       temperature=0.8, top_k=50, generator=generator)
     print("--- sample ---")
-    print(tokenizer.decode(tokens[0].tolist()))
+    print(tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True))
     print("--------------")
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
@@ -458,10 +459,13 @@ def _add_finetune(sub) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(TrainerConfig)}
     fine = add_parser(sub, "finetune", help="supervised fine-tuning on prompt/completion jsonl",
                       description="Supervised fine-tuning (full, LoRA or soft prompt), loss on completions only.")
-    fine.add_argument("--data", required=True, help='jsonl with {"prompt": ..., "completion": ...} per line')
+    fine.add_argument("--data", required=True,
+                      help='jsonl with {"prompt": ..., "completion": ...} or {"messages": [...]} per line')
     fine.add_argument("--val-data", help="validation jsonl (default: hold out 5%% of --data)")
     fine.add_argument("--model", required=True, help="checkpoint folder to start from")
-    fine.add_argument("--template", default="plain", choices=tuple(TEMPLATES), help="prompt template")
+    fine.add_argument("--template", default=None, choices=("chat", *TEMPLATES),
+                      help="chat (the model's chat template, loss on assistant turns; the default when the tokenizer "
+                           "has one), plain (the default otherwise), alpaca or chatml")
     fine.add_argument("--seq-len", type=int, default=512, help="tokens per example (prompt + completion)")
     fine.add_argument("--truncation", default="right", choices=("right", "left"),
                       help="over-long examples: right cuts the completion's end (examples left without a "
@@ -504,6 +508,12 @@ def _add_eval(sub) -> None:
     add_eval_parser(sub)
 
 
+def _add_chat(sub) -> None:
+    from fastlm.chat import add_chat_parser  # `fastlm chat`: fastlm/chat.py
+
+    add_chat_parser(sub)
+
+
 def _add_info(sub) -> None:
     info = add_parser(sub, "info", help="versions, devices and available backends",
                       description="Versions, devices and which op backends are available.")
@@ -513,7 +523,7 @@ def _add_info(sub) -> None:
 #: Functions that add a subcommand (see the module docstring); other modules append theirs
 #: with :func:`register`.
 REGISTRARS: list[Callable[[Any], None]] = [_add_demo, _add_pretrain, _add_finetune, _add_generate, _add_quantize,
-                                           _add_eval, _add_info]
+                                           _add_chat, _add_eval, _add_info]
 
 
 def register(registrar: Callable[[Any], None]) -> Callable[[Any], None]:

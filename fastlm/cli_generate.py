@@ -40,7 +40,8 @@ def add_generate(sub) -> None:
     gen.add_argument("--draft-model", help="checkpoint of a small draft model for speculative decoding")
     gen.add_argument("--num-draft-tokens", type=int, default=4, help="tokens the draft model proposes per step")
     gen.add_argument("--stop", nargs="+", metavar="TEXT", help="stop strings")
-    gen.add_argument("--template", choices=tuple(TEMPLATES), help="wrap --prompt in this prompt template")
+    gen.add_argument("--template", choices=("chat", *TEMPLATES),
+                     help="wrap --prompt in this prompt template (chat: the tokenizer's chat template, as one user turn)")
     gen.add_argument("--chat", action="store_true", help="wrap --prompt in the template the model (or --adapter) "
                      "was fine-tuned with by fastlm finetune")
     gen.add_argument("--seed", type=int, default=0, help="seed of sampling")
@@ -58,7 +59,7 @@ def _recorded_template(*directories: str | None) -> str:
     for directory in directories:
         if directory is not None and (Path(directory) / TEMPLATE_FILE).is_file():
             name = read_json_file(Path(directory) / TEMPLATE_FILE).get("template")
-            if name not in TEMPLATES:
+            if name != "chat" and name not in TEMPLATES:
                 raise ValueError(f"{Path(directory) / TEMPLATE_FILE} names an unknown template {name!r}")
             return name
     shown_dirs = " or ".join(d for d in directories if d)
@@ -122,13 +123,18 @@ def _load_model(directory: str, device: str | None):
 
 def run_generate(args: argparse.Namespace) -> int:
     from fastlm import generate, generate_stream, load_tokenizer
+    from fastlm.chat import stop_ids  # generation_config.json's eos ids (all of them), else the tokenizer's
     from fastlm.train.data import TEMPLATES
 
     do_sample, template = check_generate(args)
     tokenizer = load_tokenizer(args.model)
-    text = TEMPLATES[template][0].format(prompt=args.prompt) if template else args.prompt
-    ids = (tokenizer.encode(text, add_bos=tokenizer.bos_token_id is not None) if template  # as in training
-           else tokenizer.encode(text))
+    if template == "chat":  # the model's own chat template, one user turn, as fine-tuning rendered it
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    elif template:
+        ids = tokenizer.encode(TEMPLATES[template][0].format(prompt=args.prompt),  # as in training
+                               add_bos=tokenizer.bos_token_id is not None, split_special_tokens=False if template == "chatml" else None)
+    else:
+        ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError(f"{shown('prompt')} encodes to no tokens; give a non-empty prompt")
     model = _load_model(args.model, args.device)
@@ -139,7 +145,7 @@ def run_generate(args: argparse.Namespace) -> int:
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample,
                    temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, compile=args.compile)
+                   eos_token_id=stop_ids(model, tokenizer), seed=args.seed, compile=args.compile)
     special = dict(num_beams=args.num_beams, length_penalty=args.length_penalty, penalty_alpha=args.penalty_alpha)
     if args.draft_model:
         special.update(draft_model=_load_model(args.draft_model, args.device),
@@ -148,8 +154,8 @@ def run_generate(args: argparse.Namespace) -> int:
     shown_prompt = "" if template else args.prompt
     if args.num_beams > 1 or args.penalty_alpha is not None or args.draft_model:
         tokens = generate(model, prompt, **options, **special)
-        out = tokenizer.decode(tokens[0].tolist())
-        print(out if not template else tokenizer.decode(tokens[0, len(ids):].tolist()))
+        out = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
+        print(out if not template else tokenizer.decode(tokens[0, len(ids):].tolist(), skip_special_tokens=True))
         return 0
     # Stream: print the text as tokens arrive (holding back an incomplete UTF-8 character).
     print(shown_prompt, end="", flush=True)
@@ -157,10 +163,10 @@ def run_generate(args: argparse.Namespace) -> int:
     shown_text = ""
     for token in generate_stream(model, prompt, stop_strings=args.stop, tokenizer=tokenizer, **options):
         generated.append(int(token[0]))
-        decoded = tokenizer.decode(generated)
+        decoded = tokenizer.decode(generated, skip_special_tokens=True)
         if not decoded.endswith("\ufffd"):
             print(decoded[len(shown_text):], end="", flush=True)
             shown_text = decoded
-    print(tokenizer.decode(generated)[len(shown_text):])
+    print(tokenizer.decode(generated, skip_special_tokens=True)[len(shown_text):])
     return 0
 

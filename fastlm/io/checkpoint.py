@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastlm._files import atomic_write, atomic_write_text
+from fastlm.io.generation_config import read_generation_config, write_generation_config
 from fastlm.config import ModelConfig
 from fastlm.io import validate
 from fastlm.io.hf_format import (
@@ -125,6 +126,7 @@ def from_pretrained(
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
+    model.generation_config = read_generation_config(directory)  # generate()'s defaults; None without the file
     return model.eval()
 
 
@@ -191,6 +193,7 @@ def save_pretrained(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
         (directory / WEIGHTS_NAME).unlink(missing_ok=True)  # a stale single file would shadow the shards
+    write_generation_config(getattr(model, "generation_config", None), directory)
     # The config goes last: a directory with a config.json always has its weights complete.
     hf_config = config_to_hf(model.config, next(iter(tensors.values())).dtype)
     atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2))

@@ -90,7 +90,7 @@ def finetune_adapter(
     lora: LoraConfig | None = None,
     prompt: PromptTuningConfig | None = None,
     adapter_name: str = "default",
-    template: str = "plain",
+    template: str | None = None,
     seq_len: int = 512,
     val_data: str | None = None,
     val_fraction: float = 0.05,

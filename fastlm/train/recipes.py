@@ -16,6 +16,7 @@ from fastlm._files import atomic_write_text
 from fastlm._naming import shown
 from fastlm.config import PRESETS, preset
 from fastlm.data import HFTokenizer, Tokenizer, default_corpus_texts, load_tokenizer, read_texts, split_train_val
+from fastlm.data.chat import resolve_template
 from fastlm.data.dataset import tokenize_stream
 from fastlm.io import from_pretrained, load_config
 from fastlm.io.validate import check_model_dir
@@ -173,7 +174,7 @@ def finetune(
     *,
     data: str,
     model_dir: str,
-    template: str = "plain",
+    template: str | None = None,
     seq_len: int = 512,
     val_data: str | None = None,
     val_fraction: float = 0.05,
@@ -210,8 +211,8 @@ def prepare_finetune(config: TrainerConfig, *, data: str, model_dir: str, templa
     Checkpoints get the tokenizer and ``prompt_template.json`` (``fastlm generate --chat``).
     ``reserved`` positions of the model's context are taken by something else (virtual tokens)."""
     _check_int("seq_len", seq_len, 1)
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown {shown('template')} {template!r}; available: {', '.join(TEMPLATES)}")
+    if template is not None and template != "chat" and template not in TEMPLATES:
+        raise ValueError(f"unknown {shown('template')} {template!r}; available: chat, {', '.join(TEMPLATES)}")
     if truncation not in TRUNCATION_SIDES:
         raise ValueError(f"{shown('truncation')} must be one of {TRUNCATION_SIDES}, got {truncation!r}")
     if not 0 < val_fraction < 1:
@@ -229,6 +230,7 @@ def prepare_finetune(config: TrainerConfig, *, data: str, model_dir: str, templa
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
+    template = resolve_template(tokenizer, template, tuple(TEMPLATES))  # None: chat if the tokenizer has one
     pairs = read_prompt_completions(data)
     if val_data is not None:
         train_pairs, val_pairs = pairs, read_prompt_completions(val_data)

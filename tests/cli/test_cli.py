@@ -56,7 +56,7 @@ def test_generate_command(demo_checkpoint, capsys):
     model, tokenizer = fastlm.from_pretrained(demo_checkpoint), fastlm.load_tokenizer(demo_checkpoint)
     expected = fastlm.generate(model, torch.tensor([tokenizer.encode("def ")]), max_new_tokens=6,
                                eos_token_id=tokenizer.eos_token_id)
-    assert streamed == tokenizer.decode(expected[0].tolist()) + "\n"
+    assert streamed == tokenizer.decode(expected[0].tolist(), skip_special_tokens=True) + "\n"
     for extra in (["--greedy", "--num-beams", "2"], ["--penalty-alpha", "0.5", "--top-k", "3", "--greedy"],
                   ["--draft-model", str(demo_checkpoint)], ["--top-p", "0.9", "--stop", "x"]):
         assert main([*base, *extra]) == 0
