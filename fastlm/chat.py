@@ -115,16 +115,35 @@ def chat_loop(model: Any, tokenizer: Tokenizer, lines: Iterable[str], out: TextI
     return messages
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Every option checked before anything is loaded."""
+    from fastlm.cli import check_device, check_positive
+    from fastlm.io.validate import check_adapter_dir, check_model_dir
+
+    check_positive(args, "max_new_tokens", "top_k")
+    check_positive(args, "temperature", "repetition_penalty", low=0, strict=True)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_device(args.device)
+    check_model_dir(args.model, "--model")
+    if args.adapter:
+        check_adapter_dir(args.adapter, "--adapter")
+
+
 def _run(args: argparse.Namespace) -> int:
     from fastlm import load_tokenizer
-    from fastlm.cli import _load_model
+    from fastlm.cli_generate import _load_model
 
+    _check(args)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"--model {args.model}: the tokenizer has no chat template (chat_template.jinja or "
+                         "'chat_template' in tokenizer_config.json); use fastlm generate instead")
     model = _load_model(args.model, args.device)
     if args.adapter:
         from fastlm import peft
 
         model = peft.from_pretrained(model, args.adapter)
-    tokenizer = load_tokenizer(args.model)
     generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.greedy:
@@ -136,16 +155,23 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_chat_parser(sub: Any) -> None:
     """Register ``fastlm chat`` on the subcommand parsers ``sub``."""
-    chat = sub.add_parser("chat", help="interactive streaming chat with a checkpoint (its chat template)")
+    from fastlm.cli import add_parser
+
+    chat = add_parser(sub, "chat", help="interactive streaming chat with a checkpoint (its chat template)",
+                      description="Chat with a checkpoint through its chat template; /reset starts over, /exit ends.")
     chat.add_argument("--model", required=True, help="checkpoint directory with a tokenizer and a chat template")
     chat.add_argument("--adapter", help="a PEFT adapter folder (LoRA or prompt tuning) for --model")
     chat.add_argument("--system", help="a system message opening the conversation")
     chat.add_argument("--max-new-tokens", type=int, default=256, help="longest reply")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding (default: generation_config.json's)")
-    chat.add_argument("--temperature", type=float, default=None, help="default: generation_config.json's")
-    chat.add_argument("--top-k", type=int, default=None)
-    chat.add_argument("--top-p", type=float, default=None)
-    chat.add_argument("--repetition-penalty", type=float, default=None)
-    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: "
+                                                                      "generation_config.json's)")
+    chat.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: "
+                                                            "generation_config.json's)")
+    chat.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: "
+                                                              "generation_config.json's)")
+    chat.add_argument("--repetition-penalty", type=float, default=None, help="penalty on repeated tokens (default: "
+                                                                            "generation_config.json's)")
+    chat.add_argument("--seed", type=int, default=0, help="random seed of sampling")
     chat.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
     chat.set_defaults(func=_run)
