@@ -273,6 +273,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_ext(args: argparse.Namespace) -> int:
+    from fastlm import _extension
+
+    _extension.load_extension()  # the prebuilt module, or a JIT build from csrc/ (RuntimeError saying why)
+    print(f"fastlm CUDA extension ready: {_extension.extension_ready()[1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastlm.train import TrainerConfig
 
@@ -357,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, devices and available backends")
     info.set_defaults(func=_info)
+
+    ext = sub.add_parser("build-ext", help="build (JIT) and load the C++/CUDA extension, so that automatic "
+                                           "backend selection can use it")
+    ext.set_defaults(func=_build_ext)
     return parser
 
 
