@@ -77,3 +77,27 @@ def test_non_contiguous_logits_and_the_input_is_left_alone():
     ref_loss, ref_grad = _loss_and_grad(F.cross_entropy, wide, targets)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_reference_never_copies_all_logits_to_float32(monkeypatch):
+    """The reference's float32 work is chunked: no float32 tensor of N·V elements appears."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastlm.ops import reference
+
+    monkeypatch.setattr(reference, "CROSS_ENTROPY_CHUNK", 64 * 10)  # 10 rows of V = 64 per chunk
+    logits, targets = _case(40, 64, torch.bfloat16, ignore_every=3)
+    sizes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    sizes.append(t.numel())
+            return out
+
+    with Record():
+        loss = reference.cross_entropy(logits, targets)
+    assert max(sizes) <= 64 * 10
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float(), targets), rtol=1e-6, atol=1e-6)
