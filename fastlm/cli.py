@@ -405,6 +405,14 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_ext(args: argparse.Namespace) -> int:
+    from fastlm import _extension
+
+    _extension.load_extension()  # the prebuilt module, or a JIT build from csrc/ (RuntimeError saying why)
+    print(f"fastlm CUDA extension ready: {_extension.extension_ready()[1]}")
+    return 0
+
+
 # ---- parsers ---------------------------------------------------------------------------------
 
 
@@ -514,6 +522,13 @@ def _add_chat(sub) -> None:
     add_chat_parser(sub)
 
 
+def _add_build_ext(sub) -> None:
+    ext = add_parser(sub, "build-ext", help="build (JIT) and load the C++/CUDA extension, so that automatic "
+                                            "backend selection can use it",
+                     description="Build the C++/CUDA extension from csrc/ (nvcc) and load it.")
+    ext.set_defaults(func=_build_ext)
+
+
 def _add_info(sub) -> None:
     info = add_parser(sub, "info", help="versions, devices and available backends",
                       description="Versions, devices and which op backends are available.")
@@ -523,7 +538,7 @@ def _add_info(sub) -> None:
 #: Functions that add a subcommand (see the module docstring); other modules append theirs
 #: with :func:`register`.
 REGISTRARS: list[Callable[[Any], None]] = [_add_demo, _add_pretrain, _add_finetune, _add_generate, _add_quantize,
-                                           _add_chat, _add_eval, _add_info]
+                                           _add_chat, _add_eval, _add_build_ext, _add_info]
 
 
 def register(registrar: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastlm.ops import reference  # noqa: F401  (public: fastlm.ops.reference, the oracle)
-from fastlm.ops import decode_triton, int8_triton, lora_triton, triton_fused  # noqa: F401  (register triton kernels)
+from fastlm.ops import cross_entropy_triton, decode_triton, int8_triton, lora_triton, triton_fused  # noqa: F401  (register triton kernels)
 from fastlm.ops.attention_triton import attention_varlen
 from fastlm.ops.fused_loss import fused_linear_cross_entropy
 from fastlm.ops.kv_append import rope_append_kv
