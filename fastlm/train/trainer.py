@@ -165,6 +165,9 @@ class Trainer:
         self.model, self.train_source, self.val_source, self.config = model, train_source, val_source, config
         self.extra_files = extra_files
         self.info = distributed.setup(config.device)
+        if config.fsdp and self.info.world_size == 1:
+            raise ValueError(f"{shown('fsdp')} shards the model over several processes: launch with torchrun "
+                             "--nproc-per-node N (one process trains without it)")
         if config.batch_size % self.info.world_size:
             raise ValueError(
                 f"batch_size {config.batch_size} must be divisible by the {self.info.world_size} processes"
