@@ -26,7 +26,6 @@ from fastlm.peft.config import LoraConfig, PromptTuningConfig
 from fastlm.peft.layers import LoraLinear
 from fastlm.peft.lora import LoraModel
 from fastlm.peft.prompt import PromptTuningModel
-from fastlm.train import distributed
 from fastlm.train.recipes import RecipeOutput, prepare_finetune
 from fastlm.train.trainer import Trainer, TrainerConfig, TrainResult
 

@@ -28,15 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from fastlm import ops
-from fastlm.io.checkpoint import read_safetensors
-from fastlm.io.hf_format import state_dict_from_hf
-from fastlm.model import Model
 from fastlm._naming import shown
-from fastlm.io.hf_format import CheckpointError
+from fastlm.io.checkpoint import read_safetensors
+from fastlm.io.hf_format import CheckpointError, state_dict_from_hf
+from fastlm.model import Model
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import distributed, rundir
-from fastlm.train.interrupt import StopOnSignal, TrainingInterrupted
 from fastlm.train.data import IGNORE_INDEX
+from fastlm.train.interrupt import StopOnSignal, TrainingInterrupted
 from fastlm.train.metrics import PLOT_FILE, MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -199,6 +198,9 @@ class Trainer:
         self.model, self.train_source, self.val_source, self.config = model, train_source, val_source, config
         self.extra_files = extra_files
         self.info = distributed.setup(config.device)
+        if config.fsdp and self.info.world_size == 1:
+            raise ValueError(f"{shown('fsdp')} shards the model over several processes: launch with torchrun "
+                             "--nproc-per-node N (one process trains without it)")
         if config.batch_size % self.info.world_size:
             raise ValueError(
                 f"batch_size {config.batch_size} must be divisible by the {self.info.world_size} processes"
@@ -489,8 +491,14 @@ class Trainer:
 
     def fit(self, *, resume: bool = False, stop_at: int | None = None) -> TrainResult:
         """Train to config.max_steps (from the latest checkpoint with ``resume``). ``stop_at``
-        ends the run early after that step, with a checkpoint, as a time-limited job would."""
-        config, info = self.config, self.info
+        ends the run early after that step, with a checkpoint, as a time-limited job would.
+        SIGINT/SIGTERM end the run after the current step, with a checkpoint of it, raising
+        :class:`~fastlm.train.interrupt.TrainingInterrupted` (see that module)."""
+        with StopOnSignal() as self._stop:
+            return self._fit(resume, stop_at)
+
+    def _fit(self, resume: bool, stop_at: int | None) -> TrainResult:
+        config, info, stop = self.config, self.info, self._stop
         end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
         self._build()
         start = self._resume() if resume else 0
@@ -504,39 +512,37 @@ class Trainer:
         bar = tqdm(range(start, end), initial=start, total=config.max_steps, desc="train",
                    disable=not (config.progress and info.is_main), dynamic_ncols=True)
         self._timer.restart()
-        with StopOnSignal() as stop:
-            for step in bar:
-                lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm, tokens = self._step(step)
-                tokens_per_s = tokens * info.world_size / max(self._step_seconds, 1e-9)
-                losses.append(loss)
-                record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "tokens_per_s": tokens_per_s}
-                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
-                if peak is not None:
-                    record["mfu"] = tokens_per_s * per_token / (peak * info.world_size)
-                    postfix["mfu"] = f"{record['mfu']:.1%}"
-                last = step + 1 == end
-                if self.val_source is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
-                    val_loss = self.evaluate()
-                    record.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)))
-                    postfix["val"] = f"{val_loss:.3f}"
-                bar.set_postfix(postfix)
-                if metrics is not None:
-                    metrics.log(record)
-                saved = last or (config.save_every and (step + 1) % config.save_every == 0)
-                if saved:
+        for step in bar:
+            lr = self.scheduler.get_last_lr()[0]
+            loss, grad_norm, tokens = self._step(step)
+            tokens_per_s = tokens * info.world_size / max(self._step_seconds, 1e-9)
+            losses.append(loss)
+            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+            postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            if peak is not None:
+                record["mfu"] = tokens_per_s * per_token / (peak * info.world_size)
+                postfix["mfu"] = f"{record['mfu']:.1%}"
+            last = step + 1 == end
+            if self.val_source is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                val_loss = self.evaluate()
+                record.update(val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)))
+                postfix["val"] = f"{val_loss:.3f}"
+            bar.set_postfix(postfix)
+            if metrics is not None:
+                metrics.log(record)
+            saved = last or (config.save_every and (step + 1) % config.save_every == 0)
+            if saved:
+                self.save_checkpoint(step + 1)
+            if "val_loss" in record or saved:
+                self._timer.restart()  # evaluation and checkpoint time is not the next step's
+            if not last and self._stop_requested(stop):
+                if not saved:  # the last completed step, atomically as every checkpoint
                     self.save_checkpoint(step + 1)
-                if "val_loss" in record or saved:
-                    self._timer.restart()  # evaluation and checkpoint time is not the next step's
-                if not last and self._stop_requested(stop):
-                    if not saved:  # the last completed step, atomically as every checkpoint
-                        self.save_checkpoint(step + 1)
-                    bar.close()
-                    if metrics is not None:
-                        plot_losses(metrics.read(), self.out / PLOT_FILE)
-                    path = ckpt.checkpoint_dir(self.out) / f"step-{step + 1:08d}"
-                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, step + 1, path)
+                bar.close()
+                if metrics is not None:
+                    plot_losses(metrics.read(), self.out / PLOT_FILE)
+                path = ckpt.checkpoint_dir(self.out) / f"step-{step + 1:08d}"
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step + 1, path)
         if metrics is not None:
             plot_losses(metrics.read(), self.out / PLOT_FILE)
         return TrainResult(losses=losses, val_loss=val_loss, start_step=start, steps=end)
