@@ -33,10 +33,11 @@ class MessageTooLong(ValueError):
 
 
 def stop_ids(model: Any, tokenizer: Tokenizer) -> list[int] | None:
-    """The eos ids to stop at: None (generation_config's, taken by generate) or the tokenizer's eos."""
+    """The eos ids to stop at: the checkpoint's generation_config.json ids, else the tokenizer's eos."""
     config = getattr(model, "generation_config", None) or getattr(getattr(model, "model", None), "generation_config", None)
     if config is not None and config.eos_token_id is not None:
-        return None
+        eos = config.eos_token_id
+        return list(eos) if isinstance(eos, list) else [eos]
     return None if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
 
 
@@ -64,8 +65,10 @@ def reply(model: Any, tokenizer: Tokenizer, messages: list[dict], out: TextIO, *
     room = model.config.max_position_embeddings - max_new
     ids = _fit(messages, tokenizer, room)
     generation = {**generation, "max_new_tokens": max_new}
-    if generation.get("eos_token_id") is None:
-        generation["eos_token_id"] = stop_ids(model, tokenizer)
+    if "eos_token_id" not in generation:
+        stop = stop_ids(model, tokenizer)
+        if stop is not None:  # else generation_config.json's eos ids, taken by generate
+            generation["eos_token_id"] = stop
     prompt = torch.tensor([ids], device=model.device)
     generated: list[int] = []
     shown = ""
@@ -144,8 +147,10 @@ def _run(args: argparse.Namespace) -> int:
         from fastlm import peft
 
         model = peft.from_pretrained(model, args.adapter)
-    generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    given = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 repetition_penalty=args.repetition_penalty)  # the others: generation_config.json's
+    generation = dict(max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      **{k: v for k, v in given.items() if v is not None})
     if args.greedy:
         generation["do_sample"] = False
     chat_loop(model, tokenizer, sys.stdin, sys.stdout, system=args.system, show_prompt=sys.stdin.isatty(),

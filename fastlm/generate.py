@@ -12,10 +12,10 @@ first eos id) in tensor results. ``generator`` or ``seed`` make sampling reprodu
 ``streamer`` receives each step's tokens (B,) as they are produced, and
 :func:`generate_stream` yields them. ``cache_implementation="paged"`` decodes greedy/sampled
 batches through a :class:`fastlm.PagedKVCache` (the default is the static cache).
-Arguments left None (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+Arguments not passed (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
 ``max_new_tokens``, ``eos_token_id``, ``pad_token_id``) come from ``model.generation_config``
 (a checkpoint's ``generation_config.json``, see :mod:`fastlm.io.generation_config`), else the
-defaults (greedy, 32 new tokens). ``compile=True`` (greedy and sampling over the static cache) runs each decode step through
+defaults (greedy, 32 new tokens); passed explicitly, None wins as in transformers. ``compile=True`` (greedy and sampling over the static cache) runs each decode step through
 torch.compile — a CUDA graph on GPU (see :mod:`fastlm.decoding.step`); the first call pays the
 compilation, later calls with the same batch size and length bucket reuse it.
 """
@@ -30,7 +30,7 @@ from fastlm.decoding.beam import beam_search
 from fastlm.decoding.common import Prompts, StopStrings, eos_set, prepare_prompts
 from fastlm.decoding.contrastive import contrastive_search
 from fastlm.decoding.sampling import decode_steps
-from fastlm.io.generation_config import resolve_generation_args
+from fastlm.io.generation_config import UNSET, resolve_generation_args
 from fastlm.model import Model
 
 
@@ -40,7 +40,7 @@ def _check_int(name: str, value, minimum: int) -> None:
 
 
 def _defaults(model: Model, *values):
-    """The arguments left None taken from ``model.generation_config``, then the defaults (fastlm.io.generation_config)."""
+    """The arguments not passed taken from ``model.generation_config``, then the defaults (fastlm.io.generation_config)."""
     names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
              "pad_token_id")
     return tuple(resolve_generation_args(model, **dict(zip(names, values))).values())
@@ -92,14 +92,14 @@ def generate_stream(
     model: Model,
     input_ids,
     *,
-    max_new_tokens: int | None = None,
-    do_sample: bool | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+    max_new_tokens: int = UNSET,
+    do_sample: bool = UNSET,
+    temperature: float = UNSET,
+    top_k: int | None = UNSET,
+    top_p: float | None = UNSET,
+    repetition_penalty: float = UNSET,
+    eos_token_id: int | Sequence[int] | None = UNSET,
+    pad_token_id: int | None = UNSET,
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
     generator: torch.Generator | None = None,
@@ -128,20 +128,20 @@ def generate(
     model: Model,
     input_ids,
     *,
-    max_new_tokens: int | None = None,
-    do_sample: bool | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float | None = None,
+    max_new_tokens: int = UNSET,
+    do_sample: bool = UNSET,
+    temperature: float = UNSET,
+    top_k: int | None = UNSET,
+    top_p: float | None = UNSET,
+    repetition_penalty: float = UNSET,
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     penalty_alpha: float | None = None,
     draft_model: Model | None = None,
     num_draft_tokens: int = 4,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = UNSET,
+    pad_token_id: int | None = UNSET,
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
     generator: torch.Generator | None = None,

@@ -9,10 +9,13 @@ A checkpoint's ``generation_config.json`` holds, e.g. for Llama 3.1 Instruct::
 ``fastlm.from_pretrained`` attaches it as ``model.generation_config`` (None when the file is
 absent) and ``save_pretrained`` writes it back. ``generate`` then takes, for each of
 ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
-``max_new_tokens``, ``eos_token_id`` and ``pad_token_id``: the caller's value when it is not
-None, else the file's, else the default — ``transformers``' global defaults when the model
-has a generation config (notably ``top_k=50``), fastlm's otherwise (no top-k filter). As in
-``transformers``, ``top_k=0`` and ``top_p=1.0`` switch those filters off.
+``max_new_tokens``, ``eos_token_id`` and ``pad_token_id``: the caller's value when the caller
+passes one, else the file's, else the default — ``transformers``' global defaults when the
+model has a generation config (notably ``top_k=50`` when sampling), fastlm's otherwise (no top-k filter).
+As in ``transformers``, a value passed explicitly wins even when it is None (``eos_token_id=None``
+means no eos, ``top_k=None`` no top-k filter), and ``top_k=0`` / ``top_p=1.0`` switch those
+filters off; None for ``do_sample``/``temperature``/``repetition_penalty``/``max_new_tokens``
+means their default (greedy, 1.0, 1.0, 32).
 """
 
 from __future__ import annotations
@@ -27,10 +30,19 @@ from fastlm._files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GENERATION_CONFIG_FILE", "GenerationConfig", "read_generation_config", "resolve_generation_args",
+__all__ = ["GENERATION_CONFIG_FILE", "UNSET", "GenerationConfig", "read_generation_config", "resolve_generation_args",
            "write_generation_config"]
 
 GENERATION_CONFIG_FILE = "generation_config.json"
+
+class _Unset:
+    """The default of ``generate``'s settings: "not passed" (None passed means None, as in transformers)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
 
 # transformers' GenerationConfig._get_default_generation_params() for the fields fastlm uses.
 TRANSFORMERS_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
@@ -122,8 +134,8 @@ def write_generation_config(config: GenerationConfig | None, directory: str | Pa
 
 
 def resolve_generation_args(model: Any, **given: Any) -> dict[str, Any]:
-    """Fill each argument the caller left None from ``model.generation_config``, then the defaults
-    (see the module docstring). Returns the same keys."""
+    """Fill each argument the caller left :data:`UNSET` from ``model.generation_config``, then the
+    defaults (see the module docstring). Returns the same keys."""
     config: GenerationConfig | None = getattr(model, "generation_config", None)
     if config is None:  # an adapter wrapper (fastlm.peft) holds the base model as .model
         config = getattr(getattr(model, "model", None), "generation_config", None)
@@ -131,11 +143,18 @@ def resolve_generation_args(model: Any, **given: Any) -> dict[str, Any]:
     if config is not None:
         defaults.update(TRANSFORMERS_DEFAULTS)
     out = {}
+    sampling = given.get("do_sample", UNSET)
+    if sampling is UNSET:
+        sampling = getattr(config, "do_sample", None) if config is not None else None
+    if not sampling:  # transformers' top_k=50 filters sampling; contrastive search still needs an explicit top_k
+        defaults["top_k"] = None
     for name, value in given.items():
-        if value is None and config is not None:
-            value = getattr(config, name, None)
-        if value is None:
-            value = defaults.get(name)
+        if value is UNSET:
+            value = getattr(config, name, None) if config is not None else None
+            if value is None:
+                value = defaults.get(name)
+        elif value is None and name in ("do_sample", "temperature", "repetition_penalty", "max_new_tokens"):
+            value = FASTLM_DEFAULTS[name]
         out[name] = value
     if out.get("top_k") == 0:
         out["top_k"] = None

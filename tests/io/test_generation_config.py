@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastlm
-from fastlm.io.generation_config import GenerationConfig, read_generation_config, resolve_generation_args
+from fastlm.io.generation_config import UNSET, GenerationConfig, read_generation_config, resolve_generation_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,6 +73,10 @@ def test_eos_list_stops_generation_as_transformers(checkpoint, tmp_path):
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [never, stop], "pad_token_id": 0}))
     ours = fastlm.generate(fastlm.from_pretrained(directory), torch.tensor([[3, 5, 7]]), max_new_tokens=24)
     assert ours[0, 3:].tolist() == tokens[: first + 1]  # the second id of the list stops it too
+    # eos_token_id=None passed explicitly means no eos, in transformers too.
+    no_eos = fastlm.generate(fastlm.from_pretrained(directory), torch.tensor([[3, 5, 7]]), max_new_tokens=24,
+                             eos_token_id=None)
+    assert no_eos[0, 3:].tolist() == tokens
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory))
     theirs = hf.generate(torch.tensor([[3, 5, 7]]), max_new_tokens=24)  # reads generation_config.json itself
     assert theirs[0].tolist() == ours[0].tolist()
@@ -84,8 +88,8 @@ def test_sampling_defaults_from_the_file(checkpoint, tmp_path):
     (directory / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6,
                                                                   "top_p": 0.9, "repetition_penalty": 1.2}))
     model = fastlm.from_pretrained(directory)
-    resolved = resolve_generation_args(model, do_sample=None, temperature=None, top_k=None, top_p=None,
-                                       repetition_penalty=None, max_new_tokens=None)
+    resolved = resolve_generation_args(model, do_sample=UNSET, temperature=UNSET, top_k=UNSET, top_p=UNSET,
+                                       repetition_penalty=UNSET, max_new_tokens=UNSET)
     # transformers' global default top_k=50 applies when the file leaves it unset
     assert resolved == {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.2,
                         "max_new_tokens": 32}
@@ -98,8 +102,11 @@ def test_sampling_defaults_from_the_file(checkpoint, tmp_path):
     greedy = fastlm.generate(model, prompt, max_new_tokens=12, do_sample=False, repetition_penalty=1.0)
     assert torch.equal(greedy, fastlm.generate(fastlm.from_pretrained(checkpoint), prompt, max_new_tokens=12))
     # Without a file, fastlm's defaults: greedy, no top-k filter.
-    assert resolve_generation_args(fastlm.from_pretrained(checkpoint), do_sample=None, top_k=None) == \
+    assert resolve_generation_args(fastlm.from_pretrained(checkpoint), do_sample=UNSET, top_k=UNSET) == \
         {"do_sample": False, "top_k": None}
+    # Passed explicitly, None wins over the file as in transformers: no top-k, no top-p filter.
+    assert resolve_generation_args(model, top_k=None, top_p=None, temperature=None, do_sample=None) == \
+        {"top_k": None, "top_p": None, "temperature": 1.0, "do_sample": False}
 
 
 @pytest.mark.parametrize("content, match", [
