@@ -83,8 +83,10 @@ def from_pretrained(
     """
     directory = Path(directory)
     hf_config = read_hf_config(directory)
-    if "quantization" in hf_config:
-        raise CheckpointError(f"{directory} holds a quantized model; load it with fastlm.quant.load_quantized")
+    if "quantization" in hf_config:  # written by a quantized model's save_pretrained
+        from fastlm.quant.checkpoint import load_quantized
+
+        return load_quantized(directory, dtype=dtype, device=device)
     config = config_from_hf(hf_config)
     hf_tensors = read_safetensors(directory)
     if dtype is None:
