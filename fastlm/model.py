@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from fastlm import ops
 from fastlm.cache import KVCache, PagedKVCache
 from fastlm.config import ModelConfig
+from fastlm.hf_conventions import HFModelMixin  # load_adapter, set_adapter, ..., save_pretrained
 from fastlm.rope import Rotary
 
 
@@ -210,7 +211,7 @@ def packed_positions(cu_seqlens: torch.Tensor, b: int, t: int) -> torch.Tensor:
     return (index - cu_seqlens.to(torch.int64)[doc]).view(b, t)
 
 
-class Model(nn.Module):
+class Model(HFModelMixin, nn.Module):
     """``model(input_ids)`` -> logits (B, T, vocab_size).
 
     With ``cache`` (a :class:`KVCache`), the tokens continue each cached sequence and their
@@ -260,12 +261,6 @@ class Model(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, directory, **kwargs) -> None:
-        """Write a Hugging Face checkpoint directory (see :func:`fastlm.io.save_pretrained`)."""
-        from fastlm.io import save_pretrained  # io sits above the model layer
-
-        save_pretrained(self, directory, **kwargs)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, *, paged: bool = False,
                   **paged_options) -> KVCache | PagedKVCache:

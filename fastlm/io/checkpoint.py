@@ -98,8 +98,10 @@ def from_pretrained(
     """
     directory = Path(directory)
     hf_config = read_hf_config(directory)
-    if "quantization" in hf_config:
-        raise CheckpointError(f"{directory} holds a quantized model; load it with fastlm.quant.load_quantized")
+    if "quantization" in hf_config:  # written by a quantized model's save_pretrained
+        from fastlm.quant.checkpoint import load_quantized
+
+        return load_quantized(directory, dtype=dtype, device=device)
     if hf_config.get("quantization_config"):
         method = (hf_config["quantization_config"] or {}).get("quant_method", "unknown")
         raise CheckpointError(f"{directory} is a {method}-quantized checkpoint (quantization_config in config.json, "

@@ -355,6 +355,19 @@ class LoraModel(ModelWrapper):
 
     # ---- forward ------------------------------------------------------------------------------
 
+    @property
+    def adapters_disabled(self) -> bool:
+        return self._state.disabled
+
+    def disable_adapter_layers(self) -> None:
+        """Run the plain base model until :meth:`enable_adapter_layers` (PEFT's name)."""
+        if self._state.merged is not None:
+            raise RuntimeError(f"adapter {self._state.merged!r} is merged; unmerge_adapter() to run the base model")
+        self._state.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        self._state.disabled = False
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside the block."""

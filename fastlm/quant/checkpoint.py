@@ -1,5 +1,9 @@
 """Quantized checkpoints: Hugging Face directories with int8 weights, scales and a quantization entry.
 
+``model.save_pretrained(dir)`` on a quantized model writes one (``save_quantized`` is the same
+function under its explicit name) and ``fastlm.from_pretrained(dir)`` reads it back through
+``load_quantized``, with bit-identical outputs.
+
 Layout (``save_quantized``):
 
 * ``model.safetensors``: every tensor under its Hugging Face name (fastlm.io's mapping); a
@@ -14,8 +18,7 @@ Layout (``save_quantized``):
 
 ``load_quantized`` rebuilds the model with the quantized layers in place and loads the tensors
 as stored (int8 stays int8; no float weight is materialized), so outputs are bit-identical to
-the saved model's on the same device and backend. ``fastlm.io.from_pretrained`` does not read
-these directories (the weights are int8).
+the saved model's on the same device and backend.
 """
 
 from __future__ import annotations
