@@ -22,7 +22,10 @@ QUANT_MODES = ("int8_weight_only", "w8a8")
 
 def add_parser(sub) -> None:
     """Register the ``eval`` subcommand on ``fastlm``'s subparsers."""
-    p = sub.add_parser("eval", help="evaluate checkpoints and variants on local tasks; a side-by-side report",
+    from fastlm.cli import HelpFormatter
+
+    p = sub.add_parser("eval", formatter_class=HelpFormatter,
+                       help="evaluate checkpoints and variants on local tasks; a side-by-side report",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True, metavar="DIR",
                    help="checkpoint folder (repeat for several; the first is the base of --adapter/--quantize)")
@@ -35,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder for results.json, results.md, results.png, samples.*")
     p.add_argument("--samples", type=int, default=0, metavar="N",
                    help="write N prompts per task with every variant's output side by side")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences scored or generated at once")
     p.add_argument("--dtype", default="auto", choices=tuple(DTYPES), help="model dtype (auto: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
