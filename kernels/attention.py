@@ -322,7 +322,7 @@ _FWD_TABLES = {
     0: {  # older GPUs and fp32 inputs: small tiles
         64: [(32, 32, 4, 2)],
         128: [(16, 32, 4, 2)],
-        256: [(32, 32, 4, 1), (64, 16, 4, 1), (16, 32, 4, 1)],
+        256: [(16, 16, 4, 2), (16, 32, 8, 1), (16, 16, 8, 1)],
     },
 }
 # Tiles under the interpreter: small (the interpreter is slow), BLOCK_M != BLOCK_N on purpose so
