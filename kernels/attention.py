@@ -294,12 +294,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(table: dict[int, list[tuple]], head_dim: int) -> list[triton.Config]:
-    """Configs of the first table entry whose head-dim bound covers ``head_dim``."""
+PLAIN = "plain"  # a 5th table field: the config spills in the window/soft-cap kernels, use it only without
+
+
+def _configs(table: dict[int, list[tuple]], head_dim: int, heavy: bool = False) -> list[triton.Config]:
+    """Configs of the first table entry whose head-dim bound covers ``head_dim``; ``heavy``
+    (window or soft-cap kernels, more registers) leaves out the entries marked PLAIN."""
     for bound in sorted(table):
         if head_dim <= bound:
             return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                    for bm, bn, w, s in table[bound]]
+                    for bm, bn, w, s, *flags in table[bound] if not (heavy and PLAIN in flags)]
     raise ValueError(f"head dim {head_dim} > {MAX_HEAD_DIM}")
 
 
@@ -311,8 +315,8 @@ def _configs(table: dict[int, list[tuple]], head_dim: int) -> list[triton.Config
 _FWD_TABLES = {
     9: {
         64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
-        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-        256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)],
+        128: [(128, 128, 8, 3, PLAIN), (128, 64, 8, 3), (128, 128, 8, 2, PLAIN), (64, 64, 4, 3)],
+        256: [(128, 64, 8, 2, PLAIN), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)],
     },
     8: {
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
@@ -322,7 +326,7 @@ _FWD_TABLES = {
     0: {  # older GPUs and fp32 inputs: small tiles
         64: [(32, 32, 4, 2)],
         128: [(16, 32, 4, 2)],
-        256: [(32, 32, 4, 1), (64, 16, 4, 1), (16, 32, 4, 1)],
+        256: [(16, 16, 4, 2), (16, 32, 8, 1), (16, 16, 8, 1)],
     },
 }
 # Tiles under the interpreter: small (the interpreter is slow), BLOCK_M != BLOCK_N on purpose so
@@ -339,10 +343,11 @@ def arch_table(tables: dict[int, dict], dtype: torch.dtype) -> dict[int, list[tu
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_fwd(head_dim: int, dtype: torch.dtype):
+def _tuned_fwd(head_dim: int, dtype: torch.dtype, heavy: bool = False):
     """``_attn_fwd`` autotuned over the configs for this head dim, keyed on the bucketed
-    sequence lengths, causality and the GQA group (dtypes are part of triton's key)."""
-    configs = _configs(arch_table(_FWD_TABLES, dtype), head_dim)
+    sequence lengths, causality and the GQA group (dtypes are part of triton's key); ``heavy``:
+    the window/soft-cap variants (see :func:`_configs`)."""
+    configs = _configs(arch_table(_FWD_TABLES, dtype), head_dim, heavy)
     return triton.autotune(configs, key=["seq_bucket_q", "seq_bucket_k", "CAUSAL", "group", "IS_VARLEN", "WINDOW"])(_attn_fwd)
 
 
@@ -385,6 +390,11 @@ class Problem:
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def heavy(self) -> bool:
+        """Window or soft-cap kernels (more registers: some configs spill, see ``_configs``)."""
+        return self.window is not None or self.softcap is not None
 
     def score_args(self) -> tuple[int, float, float]:
         """(window, qk_scale, cap) kernel arguments: window 0 when absent; base-2 scores are
@@ -487,7 +497,7 @@ def _launch_fwd(p: Problem, q, k, v, out, lse) -> None:
     else:
         grid = lambda meta: fwd_grid(p, meta)  # noqa: E731
         with torch.cuda.device(q.device):
-            _tuned_fwd(p.head_dim, q.dtype)[grid](*args, **p.constexprs(q.dtype))
+            _tuned_fwd(p.head_dim, q.dtype, p.heavy)[grid](*args, **p.constexprs(q.dtype))
 
 
 def attention_forward(

@@ -68,3 +68,18 @@ def test_decode_grids_within_cuda_limits(b, hkv, group, tq, splits):
             cfg = dec.decode_config(head_dim, dtype, group * tq)
             for grid in dec.decode_grids(b, hkv, group, tq, splits, cfg.block_r):
                 assert within_cuda_limits(grid), (grid, cfg)
+
+
+def test_configs_marked_plain_are_left_out_of_window_softcap_kernels():
+    """Configs that compile clean for the plain kernel but spill with the window/soft-cap code
+    (measured ahead of time for sm_90) are not autotuned for those variants."""
+    fwd, bwd = kernel_module("attention"), kernel_module("attention_bwd")
+    for tables in (fwd._FWD_TABLES, bwd._DKDV_TABLES, bwd._DQ_TABLES):
+        for table in tables.values():
+            for bound, entries in table.items():
+                plain = [fwd._configs(table, bound), fwd._configs(table, bound, heavy=True)]
+                marked = sum(fwd.PLAIN in e[4:] for e in entries)
+                assert len(plain[0]) == len(entries) and len(plain[1]) == len(entries) - marked
+                assert plain[1], f"no config left for the window/soft-cap kernels at D <= {bound}"
+    assert fwd.Problem(1, 1, 1, 64, 1, 1, True, 1.0, False, window=4).heavy
+    assert not fwd.Problem(1, 1, 1, 64, 1, 1, True, 1.0, False).heavy
