@@ -216,14 +216,16 @@ def _configs(shapes) -> list[triton.Config]:
             for m, n, k, w, s in shapes]
 
 
-# GEMM tiles tried on CUDA (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Compiled for sm_90 with
-# Llama-7B shapes and R_PAD 16/64 (triton 3.9, ptxas): none spills registers; the 16-bit ones use
-# wgmma with a 3-4 stage pipeline. The last two serve decode-sized batches (few rows).
+# GEMM tiles tried on CUDA (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), checked by
+# scripts/compile_kernels.py (sm_90, triton 3.9, ranks 8/64/256, dense and mixed): 128×128 on 4
+# warps spilled with the bias or mixed epilogue and is left out. The last two serve decode-sized
+# batches (few rows).
 _CONFIGS_16BIT = _configs([
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4),
 ])
-_CONFIGS_FP32 = _configs([(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (128, 64, 32, 4, 3), (16, 64, 64, 4, 3)])
+# 128-row tiles on 4 warps spilled (16-56 B, sm_90, with the bias or mixed epilogue): left out.
+_CONFIGS_FP32 = _configs([(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 64, 4, 3)])
 _KEY = ["N", "K", "M_BUCKET", "R_PAD", "MIXED", "HAS_BIAS"]
 _lora_matmul_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_KEY)(_lora_matmul)
 _lora_matmul_fp32 = triton.autotune(configs=_CONFIGS_FP32, key=_KEY + ["PRECISION"])(_lora_matmul)
