@@ -95,6 +95,9 @@ def main() -> int:
     failed = sorted(wanted - names)
     cuda_stems = {Path(src).stem for src in ext_mod.SOURCES if src.endswith(".cu")}
     cuobjdump = shutil.which("cuobjdump", path=f"{cuda_home}/bin:{os.environ.get('PATH', '')}")
+    if cuobjdump is None:
+        print("build_extension_objects: no cuobjdump in CUDA_HOME/bin or PATH: device code per arch not listed "
+              "(nvcc was given -gencode for each arch)")
     for obj in objects:
         line = f"  compiled {obj.relative_to(work / 'build')} ({obj.stat().st_size // 1024} KB)"
         if obj.name.split(".")[0] in cuda_stems and cuobjdump:  # int8.o or int8.cuda.o (torch versions differ)
