@@ -512,7 +512,8 @@ def int8_linear_forward(
             def grid(meta):
                 return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-            _tuned("_w8_matmul_prefill", gs, _kind(x.dtype))[grid](x, qweight, scales, b, y, m, n, k, *strides, _m_bucket(m), **common)
+            tuned = _tuned("_w8_matmul_prefill", gs, _kind(x.dtype))
+            tuned[grid](x, qweight, scales, b, y, m, n, k, *strides, _m_bucket(m), **common)
         return y
     if m > DECODE_MAX_ROWS:
         raise ValueError(f"the decode kernel takes at most {DECODE_MAX_ROWS} rows, got {m}")

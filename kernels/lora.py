@@ -216,14 +216,16 @@ def _configs(shapes) -> list[triton.Config]:
             for m, n, k, w, s in shapes]
 
 
-# GEMM tiles tried on CUDA (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Compiled for sm_90 with
-# Llama-7B shapes and R_PAD 16/64 (triton 3.9, ptxas): none spills registers; the 16-bit ones use
-# wgmma with a 3-4 stage pipeline. The last two serve decode-sized batches (few rows).
+# GEMM tiles tried on CUDA (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), checked by
+# scripts/compile_kernels.py (sm_90, triton 3.9, ranks 8/64/256, dense and mixed): 128×128 on 4
+# warps spilled with the bias or mixed epilogue and is left out. The last two serve decode-sized
+# batches (few rows).
 _CONFIGS_16BIT = _configs([
-    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4),
 ])
-_CONFIGS_FP32 = _configs([(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (128, 64, 32, 4, 3), (16, 64, 64, 4, 3)])
+# 128-row tiles on 4 warps spilled (16-56 B, sm_90, with the bias or mixed epilogue): left out.
+_CONFIGS_FP32 = _configs([(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 64, 4, 3)])
 _KEY = ["N", "K", "M_BUCKET", "R_PAD", "MIXED", "HAS_BIAS"]
 _lora_matmul_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_KEY)(_lora_matmul)
 _lora_matmul_fp32 = triton.autotune(configs=_CONFIGS_FP32, key=_KEY + ["PRECISION"])(_lora_matmul)
@@ -275,14 +277,17 @@ def shrink(x: torch.Tensor, d: torch.Tensor, d_strides: tuple[int, int, int], ra
         return h
     mixed = rows is not None
     cuda = x.device.type == "cuda"
+    r_pad = rank_pad(rank)
     block_m = (16 if mixed else 32) if cuda else 16
     block_k = (128 if x.element_size() == 2 else 64) if cuda else 32
+    if cuda and r_pad >= 256:  # the (BLOCK_M, 256) fp32 accumulator: shorter K tiles, more warps (spills)
+        block_k //= 2
     num_adapters = scales.shape[0] if mixed else 1
     _lora_shrink[(triton.cdiv(m, block_m), num_adapters)](
         x, d, scales, rows if mixed else x, row_adapter if mixed else x, h,
         m, k, rank, x.stride(0), x.stride(1), *d_strides, h.stride(0),
-        MIXED=mixed, BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=rank_pad(rank), PRECISION=_precision(x.dtype),
-        UPCAST=_upcast(x.dtype), num_warps=4,
+        MIXED=mixed, BLOCK_M=block_m, BLOCK_K=block_k, R_PAD=r_pad, PRECISION=_precision(x.dtype),
+        UPCAST=_upcast(x.dtype), num_warps=8 if cuda and r_pad >= 256 else 4,
     )
     return h
 
@@ -331,11 +336,15 @@ def outer(u: torch.Tensor, v: torch.Tensor, p: int, q: int, seg_start: torch.Ten
     m = u.shape[0]
     cuda = u.device.type == "cuda"
     dot_dtype = u.dtype if u.dtype != torch.float32 else v.dtype
-    block_m = 64 if cuda else 16
-    wide = 128 if cuda else 32
     rank_is_p = not u_by_row  # U indexed by sorted position: U is G (M, R), so p is the rank
-    block_p = rank_pad(p) if rank_is_p else wide
-    block_q = wide if rank_is_p else rank_pad(q)
+    r_pad = rank_pad(p if rank_is_p else q)
+    block_m = 64 if cuda else 16
+    # The (R_PAD, wide) fp32 accumulator in registers: narrower tiles and 8 warps from rank 128
+    # (R_PAD 256 × 128 spilled 1.9 KB on sm_90).
+    wide = (128 if r_pad <= 64 else 64) if cuda else 32
+    warps = 8 if cuda and r_pad >= 128 else 4
+    block_p = r_pad if rank_is_p else wide
+    block_q = wide if rank_is_p else r_pad
     tiles = triton.cdiv(p, block_p) * triton.cdiv(q, block_q)
     split = _num_splits(m, tiles * num_adapters, block_m, u.device)
     out = torch.empty((split, num_adapters, p, q), dtype=torch.float32, device=u.device)
@@ -344,7 +353,7 @@ def outer(u: torch.Tensor, v: torch.Tensor, p: int, q: int, seg_start: torch.Ten
         u.stride(0), u.stride(1), v.stride(0), v.stride(1), *out.stride(),
         U_BY_ROW=u_by_row, V_BY_ROW=v_by_row, HAS_ROWS=rows is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype],
         PRECISION=_precision(dot_dtype), UPCAST=_upcast(dot_dtype), BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q,
-        num_warps=4, num_stages=3 if cuda else 1,
+        num_warps=warps, num_stages=3 if cuda else 1,
     )
     return out.sum(dim=0)
 

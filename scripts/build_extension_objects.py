@@ -93,10 +93,14 @@ def main() -> int:
     names = {o.name.split(".")[0] for o in objects}
     wanted = {Path(s).stem for s in ext_mod.SOURCES}
     failed = sorted(wanted - names)
+    cuda_stems = {Path(src).stem for src in ext_mod.SOURCES if src.endswith(".cu")}
     cuobjdump = shutil.which("cuobjdump", path=f"{cuda_home}/bin:{os.environ.get('PATH', '')}")
+    if cuobjdump is None:
+        print("build_extension_objects: no cuobjdump in CUDA_HOME/bin or PATH: device code per arch not listed "
+              "(nvcc was given -gencode for each arch)")
     for obj in objects:
         line = f"  compiled {obj.relative_to(work / 'build')} ({obj.stat().st_size // 1024} KB)"
-        if obj.name.endswith(".cuda.o") and cuobjdump:
+        if obj.name.split(".")[0] in cuda_stems and cuobjdump:  # int8.o or int8.cuda.o (torch versions differ)
             listing = subprocess.run([cuobjdump, "--list-elf", str(obj)], capture_output=True, text=True).stdout
             have = sorted({tok for tok in listing.replace(".", " ").split() if tok.startswith("sm_")})
             line += f": device code for {', '.join(have) or 'no arch'}"

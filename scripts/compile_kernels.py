@@ -312,7 +312,9 @@ def main(argv=None) -> int:
     print(f"compile_kernels: {len(jobs) - len(todo)} cached, compiling {len(todo)} on {args.jobs} processes",
           flush=True)
     results = {key: cache[key] for key in jobs if key in cache}
+    left_out = 0
     if args.cached_only:
+        left_out = len(todo)
         print(f"compile_kernels: --cached-only: {len(todo)} compiles left out of the table")
         jobs = {key: job for key, job in jobs.items() if key in results}
     elif todo:
@@ -338,10 +340,14 @@ def main(argv=None) -> int:
     check_rows(rows)
     bad = [r for r in rows if r["problems"]]
     if not args.no_write:
-        meta = {"triton": triton.__version__, "archs": args.arch, "families": args.family, "smem_limit": SMEM_LIMIT}
+        meta = {"triton": triton.__version__, "archs": args.arch, "families": args.family, "smem_limit": SMEM_LIMIT,
+                "not_compiled": left_out}
         _write_atomic(args.out / f"{args.name}.json",
                       json.dumps({"meta": meta, "launch_errors": launch_errors, "rows": rows}, indent=1) + "\n")
-        write_markdown(rows, launch_errors, args.out / f"{args.name}.md", "Triton kernels compiled for sm_80 / sm_90")
+        title = "Triton kernels compiled for sm_80 / sm_90"
+        if left_out:
+            title += f" (partial: {left_out} of {len(rows) + left_out} compiles not run yet)"
+        write_markdown(rows, launch_errors, args.out / f"{args.name}.md", title)
     for row in sorted(bad, key=lambda r: (r["kernel"], r["arch"])):
         print(f"  FAIL {row['kernel']} sm_{row['arch']} [{row['config']}]: {'; '.join(row['problems'])} "
               f"<- {row['variants'][0]}")
