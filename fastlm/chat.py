@@ -43,7 +43,7 @@ def stop_ids(model: Any, tokenizer: Tokenizer) -> list[int] | None:
 
 def _fit(messages: list[dict], tokenizer: Tokenizer, room: int) -> list[int]:
     """The prompt ids of ``messages`` (generation prompt added), dropping the oldest non-system
-    turns in place until it is at most ``room`` tokens. Raises ValueError when even the last
+    turns in place until it is at most ``room`` tokens. Raises MessageTooLong when even the last
     user turn alone does not fit."""
     while True:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -53,7 +53,9 @@ def _fit(messages: list[dict], tokenizer: Tokenizer, room: int) -> list[int]:
         if len(messages) - first <= 1:
             raise MessageTooLong(f"the message is {len(ids)} tokens with the template, more than the {room} the "
                              "model's context leaves for it; write a shorter one or lower --max-new-tokens")
-        del messages[first]
+        del messages[first]  # the oldest turn, with the reply to it: user/assistant stay alternating
+        if len(messages) - first > 1 and messages[first].get("role") == "assistant":
+            del messages[first]
 
 
 def reply(model: Any, tokenizer: Tokenizer, messages: list[dict], out: TextIO, **generation: Any) -> str:
@@ -67,7 +69,7 @@ def reply(model: Any, tokenizer: Tokenizer, messages: list[dict], out: TextIO, *
     generation = {**generation, "max_new_tokens": max_new}
     if "eos_token_id" not in generation:
         stop = stop_ids(model, tokenizer)
-        if stop is not None:  # else generation_config.json's eos ids, taken by generate
+        if stop is not None:
             generation["eos_token_id"] = stop
     prompt = torch.tensor([ids], device=model.device)
     generated: list[int] = []
