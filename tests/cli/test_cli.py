@@ -117,13 +117,18 @@ def test_finetune_command(demo_checkpoint, tmp_path):
 def test_quantize_then_generate(demo_checkpoint, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(demo_checkpoint), str(out), "--mode", "int8_weight_only"]) == 0
-    with pytest.raises(fastlm.CheckpointError, match="load it with fastlm.quant.load_quantized"):
-        fastlm.from_pretrained(out)
+    loaded = fastlm.from_pretrained(out)  # a quantized directory loads as the quantized model
+    assert fastlm.quant.quantized_layers(loaded)
     assert main(["generate", "--model", str(out), "--prompt", "def ", "--max-new-tokens", "4", "--greedy"]) == 0
     assert "def " in capsys.readouterr().out
     quantized = fastlm.quant.load_quantized(out)
+    quantized.save_pretrained(tmp_path / "again")  # writes the quantized checkpoint again
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization"]["format"] == "fastlm-int8"
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3]])
+        assert torch.equal(fastlm.from_pretrained(tmp_path / "again")(ids), quantized(ids))
     with pytest.raises(fastlm.CheckpointError, match="save it with fastlm.quant.save_quantized"):
-        quantized.save_pretrained(tmp_path / "bad")
+        fastlm.save_pretrained(quantized, tmp_path / "bad")  # the plain function still refuses
 
 
 def test_python_dash_m_and_info():
