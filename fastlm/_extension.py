@@ -153,6 +153,22 @@ def extension_status() -> tuple[bool, str]:
     return ok, reason
 
 
+def extension_ready() -> tuple[bool, str]:
+    """Whether the extension can be used without compiling anything: the prebuilt ``fastlm._C``
+    imports, or a build was already loaded in this process. What automatic backend selection
+    asks (it never starts a JIT build); cheap after the first call."""
+    if _load.cache_info().currsize:
+        module, error = _load()
+        return (True, f"{JIT_NAME} loaded in this process") if module is not None else (False, error)
+    ok, reason = _probe_status()
+    if ok and reason.startswith("prebuilt"):
+        return True, reason
+    if not ok:
+        return False, reason
+    return False, (f"{EXTENSION_NAME} is not built ({reason} is possible: run `fastlm build-ext`, "
+                   f"install with {BUILD_ENV_VAR}=1, or force the cuda backend)")
+
+
 @functools.lru_cache(maxsize=None)
 def _probe_status() -> tuple[bool, str]:
     try:

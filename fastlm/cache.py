@@ -10,6 +10,11 @@ from fastlm.config import ModelConfig
 from fastlm.ops.kv_append import rope_append_kv_layer
 
 
+def _options(scale: float | None, window: int | None, softcap: float | None) -> dict:
+    """The attention options that are set (the ops' defaults otherwise)."""
+    return {k: v for k, v in (("scale", scale), ("window", window), ("softcap", softcap)) if v is not None}
+
+
 class KVCache(nn.Module):
     """Keys and values of every layer for a batch of sequences.
 
@@ -50,10 +55,8 @@ class KVCache(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> KVCache:
-        if max_len > config.max_position_embeddings:
-            raise ValueError(
-                f"KVCache: max_len {max_len} exceeds the model's context of {config.max_position_embeddings} tokens"
-            )
+        if max_len > config.context_length:
+            raise ValueError(f"KVCache: max_len {max_len} exceeds the model's context of {config.context_length} tokens")
         return cls(
             config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim, dtype=dtype, device=device
         )
@@ -79,21 +82,30 @@ class KVCache(nn.Module):
         positions: torch.Tensor,
         key_lens: torch.Tensor | None = None,
         rope_theta: float | None = None,
+        *,
+        scale: float | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Store the new keys/values (B, Hkv, T, D) of ``layer`` at ``positions`` (B, T) and
         attend the queries (B, H, T, D) over each sequence's cached ones. With ``rope_theta``, q
         and k are first rotated by RoPE at their positions (fused with the cache write, see
         :func:`fastlm.ops.rope_append_kv`). The prefill of an empty cache attends over the new
-        tokens only (``key_lens``: right-padded ragged prompts)."""
+        tokens only (``key_lens``: right-padded ragged prompts). ``scale``, ``window`` (sliding
+        window: the full cache is kept, older keys are masked) and ``softcap`` are the layer's
+        attention options (see :func:`fastlm.ops.attention`)."""
+        options = _options(scale, window, softcap)
         if self.filled:
-            return self.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.filled + q.shape[2])
+            return self.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.filled + q.shape[2],
+                                      **options)
         k_cache, v_cache = self.k[layer], self.v[layer]
         q = ops.rope_append_kv(q, k_new, v_new, positions, k_cache, v_cache, theta=rope_theta)
         t = q.shape[2]  # prefill: positions 0 ... T-1 of every sequence
         k, v = k_cache[:, :, :t].to(q.dtype), v_cache[:, :, :t].to(q.dtype)
-        return ops.attention(q, k, v, causal=True, key_lens=key_lens)
+        return ops.attention(q, k, v, causal=True, key_lens=key_lens, **options)
 
-    def attend_cached(self, layer, q, k_new, v_new, positions, rope_theta=None, length: int | None = None
+    def attend_cached(self, layer, q, k_new, v_new, positions, rope_theta=None, length: int | None = None, *,
+                      scale: float | None = None, window: int | None = None, softcap: float | None = None
                       ) -> torch.Tensor:
         """:meth:`attend` for a cache that already holds each sequence's earlier tokens: no
         host-side state is read, so a decode step through it can be compiled or graph-captured.
@@ -103,7 +115,7 @@ class KVCache(nn.Module):
         k_cache, v_cache = self.k[layer], self.v[layer]
         if length is not None:
             k_cache, v_cache = k_cache[:, :, :length], v_cache[:, :, :length]
-        return ops.decode_attention(q, k_cache, v_cache, self.lens + q.shape[2])
+        return ops.decode_attention(q, k_cache, v_cache, self.lens + q.shape[2], **_options(scale, window, softcap))
 
     def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:
         """Mark ``num_new`` more positions of every sequence as valid (after all layers wrote);
@@ -173,9 +185,9 @@ class PagedKVCache(nn.Module):
                   block_size: int = 16, dtype: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> PagedKVCache:
         """num_blocks None: enough for every sequence to reach max_len (plus the scratch block)."""
-        if max_len > config.max_position_embeddings:
+        if max_len > config.context_length:
             raise ValueError(
-                f"PagedKVCache: max_len {max_len} exceeds the model's context of {config.max_position_embeddings} tokens"
+                f"PagedKVCache: max_len {max_len} exceeds the model's context of {config.context_length} tokens"
             )
         num_blocks = batch_size * -(-max_len // block_size) + 1 if num_blocks is None else num_blocks
         return cls(config.num_layers, batch_size, config.num_kv_heads, config.head_dim, num_blocks=num_blocks,
@@ -219,14 +231,17 @@ class PagedKVCache(nn.Module):
         self.k[layer][block, :, offset] = k_new.permute(0, 2, 1, 3).to(self.k.dtype)
         self.v[layer][block, :, offset] = v_new.permute(0, 2, 1, 3).to(self.v.dtype)
 
-    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None) -> torch.Tensor:
+    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None, *,
+               scale: float | None = None, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         """As :meth:`KVCache.attend`, through :func:`fastlm.ops.decode_attention_paged`."""
         if rope_theta is not None:
             q, k_new = ops.rope(q, positions, theta=rope_theta), ops.rope(k_new, positions, theta=rope_theta)
         self.update(layer, k_new, v_new, positions)
+        options = _options(scale, window, softcap)
         if self.filled == 0:
-            return ops.attention(q, k_new, v_new, causal=True, key_lens=key_lens)
-        return ops.decode_attention_paged(q, self.k[layer], self.v[layer], self.block_table, self.lens + q.shape[2])
+            return ops.attention(q, k_new, v_new, causal=True, key_lens=key_lens, **options)
+        return ops.decode_attention_paged(q, self.k[layer], self.v[layer], self.block_table, self.lens + q.shape[2],
+                                          **options)
 
     def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:
         self.lens += num_new if lens is None else lens.to(self.lens)

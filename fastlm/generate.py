@@ -12,7 +12,10 @@ first eos id) in tensor results. ``generator`` or ``seed`` make sampling reprodu
 ``streamer`` receives each step's tokens (B,) as they are produced, and
 :func:`generate_stream` yields them. ``cache_implementation="paged"`` decodes greedy/sampled
 batches through a :class:`fastlm.PagedKVCache` (the default is the static cache).
-``compile=True`` (greedy and sampling over the static cache) runs each decode step through
+Arguments not passed (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+``max_new_tokens``, ``eos_token_id``, ``pad_token_id``) come from ``model.generation_config``
+(a checkpoint's ``generation_config.json``, see :mod:`fastlm.io.generation_config`), else the
+defaults (greedy, 32 new tokens); passed explicitly, None wins as in transformers. ``compile=True`` (greedy and sampling over the static cache) runs each decode step through
 torch.compile — a CUDA graph on GPU (see :mod:`fastlm.decoding.step`); the first call pays the
 compilation, later calls with the same batch size and length bucket reuse it.
 """
@@ -27,12 +30,20 @@ from fastlm.decoding.beam import beam_search
 from fastlm.decoding.common import Prompts, StopStrings, eos_set, prepare_prompts
 from fastlm.decoding.contrastive import contrastive_search
 from fastlm.decoding.sampling import decode_steps
+from fastlm.io.generation_config import UNSET, resolve_generation_args
 from fastlm.model import Model
 
 
 def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"generate: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _defaults(model: Model, *values):
+    """The arguments not passed taken from ``model.generation_config``, then the defaults (fastlm.io.generation_config)."""
+    names = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+             "pad_token_id")
+    return tuple(resolve_generation_args(model, **dict(zip(names, values))).values())
 
 
 def _settings(model: Model, input_ids, *, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
@@ -46,7 +57,7 @@ def _settings(model: Model, input_ids, *, max_new_tokens, do_sample, temperature
     pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     prompts = prepare_prompts(input_ids, model.device, vocab, pad)
     total = prompts.ids.shape[1] + max_new_tokens
-    context = model.config.max_position_embeddings
+    context = model.config.context_length
     if total > context:
         raise ValueError(
             f"generate: prompt ({prompts.ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens "
@@ -81,14 +92,14 @@ def generate_stream(
     model: Model,
     input_ids,
     *,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+    max_new_tokens: int = UNSET,
+    do_sample: bool = UNSET,
+    temperature: float = UNSET,
+    top_k: int | None = UNSET,
+    top_p: float | None = UNSET,
+    repetition_penalty: float = UNSET,
+    eos_token_id: int | Sequence[int] | None = UNSET,
+    pad_token_id: int | None = UNSET,
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
     generator: torch.Generator | None = None,
@@ -96,6 +107,9 @@ def generate_stream(
     compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the tokens (B,) of each step as they are produced (greedy or sampling)."""
+    max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id = \
+        _defaults(model, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id,
+                  pad_token_id)
     prompts, eos_ids, pad, temperature, top_k, top_p, generator = _settings(
         model, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
         top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
@@ -114,20 +128,20 @@ def generate(
     model: Model,
     input_ids,
     *,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
+    max_new_tokens: int = UNSET,
+    do_sample: bool = UNSET,
+    temperature: float = UNSET,
+    top_k: int | None = UNSET,
+    top_p: float | None = UNSET,
+    repetition_penalty: float = UNSET,
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     penalty_alpha: float | None = None,
     draft_model: Model | None = None,
     num_draft_tokens: int = 4,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = UNSET,
+    pad_token_id: int | None = UNSET,
     stop_strings: Sequence[str] | None = None,
     tokenizer=None,
     generator: torch.Generator | None = None,
@@ -137,6 +151,9 @@ def generate(
     compile: bool = False,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Continue each prompt; see the module docstring for the strategies and arguments."""
+    max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id = \
+        _defaults(model, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id,
+                  pad_token_id)
     _check_int("num_beams", num_beams, 1)
     if cache_implementation not in ("static", "paged"):
         raise ValueError(f"generate: cache_implementation must be 'static' or 'paged', got {cache_implementation!r}")

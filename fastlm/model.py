@@ -1,8 +1,14 @@
-"""Decoder-only transformer of the Llama and GPT-2 families, computed through fastlm.ops.
+"""Decoder-only transformer, one module for every family, computed through fastlm.ops.
 
-Llama: x += attn(rms_norm(x)) with RoPE and GQA; x += down(swiglu(gate(h), up(h))).
-GPT-2: x = wte + wpe; x += attn(layer_norm(x)); x += proj(gelu(fc(layer_norm(x)))).
-Module names follow one scheme for both families; fastlm.io maps them to Hugging Face names.
+The family is configuration (:class:`fastlm.config.ModelConfig`'s feature fields):
+  x = embed(ids) [· sqrt(hidden)] [+ pos_embed(positions)]
+  pre-norm:  x += attn(norm(x));            x += mlp(norm(x))             (Llama, GPT-2, ...)
+  sandwich:  x += post(attn(norm(x)));      x += post(mlp(norm(x)))       (Gemma 2/3)
+  post-norm: x += post(attn(x));            x += post(mlp(x))             (OLMo 2)
+  attn: q, k, v projections [q/k RMSNorm] [RoPE], GQA attention with a scale, sliding window
+  and soft-cap per layer; mlp: down(act(gate(x))·up(x)) or down(act(up(x)));
+  logits = head(norm(x)) [soft-capped].
+Module names follow one scheme for every family; fastlm.io maps them to Hugging Face names.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -18,21 +25,45 @@ from fastlm import ops
 from fastlm.cache import KVCache, PagedKVCache
 from fastlm.config import ModelConfig
 from fastlm.hf_conventions import HFModelMixin  # load_adapter, set_adapter, ..., save_pretrained
+from fastlm.rope import Rotary
 
 
 class Norm(nn.Module):
-    """RMSNorm (llama) or LayerNorm with bias (gpt2) over the last dim."""
+    """Over the last dim: "rms" x/rms(x)·w, "rms_offset" x/rms(x)·(1 + w) in float32 (Gemma),
+    or "layer" LayerNorm with bias."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, dim: int, kind: str, eps: float) -> None:
         super().__init__()
-        self.eps = config.norm_eps
-        self.weight = nn.Parameter(torch.ones(config.hidden_size))
-        self.bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.arch == "gpt2" else None
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layer" else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.fill_(0.0 if self.kind == "rms_offset" else 1.0)  # rms_offset: 1 + w = 1
+        if self.bias is not None:
+            self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
+        if self.kind == "rms":
             return ops.rms_norm(x, self.weight, self.eps)
+        if self.kind == "rms_offset":
+            return ops.rms_norm(x.float(), 1.0 + self.weight.float(), self.eps).to(x.dtype)
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def activate(kind: str, x: torch.Tensor) -> torch.Tensor:
+    """The MLP activation: silu, gelu_tanh (ops.gelu), gelu (erf), gelu_fast, relu."""
+    if kind == "gelu_tanh":
+        return ops.gelu(x)
+    if kind == "silu":
+        return F.silu(x)
+    if kind == "gelu":
+        return F.gelu(x)
+    if kind == "gelu_fast":
+        return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+    return F.relu(x)
 
 
 class Attention(nn.Module):
@@ -40,68 +71,120 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.rope_theta = config.rope_theta if config.arch == "llama" else None
-        bias = config.arch == "gpt2" or config.attention_bias
+        self.rotary = None
+        if config.positions == "rope":
+            self.rotary = Rotary(config.rope_theta_of(layer_index), config.head_dim, config.rotary_dim,
+                                 config.rope_scaling_of(layer_index), config.max_position_embeddings)
+        # scale, window and soft-cap of this layer's attention (see ModelConfig)
+        self.options = {}
+        if config.query_pre_attn_scalar is not None or config.scale_attn_by_inverse_layer_idx:
+            self.options["scale"] = config.attention_scale(layer_index)  # else the ops' default, D^-0.5
+        if config.window(layer_index) is not None:
+            self.options["window"] = config.window(layer_index)
+        if config.attn_softcap is not None:
+            self.options["softcap"] = config.attn_softcap
+        qkv_bias, o_bias = config.attention_bias or config.qkv_bias, config.attention_bias
         h, q_out, kv_out = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(h, q_out, bias=bias)
-        self.k_proj = nn.Linear(h, kv_out, bias=bias)
-        self.v_proj = nn.Linear(h, kv_out, bias=bias)
-        self.o_proj = nn.Linear(q_out, h, bias=bias)
+        self.q_proj = nn.Linear(h, q_out, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, kv_out, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, kv_out, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_out, h, bias=o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm != "none":  # per head (D) or over the whole projection (H·D)
+            q_dim, k_dim = (config.head_dim,) * 2 if config.qk_norm == "head" else (q_out, kv_out)
+            self.q_norm = Norm(q_dim, "rms" if config.norm == "layer" else config.norm, config.norm_eps)
+            self.k_norm = Norm(k_dim, "rms" if config.norm == "layer" else config.norm, config.norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layout: BatchLayout) -> torch.Tensor:
         b, t, _ = x.shape
-        # q: (B, H, T, D); k, v: (B, Hkv, T, D)
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:  # the cache rotates q/k (RoPE), stores k/v and attends over everything cached
-            o = cache.attend(self.layer_index, q, k, v, positions, layout.key_lens, rope_theta=self.rope_theta)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        # q: (B, T, H, D) -> (B, H, T, D); k, v: (B, Hkv, T, D)
+        q, k = q.view(b, t, self.num_heads, self.head_dim), k.view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        theta = None if self.rotary is None else self.rotary.fused_theta
+        if self.rotary is not None and theta is None:  # scaled or partial RoPE: rotated here
+            q, k = self.rotary.apply(q, k, positions)
+        if cache is not None:  # the cache rotates q/k (plain RoPE), stores k/v and attends over everything cached
+            o = cache.attend(self.layer_index, q, k, v, positions, layout.key_lens, rope_theta=theta, **self.options)
             return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
-        if self.rope_theta is not None:
-            q = ops.rope(q, positions, theta=self.rope_theta)
-            k = ops.rope(k, positions, theta=self.rope_theta)
+        if theta is not None:
+            q, k = ops.rope(q, positions, theta=theta), ops.rope(k, positions, theta=theta)
         if layout.cu_seqlens is not None:  # packed documents: (B·T, H, D), no attention across them
             def flat(u):
                 return u.transpose(1, 2).reshape(b * t, u.shape[1], self.head_dim)
 
             n = layout.max_seqlen
             o = ops.attention_varlen(flat(q), flat(k), flat(v), layout.cu_seqlens, layout.cu_seqlens,
-                                     max_seqlen_q=n, max_seqlen_k=n, causal=layout.causal)
+                                     max_seqlen_q=n, max_seqlen_k=n, causal=layout.causal, **self.options)
             o = o.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         else:
-            o = ops.attention(q, k, v, causal=layout.causal, key_lens=layout.key_lens)
+            o = ops.attention(q, k, v, causal=layout.causal, key_lens=layout.key_lens, **self.options)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU (llama): down(silu(gate(x))·up(x)); GELU (gpt2): down(gelu(up(x)))."""
+    """Gated: down(act(gate(x))·up(x)) (SwiGLU for silu); plain: down(act(up(x)))."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        gated = config.arch == "llama"
-        bias = not gated or config.mlp_bias
+        gated = config.mlp == "gated"
+        bias = config.mlp_bias
+        self.activation = config.activation
         self.gate_proj = nn.Linear(h, i, bias=bias) if gated else None
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is not None:
+        if self.gate_proj is None:
+            return self.down_proj(activate(self.activation, self.up_proj(x)))
+        if self.activation == "silu":
             return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(ops.gelu(self.up_proj(x)))
+        return self.down_proj(activate(self.activation, self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.attn_norm = Norm(config)
+        placement, h = config.norm_placement, config.hidden_size
+
+        def norm():
+            return Norm(h, config.norm, config.norm_eps)
+
+        self.attn_norm = norm() if placement != "post" else None
         self.attn = Attention(config, layer_index)
-        self.mlp_norm = Norm(config)
+        self.post_attn_norm = norm() if placement != "pre" else None
+        self.mlp_norm = norm() if placement != "post" else None
         self.mlp = MLP(config)
+        self.post_mlp_norm = norm() if placement != "pre" else None
 
     def forward(self, x, positions, cache, layout):
-        x = x + self.attn(self.attn_norm(x), positions, cache, layout)
-        return x + self.mlp(self.mlp_norm(x))
+        a = self.attn(x if self.attn_norm is None else self.attn_norm(x), positions, cache, layout)
+        x = x + (a if self.post_attn_norm is None else self.post_attn_norm(a))
+        m = self.mlp(x if self.mlp_norm is None else self.mlp_norm(x))
+        return x + (m if self.post_mlp_norm is None else self.post_mlp_norm(m))
+
+
+class Embedding(nn.Embedding):
+    """Token embeddings, times ``scale`` (cast to the weight dtype, as Gemma does) when given."""
+
+    def __init__(self, num: int, dim: int, scale: float | None = None) -> None:
+        super().__init__(num, dim)
+        self.scale = scale
+        self._rounded: dict[torch.dtype, float] = {}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(ids)
+        if self.scale is None:
+            return x
+        if x.dtype not in self._rounded:  # the scale rounded to the weights' dtype, as Gemma does
+            self._rounded[x.dtype] = float(torch.tensor(self.scale, dtype=x.dtype))
+        return x * self._rounded[x.dtype]
 
 
 @dataclass(frozen=True)
@@ -141,12 +224,13 @@ class Model(HFModelMixin, nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed = Embedding(config.vocab_size, config.hidden_size,
+                               math.sqrt(config.hidden_size) if config.scale_embeddings else None)
         self.pos_embed = (
-            nn.Embedding(config.max_position_embeddings, config.hidden_size) if config.arch == "gpt2" else None
+            nn.Embedding(config.max_position_embeddings, config.hidden_size) if config.positions == "learned" else None
         )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.final_norm = Norm(config)
+        self.final_norm = Norm(config.hidden_size, config.norm, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward to save activations
         if config.tie_word_embeddings:
@@ -165,9 +249,7 @@ class Model(HFModelMixin, nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, Norm):
-                module.weight.fill_(1.0)
-                if module.bias is not None:
-                    module.bias.zero_()
+                module.reset_parameters()
 
     @property
     def device(self) -> torch.device:
@@ -184,7 +266,7 @@ class Model(HFModelMixin, nn.Module):
                   **paged_options) -> KVCache | PagedKVCache:
         """An empty KV cache for this model's dtype and device: static (preallocated per
         sequence), or ``paged`` (blocks from a shared pool; options num_blocks, block_size)."""
-        max_len = self.config.max_position_embeddings if max_len is None else max_len
+        max_len = self.config.context_length if max_len is None else max_len
         if paged:
             return PagedKVCache.for_model(self.config, batch_size, max_len, dtype=self.dtype, device=self.device,
                                           **paged_options)
@@ -204,7 +286,8 @@ class Model(HFModelMixin, nn.Module):
         validate: bool = True,
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, vocab), or the final normed hidden states
-        (B, T, hidden) with ``return_hidden`` (for a fused linear + loss). ``inputs_embeds``
+        (B, T, hidden) with ``return_hidden`` (for a fused linear + loss; :meth:`head` turns
+        them into logits, with the final soft-cap). ``inputs_embeds``
         (B, T, hidden) replaces the token embeddings (e.g. with soft-prompt vectors prepended;
         input_ids is then ignored and may be None). See the class and :class:`BatchLayout` for
         cache, key_lens, cu_seqlens/max_seqlen and causal. ``validate=False`` skips the
@@ -241,7 +324,13 @@ class Model(HFModelMixin, nn.Module):
             else:
                 x = layer(x, positions, cache, layout)
         hidden = self.final_norm(x)
-        return hidden if return_hidden else self.lm_head(hidden)
+        return hidden if return_hidden else self.head(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states: lm_head, then c·tanh(logits/c) with final_softcap c."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _check_embeds(self, embeds: torch.Tensor) -> None:
         hidden = self.config.hidden_size
@@ -261,7 +350,7 @@ class Model(HFModelMixin, nn.Module):
             raise ValueError(f"Model: input_ids is empty, shape {tuple(input_ids.shape)}")
         if input_ids.device != self.device:
             raise ValueError(f"Model: input_ids on {input_ids.device} but the model is on {self.device}")
-        context = self.config.max_position_embeddings
+        context = self.config.context_length
         used = input_ids.shape[1] + (cache.filled if cache is not None else 0)
         if used > context:
             raise ValueError(f"Model: sequence of {used} tokens is longer than the model's context of {context}")

@@ -12,8 +12,11 @@ m ← max(m, m̃), acc ← acc·2^(m_old - m) + 2^(s' - m)·V, l ← l·2^(m_old
 the end o = acc / l, lse = (m + log2 l)·ln 2. A row with an empty V_i gets o = 0, lse = -inf.
 
 Visibility (as ``fastlm.ops.reference.attention_mask``): key j of a sequence with Tq queries
-and Tk keys is visible to query i iff j < key_len (per-sequence key length, padded batches)
-and, when causal, j <= i + (Tk - Tq) (aligned bottom-right, as for a cached prefix).
+and Tk keys is visible to query i, at position p_i = i + (Tk - Tq) (aligned bottom-right, as for
+a cached prefix), iff j < key_len (per-sequence key length, padded batches), when causal
+j <= p_i, and with a sliding window W also j > p_i - W. Key tiles wholly outside the window
+are never visited (``_key_ranges``). Soft-cap c (Gemma 2): s_ij ← c·tanh(s_ij / c) before the
+mask and softmax.
 
 Layouts: a dense batch is q (B, H, Tq, D), k/v (B, Hkv, Tk, D); a packed (varlen) batch is
 q (total_q, H, D), k/v (total_k, Hkv, D) with int32 offsets cu_seqlens (num_seqs + 1,) as
@@ -105,14 +108,69 @@ def _rtne(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh(x) = sign(x)·(1 - e)/(1 + e), e = exp(-2|x|) (no overflow; absolute error ~1e-7)."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # 2·log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _scores(raw, qk_scale, cap, SOFTCAP: tl.constexpr):
+    """Base-2 scores from raw dots q·k: raw·qk_scale (qk_scale = scale·log2 e), or with the
+    soft-cap c, cap·tanh(raw·qk_scale) where qk_scale = scale / c and cap = c·log2 e."""
+    if SOFTCAP:
+        return cap * _tanh(raw * qk_scale)
+    else:
+        return raw * qk_scale
+
+
+@triton.jit
+def _visible(rows, cols, k_vis, causal_offset, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(len(rows), len(cols)) visibility: key < k_vis, causal j <= p_i and window j > p_i - window,
+    with p_i = i + causal_offset the position of query row i."""
+    visible = cols[None, :] < k_vis
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+    if WINDOW:
+        visible = visible & (cols[None, :] > rows[:, None] + causal_offset - window)
+    return visible
+
+
+@triton.jit
+def _key_ranges(first, last, k_vis, causal_offset, window,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles of the query rows first..last (positions p = row + causal_offset):
+    [lo, full_lo) masked, [full_lo, full_hi) visible to every row (no mask), [tail, hi) masked.
+    Tiles wholly outside the causal/sliding window are skipped."""
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(k_vis, last + causal_offset + 1), 0)
+        full_hi = tl.maximum(tl.minimum(k_vis, first + causal_offset + 1), 0)
+    else:
+        hi = k_vis
+        full_hi = k_vis
+    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    if WINDOW:  # key j is seen by every row iff j > p_last - window; by some row iff j > p_first - window
+        lo = (tl.maximum(first + causal_offset - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(last + causal_offset - window + 1, 0), BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(full_lo, hi)
+    else:
+        lo = hi * 0
+        full_lo = hi * 0
+    tail = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, tail, hi
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, start_n, end_n, offs_m, offs_n, offs_d,
-    k_vis, causal_offset, qk_scale,
-    HEAD_DIM_REAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    k_vis, causal_offset, window, qk_scale, cap,
+    HEAD_DIM_REAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Online-softmax update of (acc, l, m) over the key tiles start_n .. end_n (base-2 scores).
-    MASKED tiles apply the key bound and the causal mask; unmasked tiles are fully visible."""
+    MASKED tiles apply the key bound, the causal mask and the window; unmasked tiles are fully visible."""
     for start in range(start_n, end_n, BLOCK_N):
         cols = start + offs_n
         if MASKED:
@@ -124,11 +182,9 @@ def _attn_fwd_inner(
             kT = tl.load(kT_ptrs + start * stride_kt)
         else:
             kT = tl.load(kT_ptrs + start * stride_kt, mask=offs_d[:, None] < HEAD_DIM_REAL, other=0.0)
-        qk = _mma(q, kT, None, DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        qk = _scores(_mma(q, kT, None, DOT_PRECISION, UPCAST), qk_scale, cap, SOFTCAP)  # (BLOCK_M, BLOCK_N), base 2
         if MASKED:
-            visible = cols[None, :] < k_vis
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            visible = _visible(offs_m, cols, k_vis, causal_offset, window, CAUSAL, WINDOW)
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:  # a row that has seen no visible key yet keeps m = -inf: shift by 0 instead
@@ -158,16 +214,20 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh, stride_lt,
-    num_heads, group, seqlen_q, seqlen_k, qk_scale,
+    num_heads, group, seqlen_q, seqlen_k, window, qk_scale, cap,
     seq_bucket_q, seq_bucket_k,  # autotune keys only
     HEAD_DIM_REAL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KEY_LENS: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program = BLOCK_M query rows of one (sequence, head): o and lse for those rows.
-    Grid: (cdiv(max_seqlen_q, BLOCK_M), num_seqs · H). qk_scale = scale · log2(e)."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    Grid: (cdiv(max_seqlen_q, BLOCK_M) · num_seqs · H,) on axis 0 (query tiles fastest; axis 1
+    would cap num_seqs · H at 65,535). qk_scale, cap: see :func:`_scores`."""
+    tiles = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    start_m = pid % tiles
+    bh = pid // tiles
     b = bh // num_heads
     h = bh % num_heads
     q_start, q_len, k_start, k_len, k_vis = _seq_bounds(
@@ -193,21 +253,24 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # Keys [0, full_hi) are visible to every row of the tile; [full_hi, hi) need masks.
-    if CAUSAL:
-        last_row = tl.minimum(start_m * BLOCK_M + BLOCK_M, q_len) - 1
-        hi = tl.maximum(tl.minimum(k_vis, last_row + causal_offset + 1), 0)
-        full_hi = tl.maximum(tl.minimum(k_vis, start_m * BLOCK_M + causal_offset + 1), 0)
-    else:
-        hi = k_vis
-        full_hi = k_vis
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    # Keys [full_lo, full_hi) are visible to every row of the tile; [lo, full_lo), [tail, hi) need masks.
+    first_row = start_m * BLOCK_M
+    last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
+    lo, full_lo, full_hi, tail, hi = _key_ranges(first_row, last_row, k_vis, causal_offset, window,
+                                                 CAUSAL, WINDOW, BLOCK_N)
+    if WINDOW:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, lo, full_lo, offs_m, offs_n, offs_d,
+            k_vis, causal_offset, window, qk_scale, cap, HEAD_DIM_REAL, EVEN_D, BLOCK_N, True, CAUSAL, WINDOW,
+            SOFTCAP, DOT_PRECISION, UPCAST)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, 0, full_hi, offs_m, offs_n, offs_d,
-        k_vis, causal_offset, qk_scale, HEAD_DIM_REAL, EVEN_D, BLOCK_N, False, CAUSAL, DOT_PRECISION, UPCAST)
+        acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, full_lo, full_hi, offs_m, offs_n, offs_d,
+        k_vis, causal_offset, window, qk_scale, cap, HEAD_DIM_REAL, EVEN_D, BLOCK_N, False, CAUSAL, WINDOW,
+        SOFTCAP, DOT_PRECISION, UPCAST)
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, full_hi, hi, offs_m, offs_n, offs_d,
-        k_vis, causal_offset, qk_scale, HEAD_DIM_REAL, EVEN_D, BLOCK_N, True, CAUSAL, DOT_PRECISION, UPCAST)
+        acc, l_i, m_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, tail, hi, offs_m, offs_n, offs_d,
+        k_vis, causal_offset, window, qk_scale, cap, HEAD_DIM_REAL, EVEN_D, BLOCK_N, True, CAUSAL, WINDOW,
+        SOFTCAP, DOT_PRECISION, UPCAST)
 
     # Rows with no visible key: l = 0 -> o = 0, lse = -inf (never 0/0).
     empty = l_i == 0.0
@@ -240,23 +303,25 @@ def _configs(table: dict[int, list[tuple]], head_dim: int) -> list[triton.Config
     raise ValueError(f"head dim {head_dim} > {MAX_HEAD_DIM}")
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, fp16/bf16. Hopper (sm90) has
-# 228 KB of shared memory per SM, Ampere (sm80) 164 KB (sm86/89: 100 KB); configs that do not
-# fit are discarded by the autotuner (OutOfResources), so the lists may be optimistic.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim, fp16/bf16 (tables 9 and 8) and
+# fp32 or pre-Ampere (table 0). Every config is kept only if it compiles for its arch (sm_90,
+# sm_80) without register spills and within shared memory (scripts/compile_kernels.py, the
+# ahead-of-time check): 4-warp tiles of 128 rows spill at D >= 128, fp32 (IEEE FMA dots) needs
+# small tiles.
 _FWD_TABLES = {
     9: {
-        64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
-        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-        256: [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        64: [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)],
+        128: [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+        256: [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)],
     },
     8: {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-        128: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 2)],
-        256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        128: [(64, 64, 4, 3), (128, 32, 8, 3)],
+        256: [(64, 64, 8, 2)],
     },
     0: {  # older GPUs and fp32 inputs: small tiles
-        64: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-        128: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 1)],
+        64: [(32, 32, 4, 2)],
+        128: [(16, 32, 4, 2)],
         256: [(32, 32, 4, 1), (64, 16, 4, 1), (16, 32, 4, 1)],
     },
 }
@@ -278,7 +343,7 @@ def _tuned_fwd(head_dim: int, dtype: torch.dtype):
     """``_attn_fwd`` autotuned over the configs for this head dim, keyed on the bucketed
     sequence lengths, causality and the GQA group (dtypes are part of triton's key)."""
     configs = _configs(arch_table(_FWD_TABLES, dtype), head_dim)
-    return triton.autotune(configs, key=["seq_bucket_q", "seq_bucket_k", "CAUSAL", "group", "IS_VARLEN"])(_attn_fwd)
+    return triton.autotune(configs, key=["seq_bucket_q", "seq_bucket_k", "CAUSAL", "group", "IS_VARLEN", "WINDOW"])(_attn_fwd)
 
 
 def seq_bucket(n: int) -> int:
@@ -314,10 +379,20 @@ class Problem:
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
     key_lens: torch.Tensor | None = None
+    window: int | None = None  # sliding window (keys p - window < j <= p), needs causal
+    softcap: float | None = None  # scores s -> softcap·tanh(s / softcap)
 
     @property
     def group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def score_args(self) -> tuple[int, float, float]:
+        """(window, qk_scale, cap) kernel arguments: window 0 when absent; base-2 scores are
+        raw·qk_scale, or cap·tanh(raw·qk_scale) with a soft-cap (see ``_scores``)."""
+        window = 0 if self.window is None else int(self.window)
+        if self.softcap is None:
+            return window, self.scale * LOG2E, 1.0
+        return window, self.scale / self.softcap, self.softcap * LOG2E
 
     def strides(self, t: torch.Tensor) -> tuple[int, int, int]:
         """(batch, head, token) strides of a q/k/v/o-shaped tensor (batch stride 0 when packed)."""
@@ -342,6 +417,7 @@ class Problem:
         return dict(
             HEAD_DIM_REAL=self.head_dim, HEAD_DIM=padded, EVEN_D=padded == self.head_dim,
             CAUSAL=self.causal, IS_VARLEN=self.varlen, HAS_KEY_LENS=self.key_lens is not None,
+            WINDOW=self.window is not None, SOFTCAP=self.softcap is not None,
             DOT_PRECISION=dot_precision(dtype), UPCAST=interpreting() and dtype == torch.bfloat16,
         )
 
@@ -383,20 +459,33 @@ def default_scale(scale: float | None, head_dim: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def tiles_grid(rows: int, heads: int, block: int) -> tuple[int]:
+    """A 1-D grid of cdiv(rows, block) tiles for each of ``heads`` (sequence, head) pairs, all on
+    axis 0 (limit 2³¹ - 1; axes 1 and 2 are limited to 65,535). Raises if even that overflows."""
+    programs = triton.cdiv(rows, block) * heads
+    if programs >= 2**31:
+        raise ValueError(f"attention: {programs} programs ({heads} sequence-heads x {triton.cdiv(rows, block)} "
+                         "tiles) exceed CUDA's grid limit of 2^31 - 1")
+    return (programs,)
+
+
+def fwd_grid(p: Problem, meta: dict) -> tuple[int]:
+    """Launch grid of ``_attn_fwd`` for a config (its BLOCK_M)."""
+    return tiles_grid(p.max_seqlen_q, p.num_seqs * p.num_heads, meta["BLOCK_M"])
+
+
 def _launch_fwd(p: Problem, q, k, v, out, lse) -> None:
     cu_q, cu_k, key_lens = p.pointers(q.device)
     args = (
         q, k, v, out, lse, cu_q, cu_k, key_lens,
         *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(out), *p.lse_strides(lse),
-        p.num_heads, p.group, p.max_seqlen_q, p.max_seqlen_k, p.scale * LOG2E,
+        p.num_heads, p.group, p.max_seqlen_q, p.max_seqlen_k, *p.score_args(),
         seq_bucket(p.max_seqlen_q), seq_bucket(p.max_seqlen_k),
     )
-    heads = p.num_seqs * p.num_heads
     if interpreting():
-        grid = (triton.cdiv(p.max_seqlen_q, INTERPRET_FWD["BLOCK_M"]), heads)
-        _attn_fwd[grid](*args, **p.constexprs(q.dtype), **INTERPRET_FWD)
+        _attn_fwd[fwd_grid(p, INTERPRET_FWD)](*args, **p.constexprs(q.dtype), **INTERPRET_FWD)
     else:
-        grid = lambda meta: (triton.cdiv(p.max_seqlen_q, meta["BLOCK_M"]), heads)  # noqa: E731
+        grid = lambda meta: fwd_grid(p, meta)  # noqa: E731
         with torch.cuda.device(q.device):
             _tuned_fwd(p.head_dim, q.dtype)[grid](*args, **p.constexprs(q.dtype))
 
@@ -414,11 +503,8 @@ def attention_forward(
     """Dense attention. q (B, H, Tq, D), k/v (B, Hkv, Tk, D), key_lens (B,) int or None ->
     (o (B, H, Tq, D) in q's dtype, lse (B, H, Tq) float32). scale defaults to 1/sqrt(D)."""
     check_inputs("attention", q, k, v)
-    if window is not None or softcap is not None:
-        raise NotImplementedError("attention: the triton kernels do not take window/softcap yet (use the reference backend)")
-    b, h, tq, d = q.shape
-    p = Problem(b, h, k.shape[1], d, tq, k.shape[2], bool(causal), default_scale(scale, d), varlen=False,
-                key_lens=None if key_lens is None else key_lens.to(device=q.device, dtype=torch.int32).contiguous())
+    p = dense_problem(q, k, causal, scale, key_lens, window, softcap)
+    b, h, tq, _ = q.shape
     out = empty_like_rows(q)
     lse = torch.empty((b, h, tq), dtype=torch.float32, device=q.device)
     if out.numel():
@@ -428,12 +514,33 @@ def attention_forward(
     return out, lse
 
 
-def varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale) -> Problem:
+def check_window_softcap(window, softcap, causal) -> None:
+    """The kernels' window/softcap limits (fastlm.ops validates them first, with the op's name)."""
+    if window is not None and (not causal or int(window) < 1):
+        raise ValueError(f"attention kernels: window={window} needs causal=True and window >= 1")
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"attention kernels: softcap={softcap} must be > 0")
+
+
+def dense_problem(q, k, causal, scale, key_lens, window=None, softcap=None) -> Problem:
+    """The Problem of q (B, H, Tq, D), k (B, Hkv, Tk, D)."""
+    check_window_softcap(window, softcap, causal)
+    b, h, tq, d = q.shape
+    return Problem(b, h, k.shape[1], d, tq, k.shape[2], bool(causal), default_scale(scale, d), varlen=False,
+                   key_lens=None if key_lens is None else key_lens.to(device=q.device, dtype=torch.int32).contiguous(),
+                   window=window, softcap=softcap)
+
+
+def varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                   window=None, softcap=None) -> Problem:
+    """The Problem of packed q (total_q, H, D), k (total_k, Hkv, D)."""
+    check_window_softcap(window, softcap, causal)
     d = q.shape[-1]
     return Problem(
         cu_seqlens_q.shape[0] - 1, q.shape[1], k.shape[1], d, int(max_seqlen_q), int(max_seqlen_k),
         bool(causal), default_scale(scale, d), varlen=True,
         cu_seqlens_q=cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k=cu_seqlens_k.to(torch.int32).contiguous(),
+        window=window, softcap=softcap,
     )
 
 
@@ -454,9 +561,7 @@ def attention_varlen_forward(
     int32 offsets, max_seqlen_* the longest sequence -> (o (total_q, H, D), lse (H, total_q) fp32).
     No query sees a key of another sequence; causal alignment is per sequence (bottom-right)."""
     check_inputs("attention_varlen", q, k, v)
-    if window is not None or softcap is not None:
-        raise NotImplementedError("attention_varlen: the triton kernels do not take window/softcap yet (use the reference backend)")
-    p = varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    p = varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window, softcap)
     out = empty_like_rows(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() and p.num_seqs > 0 and p.max_seqlen_q > 0:

@@ -10,6 +10,10 @@ With the forward's saved output o and logsumexp lse (natural log), for visible (
     dQ_i  = scale · Σ_j dS_ij · k_j                 (_attn_bwd_dq: one program per query tile)
     dK_j  = scale · Σ_i dS_ij · q_i                 (_attn_bwd_dkdv: one program per key tile)
 
+With a soft-cap c the scores are s = c·tanh(r / c) of the raw r = scale · q·k, so dS is
+multiplied by ds/dr = 1 - tanh²(r / c) before dQ and dK. Sliding window: as the forward, key
+and query tiles wholly outside the window are skipped.
+
 Rows with lse = -inf (no visible key) get P = 0, hence zero gradients and no NaN. GQA: dK and
 dV of kv head g sum over the query heads g·G .. g·G + G - 1 (G = H / Hkv). The default
 (deterministic) scheme loops over the G heads inside one program per (key tile, kv head), so
@@ -30,20 +34,23 @@ import triton
 import triton.language as tl
 
 from .attention import (
-    LOG2E,
     Problem,
     _configs,
+    _key_ranges,
     _mma,
     _rows_mask,
     _rtne,
     _seq_bounds,
+    _tanh,
+    _visible,
     arch_table,
     check_inputs,
-    default_scale,
+    dense_problem,
     empty_like_rows,
     interpreting,
     last_dim_contiguous,
     seq_bucket,
+    tiles_grid,
     varlen_problem,
 )
 
@@ -58,9 +65,10 @@ def _attn_bwd_preprocess(
     HEAD_DIM_REAL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
     IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Δ_i = Σ_d dO_id · O_id in float32, stored in lse's layout."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Δ_i = Σ_d dO_id · O_id in float32, stored in lse's layout. Grid as the forward's (1-D)."""
+    tiles = tl.cdiv(seqlen_q, BLOCK_M)
+    start_m = tl.program_id(0) % tiles
+    bh = tl.program_id(0) // tiles
     b = bh // num_heads
     h = bh % num_heads
     q_start, q_len, _, _, _ = _seq_bounds(b, CU_Q, CU_Q, CU_Q, seqlen_q, seqlen_q, IS_VARLEN, False)
@@ -82,9 +90,10 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v, qT_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, stride_lt,
-    start_m, end_m, q_len, offs_n, offs_d, k_vis, causal_offset, qk_scale,
-    HEAD_DIM_REAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    start_m, end_m, q_len, offs_n, offs_d, k_vis, causal_offset, window, qk_scale, cap,
+    HEAD_DIM_REAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over the query tiles start_m .. end_m of one head.
     Works transposed (key rows × query columns) so that dK, dV accumulate in registers."""
@@ -97,11 +106,13 @@ def _attn_bwd_dkdv_inner(
         qT = tl.load(qT_ptrs + start * stride_qt, mask=qT_mask, other=0.0)  # (HEAD_DIM, BLOCK_M)
         lse = tl.load(lse_ptr + offs_m * stride_lt, mask=offs_m < q_len, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # base 2; P = 0 on empty rows
-        pT = tl.math.exp2(_mma(k, qT, None, DOT_PRECISION, UPCAST) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
-        if MASKED:
-            visible = offs_n[:, None] < k_vis
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
+        sT = _mma(k, qT, None, DOT_PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if SOFTCAP:
+            tT = _tanh(sT)
+            sT = cap * tT
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED:  # _visible of the transposed tile
+            visible = tl.trans(_visible(offs_m, offs_n, k_vis, causal_offset, window, CAUSAL, WINDOW))
             pT = tl.where(visible, pT, 0.0)
         do = tl.load(do_ptrs + start * stride_dot, mask=_rows_mask(offs_m, q_len, offs_d, HEAD_DIM_REAL, EVEN_D),
                      other=0.0)  # (BLOCK_M, HEAD_DIM)
@@ -109,6 +120,8 @@ def _attn_bwd_dkdv_inner(
         delta = tl.load(delta_ptr + offs_m * stride_lt, mask=offs_m < q_len, other=0.0)
         dpT = _mma(v, tl.trans(do), None, DOT_PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk = _mma(_rtne(dsT, UPCAST).to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION, UPCAST)
     return dk, dv
 
@@ -123,17 +136,20 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
     stride_lb, stride_lh, stride_lt,
-    num_heads, num_kv_heads, group, seqlen_q, seqlen_k, qk_scale, scale,
+    num_heads, num_kv_heads, group, seqlen_q, seqlen_k, window, qk_scale, cap, scale,
     seq_bucket_q, seq_bucket_k,  # autotune keys only
     HEAD_DIM_REAL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KEY_LENS: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N key rows. Grid: (cdiv(max_seqlen_k, BLOCK_N), num_seqs · Hkv), looping
-    over the G query heads of the kv head; with ATOMIC, (.., num_seqs · H) and fp32 atomics."""
-    start_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    """dK, dV of BLOCK_N key rows. Grid: (cdiv(max_seqlen_k, BLOCK_N) · num_seqs · Hkv,) (key
+    tiles fastest), looping over the G query heads of the kv head; with ATOMIC, one program per
+    query head (· H instead of · Hkv) and fp32 atomics."""
+    tiles = tl.cdiv(seqlen_k, BLOCK_N)
+    start_n = tl.program_id(0) % tiles
+    bh = tl.program_id(0) // tiles
     if ATOMIC:
         b = bh // num_heads
         h_first = bh % num_heads
@@ -172,7 +188,15 @@ def _attn_bwd_dkdv(
     full_lo = tl.where(n_lo + BLOCK_N <= k_vis, full_lo, q_ceil)  # tile crosses key_lens: mask all
     m_lo = tl.minimum(tl.where(n_lo < k_vis, m_lo, q_ceil), q_ceil)  # tile past key_lens: no query
     full_lo = tl.minimum(tl.maximum(full_lo, m_lo), q_ceil)
-    masked_end = tl.minimum(full_lo, q_len)
+    if WINDOW:  # query i sees key n iff n > p_i - window: rows [full_lo, full_hi) see the whole tile,
+        # rows [full_hi, m_hi) part of it, later rows none of it
+        m_hi = tl.minimum(tl.maximum(n_lo + BLOCK_N - 1 + window - causal_offset, 0), q_len)
+        full_hi = (tl.maximum(n_lo + window - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), q_ceil)
+    else:
+        m_hi = q_len
+        full_hi = q_ceil
+    masked_end = tl.minimum(full_lo, m_hi)
 
     for g in range(num_q_heads):
         h64 = (h_first + g).to(tl.int64)
@@ -184,12 +208,17 @@ def _attn_bwd_dkdv(
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, qT_ptrs, do_ptrs, LSE + l_off, DELTA + l_off, stride_qt, stride_dot, stride_lt,
-            m_lo, masked_end, q_len, offs_n, offs_d, k_vis, causal_offset, qk_scale,
-            HEAD_DIM_REAL, EVEN_D, BLOCK_M, True, CAUSAL, DOT_PRECISION, UPCAST)
+            m_lo, masked_end, q_len, offs_n, offs_d, k_vis, causal_offset, window, qk_scale, cap,
+            HEAD_DIM_REAL, EVEN_D, BLOCK_M, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, UPCAST)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, qT_ptrs, do_ptrs, LSE + l_off, DELTA + l_off, stride_qt, stride_dot, stride_lt,
-            full_lo, q_len, q_len, offs_n, offs_d, k_vis, causal_offset, qk_scale,
-            HEAD_DIM_REAL, EVEN_D, BLOCK_M, False, CAUSAL, DOT_PRECISION, UPCAST)
+            full_lo, tl.minimum(full_hi, q_len), q_len, offs_n, offs_d, k_vis, causal_offset, window, qk_scale, cap,
+            HEAD_DIM_REAL, EVEN_D, BLOCK_M, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, UPCAST)
+        if WINDOW:
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, qT_ptrs, do_ptrs, LSE + l_off, DELTA + l_off, stride_qt, stride_dot, stride_lt,
+                full_hi, m_hi, q_len, offs_n, offs_d, k_vis, causal_offset, window, qk_scale, cap,
+                HEAD_DIM_REAL, EVEN_D, BLOCK_M, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, UPCAST)
 
     dk = dk * scale
     dk_base = DK + b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkt
@@ -207,9 +236,10 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_n, end_n, offs_m, offs_n, offs_d,
-    k_vis, causal_offset, qk_scale,
-    HEAD_DIM_REAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    k_vis, causal_offset, window, qk_scale, cap,
+    HEAD_DIM_REAL: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over the key tiles start_n .. end_n."""
     for start in range(start_n, end_n, BLOCK_N):
@@ -226,14 +256,17 @@ def _attn_bwd_dq_inner(
         else:
             kT = tl.load(kT_ptrs + start * stride_kt, mask=offs_d[:, None] < HEAD_DIM_REAL, other=0.0)
             vT = tl.load(vT_ptrs + start * stride_vt, mask=offs_d[:, None] < HEAD_DIM_REAL, other=0.0)
-        p = tl.math.exp2(_mma(q, kT, None, DOT_PRECISION, UPCAST) * qk_scale - lse[:, None])
+        s = _mma(q, kT, None, DOT_PRECISION, UPCAST) * qk_scale
+        if SOFTCAP:
+            t = _tanh(s)
+            s = cap * t
+        p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            visible = cols[None, :] < k_vis
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(_visible(offs_m, cols, k_vis, causal_offset, window, CAUSAL, WINDOW), p, 0.0)
         dp = _mma(do, vT, None, DOT_PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = _mma(_rtne(ds, UPCAST).to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION, UPCAST)
     return dq
 
@@ -247,15 +280,17 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     stride_lb, stride_lh, stride_lt,
-    num_heads, group, seqlen_q, seqlen_k, qk_scale, scale,
+    num_heads, group, seqlen_q, seqlen_k, window, qk_scale, cap, scale,
     seq_bucket_q, seq_bucket_k,  # autotune keys only
     HEAD_DIM_REAL: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
     CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_KEY_LENS: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of BLOCK_M query rows of one head. Grid: (cdiv(max_seqlen_q, BLOCK_M), num_seqs · H)."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """dQ of BLOCK_M query rows of one head. Grid: (cdiv(max_seqlen_q, BLOCK_M) · num_seqs · H,)."""
+    tiles = tl.cdiv(seqlen_q, BLOCK_M)
+    start_m = tl.program_id(0) % tiles
+    bh = tl.program_id(0) // tiles
     b = bh // num_heads
     h = bh % num_heads
     q_start, q_len, k_start, k_len, k_vis = _seq_bounds(
@@ -283,21 +318,24 @@ def _attn_bwd_dq(
     kT_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]
     vT_ptrs = v_base + offs_n[None, :] * stride_vt + offs_d[:, None]
 
-    if CAUSAL:  # key ranges as in the forward
-        last_row = tl.minimum(start_m * BLOCK_M + BLOCK_M, q_len) - 1
-        hi = tl.maximum(tl.minimum(k_vis, last_row + causal_offset + 1), 0)
-        full_hi = tl.maximum(tl.minimum(k_vis, start_m * BLOCK_M + causal_offset + 1), 0)
-    else:
-        hi = k_vis
-        full_hi = k_vis
-    full_hi = (full_hi // BLOCK_N) * BLOCK_N
+    first_row = start_m * BLOCK_M  # key ranges as in the forward
+    last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
+    lo, full_lo, full_hi, tail, hi = _key_ranges(first_row, last_row, k_vis, causal_offset, window,
+                                                 CAUSAL, WINDOW, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if WINDOW:
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, lo, full_lo, offs_m, offs_n, offs_d,
+            k_vis, causal_offset, window, qk_scale, cap, HEAD_DIM_REAL, EVEN_D, BLOCK_N, True, CAUSAL, WINDOW,
+            SOFTCAP, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, 0, full_hi, offs_m, offs_n, offs_d,
-        k_vis, causal_offset, qk_scale, HEAD_DIM_REAL, EVEN_D, BLOCK_N, False, CAUSAL, DOT_PRECISION, UPCAST)
+        dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, full_lo, full_hi, offs_m, offs_n, offs_d,
+        k_vis, causal_offset, window, qk_scale, cap, HEAD_DIM_REAL, EVEN_D, BLOCK_N, False, CAUSAL, WINDOW,
+        SOFTCAP, DOT_PRECISION, UPCAST)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, full_hi, hi, offs_m, offs_n, offs_d,
-        k_vis, causal_offset, qk_scale, HEAD_DIM_REAL, EVEN_D, BLOCK_N, True, CAUSAL, DOT_PRECISION, UPCAST)
+        dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, tail, hi, offs_m, offs_n, offs_d,
+        k_vis, causal_offset, window, qk_scale, cap, HEAD_DIM_REAL, EVEN_D, BLOCK_N, True, CAUSAL, WINDOW,
+        SOFTCAP, DOT_PRECISION, UPCAST)
     dq = dq * scale
     dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh + q_start.to(tl.int64) * stride_dqt
     dq = _rtne(dq, UPCAST).to(DQ.dtype.element_ty)
@@ -309,37 +347,39 @@ def _attn_bwd_dq(
 # --------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim. dK/dV: a tall key tile
-# (BLOCK_N) held in registers, short query tiles streamed; dQ: the transpose.
+# (BLOCK_N) held in registers, short query tiles streamed; dQ: the transpose. Pruned to the configs
+# that compile without spills for their arch (scripts/compile_kernels.py): dK/dV keeps two fp32
+# (BLOCK_N, D) accumulators and the K/V tile in registers, so large D needs 8 warps or short tiles.
 _DKDV_TABLES = {
     9: {
-        64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
-        128: [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
-        256: [(32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+        64: [(64, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 3)],
+        128: [(32, 64, 8, 3), (32, 32, 4, 3), (16, 128, 8, 2)],
+        256: [(32, 32, 8, 2)],
     },
     8: {
-        64: [(32, 128, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2)],
-        128: [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (16, 128, 4, 2)],
-        256: [(32, 64, 4, 1), (16, 64, 4, 2), (32, 32, 4, 2)],
+        64: [(32, 64, 4, 2)],
+        128: [(32, 64, 8, 2), (32, 32, 4, 2)],
+        256: [(32, 32, 8, 2)],
     },
     0: {
-        64: [(32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)],
-        128: [(32, 64, 4, 1), (32, 32, 4, 2), (16, 32, 4, 2)],
-        256: [(16, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1)],
+        64: [(16, 32, 4, 2), (16, 16, 4, 2)],
+        128: [(16, 16, 8, 1)],
+        256: [(16, 16, 8, 1)],
     },
 }
 _DQ_TABLES = {
     9: {
         64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-        128: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-        256: [(64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+        128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 8, 3)],
+        256: [(64, 16, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 8, 2)],
     },
     8: {
-        64: [(128, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
-        128: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 16, 4, 2)],
-        256: [(64, 32, 4, 1), (64, 16, 4, 2), (32, 32, 4, 2)],
+        64: [(128, 32, 4, 2), (64, 32, 4, 2)],
+        128: [(64, 32, 4, 2), (64, 32, 8, 2)],
+        256: [(32, 32, 4, 2), (32, 32, 8, 2)],
     },
     0: {
-        64: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2)],
+        64: [(32, 32, 4, 2), (64, 16, 4, 2), (64, 32, 8, 2)],
         128: [(64, 32, 4, 1), (32, 32, 4, 2), (32, 16, 4, 2)],
         256: [(32, 16, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1)],
     },
@@ -347,7 +387,7 @@ _DQ_TABLES = {
 INTERPRET_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
 INTERPRET_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
 _PREPROCESS_BLOCK_M = 64
-_BWD_KEY = ["seq_bucket_q", "seq_bucket_k", "CAUSAL", "group", "IS_VARLEN"]
+_BWD_KEY = ["seq_bucket_q", "seq_bucket_k", "CAUSAL", "group", "IS_VARLEN", "WINDOW"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -376,15 +416,24 @@ def _use_split_heads(p: Problem, device: torch.device, deterministic: bool, spli
     return programs < 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch(kernel_name: str, grid_rows: int, grid_heads: int, args: tuple, consts: dict, interp_cfg: dict,
-            tuned, device: torch.device) -> None:
-    rows_key = "BLOCK_N" if kernel_name == "dkdv" else "BLOCK_M"
+def bwd_grid(kernel_name: str, p: Problem, meta: dict, atomic: bool = False) -> tuple[int]:
+    """1-D launch grid of ``_attn_bwd_dkdv`` (key tiles x sequence-kv-heads, or sequence-heads
+    with atomics) or ``_attn_bwd_dq`` (query tiles x sequence-heads) for a config."""
+    if kernel_name == "dkdv":
+        heads = p.num_seqs * (p.num_heads if atomic else p.num_kv_heads)
+        return tiles_grid(p.max_seqlen_k, heads, meta["BLOCK_N"])
+    return tiles_grid(p.max_seqlen_q, p.num_seqs * p.num_heads, meta["BLOCK_M"])
+
+
+def _launch(kernel_name: str, p: Problem, args: tuple, consts: dict, interp_cfg: dict, tuned,
+            device: torch.device) -> None:
+    atomic = consts.get("ATOMIC", False)
     if interpreting():
         kernel = _attn_bwd_dkdv if kernel_name == "dkdv" else _attn_bwd_dq
-        kernel[(triton.cdiv(grid_rows, interp_cfg[rows_key]), grid_heads)](*args, **consts, **interp_cfg)
+        kernel[bwd_grid(kernel_name, p, interp_cfg, atomic)](*args, **consts, **interp_cfg)
     else:
         with torch.cuda.device(device):
-            tuned[lambda meta: (triton.cdiv(grid_rows, meta[rows_key]), grid_heads)](*args, **consts)
+            tuned[lambda meta: bwd_grid(kernel_name, p, meta, atomic)](*args, **consts)
 
 
 def _backward(p: Problem, do, q, k, v, out, lse, needs, deterministic: bool, split_heads: bool | None):
@@ -393,14 +442,14 @@ def _backward(p: Problem, do, q, k, v, out, lse, needs, deterministic: bool, spl
     q, k, v, out, do = (last_dim_contiguous(t) for t in (q, k, v, out, do))
     consts = p.constexprs(q.dtype)
     cu_q, cu_k, key_lens = p.pointers(q.device)
-    qk_scale, buckets = p.scale * LOG2E, (seq_bucket(p.max_seqlen_q), seq_bucket(p.max_seqlen_k))
+    score_args, buckets = p.score_args(), (seq_bucket(p.max_seqlen_q), seq_bucket(p.max_seqlen_k))
     dq = dk = dv = None
     run_q = needs[0] and q.numel() > 0
     run_kv = (needs[1] or needs[2]) and k.numel() > 0
     delta = torch.empty_like(lse)
     if (run_q or run_kv) and p.num_seqs > 0 and p.max_seqlen_q > 0:
         block = _PREPROCESS_BLOCK_M if not interpreting() else 32
-        grid = (triton.cdiv(p.max_seqlen_q, block), p.num_seqs * p.num_heads)
+        grid = tiles_grid(p.max_seqlen_q, p.num_seqs * p.num_heads, block)
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             _attn_bwd_preprocess[grid](
                 out, do, delta, cu_q, *p.strides(out), *p.strides(do), *p.lse_strides(delta),
@@ -416,21 +465,20 @@ def _backward(p: Problem, do, q, k, v, out, lse, needs, deterministic: bool, spl
         args = (q, k, v, do, lse, delta, dk_buf, dv_buf, cu_q, cu_k, key_lens,
                 *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dk_buf),
                 *p.strides(dv_buf), *p.lse_strides(lse),
-                p.num_heads, p.num_kv_heads, p.group, p.max_seqlen_q, p.max_seqlen_k, qk_scale, p.scale,
+                p.num_heads, p.num_kv_heads, p.group, p.max_seqlen_q, p.max_seqlen_k, *score_args, p.scale,
                 *buckets)
-        heads = p.num_seqs * (p.num_heads if atomic else p.num_kv_heads)
         tuned = None if interpreting() else _tuned_dkdv(p.head_dim, q.dtype, atomic)
-        _launch("dkdv", p.max_seqlen_k, heads, args, {**consts, "ATOMIC": atomic}, INTERPRET_DKDV, tuned, q.device)
+        _launch("dkdv", p, args, {**consts, "ATOMIC": atomic}, INTERPRET_DKDV, tuned, q.device)
         # fp32 sums of the atomic path: cast into the layout the fake implementation promises.
         dk, dv = (_like(dk_buf, k), _like(dv_buf, v)) if atomic else (dk_buf, dv_buf)
     if run_q:
         dq = empty_like_rows(q)
         args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, key_lens,
                 *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dq), *p.lse_strides(lse),
-                p.num_heads, p.group, p.max_seqlen_q, p.max_seqlen_k, qk_scale, p.scale,
+                p.num_heads, p.group, p.max_seqlen_q, p.max_seqlen_k, *score_args, p.scale,
                 *buckets)
         tuned = None if interpreting() else _tuned_dq(p.head_dim, q.dtype)
-        _launch("dq", p.max_seqlen_q, p.num_seqs * p.num_heads, args, consts, INTERPRET_DQ, tuned, q.device)
+        _launch("dq", p, args, consts, INTERPRET_DQ, tuned, q.device)
 
     def result(grad, need, like):
         if not need:
@@ -468,11 +516,7 @@ def attention_backward(
     (dq, dk, dv) shaped like q, k, v; an empty tensor for each one not in ``needs``.
     ``deterministic=False`` allows the split-heads GQA path with fp32 atomics."""
     check_inputs("attention backward", q, k, v)
-    if window is not None or softcap is not None:
-        raise NotImplementedError("attention backward: the triton kernels do not take window/softcap yet (use the reference backend)")
-    b, h, tq, d = q.shape
-    p = Problem(b, h, k.shape[1], d, tq, k.shape[2], bool(causal), default_scale(scale, d), varlen=False,
-                key_lens=None if key_lens is None else key_lens.to(device=q.device, dtype=torch.int32).contiguous())
+    p = dense_problem(q, k, causal, scale, key_lens, window, softcap)
     return _backward(p, grad.to(q.dtype), q, k, v, out, lse.float().contiguous(), needs, deterministic, split_heads)
 
 
@@ -499,7 +543,5 @@ def attention_varlen_backward(
     """Packed backward: q/out/grad (total_q, H, D), k/v (total_k, Hkv, D), lse (H, total_q) ->
     (dq, dk, dv) shaped like q, k, v (empty where not in ``needs``)."""
     check_inputs("attention_varlen backward", q, k, v)
-    if window is not None or softcap is not None:
-        raise NotImplementedError("attention_varlen backward: the triton kernels do not take window/softcap yet (use the reference backend)")
-    p = varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    p = varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window, softcap)
     return _backward(p, grad.to(q.dtype), q, k, v, out, lse.float().contiguous(), needs, deterministic, split_heads)

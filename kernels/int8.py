@@ -48,6 +48,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def upcast(dtype: torch.dtype) -> bool:
+    """UPCAST: bf16 under the interpreter, whose bf16 dot and int8 → bf16 cast (triton 3.9) are
+    not value operations, so the kernels widen to fp32 there. ``FASTLM_INTERPRET_UPCAST=0``
+    turns it off so tests run the GPU's own bf16 path (with an interpreter that handles bf16:
+    tests/ops/interp_bf16.py)."""
+    return dtype == torch.bfloat16 and interpreting() and os.environ.get("FASTLM_INTERPRET_UPCAST", "1") != "0"
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
@@ -375,37 +383,63 @@ INTERPRET_DECODE = {"BLOCK_N": 16, "BLOCK_K": 32}
 INTERPRET_DX = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
 INTERPRET_QUANT = {"BLOCK_M": 4, "BLOCK_K": 32}
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the prefill kernels on sm80/sm90; configs
-# that do not fit are discarded by the autotuner. Untuned guesses until measured on a GPU.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the prefill kernels on sm80/sm90, 16-bit
+# activations. Untuned for speed until measured on a GPU; every config kept compiles for sm_80
+# and sm_90 without register spills and within shared memory (scripts/compile_kernels.py).
 _PREFILL_CONFIGS = [
     (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (128, 128, 128, 8, 3),
 ]
+# fp32 activations: the dot is fp32 FMA ("ieee", torch's default fp32 matmul precision), whose
+# operand fragments live in registers: short K tiles (the 16-bit tiles spill 0.3-50 KB).
+_PREFILL_CONFIGS_FP32 = [(64, 64, 16, 4, 3), (32, 64, 32, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3),
+                         (16, 64, 32, 4, 3)]
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) for the decode kernel (BLOCK_N ≥ 16: tl.dot's minimum).
 _DECODE_CONFIGS = [
     (16, 256, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 512, 4, 2),
     (64, 64, 2, 4), (16, 512, 2, 3), (128, 64, 4, 4),
 ]
+_DECODE_CONFIGS_FP32 = [(16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3)]
+
+
+def _prefill_table(kernel_name: str, kind: str) -> list[tuple]:
+    """The prefill configs of a kernel and activation kind ('16bit', 'fp32' or, for W8A8, 'fused':
+    the in-GEMM quantization, used up to FUSED_QUANT_MAX_ROWS rows, so tiles of at most 64 rows)."""
+    if kind == "fp32":
+        return _PREFILL_CONFIGS_FP32
+    table = _PREFILL_CONFIGS
+    if kind == "fused":
+        table = [c for c in table if c[0] <= FUSED_QUANT_MAX_ROWS]
+    return table
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, group_size: int):
-    """The kernel autotuned over its configs (keyed on the row bucket and N, K). For group-wise
-    weights, BLOCK_K is capped at the group size when the group is a power of two so that each
-    K tile stays within one group."""
+def _tuned(kernel_name: str, group_size: int, kind: str = "16bit"):
+    """The kernel autotuned over its configs (keyed on the row bucket and N, K) for activations
+    of ``kind`` (see _prefill_table). For group-wise weights, BLOCK_K is capped at the group size
+    when the group is a power of two so that each K tile stays within one group, and 8-warp
+    128-row tiles are left out: the group-scaled partial product doubles the accumulator
+    registers (128×128 spills on sm_90)."""
     kernel = globals()[kernel_name]
     cap = group_size if group_size and group_size & (group_size - 1) == 0 and group_size >= 16 else None
     if kernel_name == "_w8_matmul_decode":
-        table = {(bn, min(bk, cap) if cap else bk, w, s) for bn, bk, w, s in _DECODE_CONFIGS}
+        base = _DECODE_CONFIGS_FP32 if kind == "fp32" else _DECODE_CONFIGS
+        table = {(bn, min(bk, cap) if cap else bk, w, s) for bn, bk, w, s in base}
         configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                    for bn, bk, w, s in sorted(table)]
     else:
-        table = {(bm, bn, min(bk, cap) if cap else bk, w, s) for bm, bn, bk, w, s in _PREFILL_CONFIGS}
+        table = {(bm, bn, min(bk, cap) if cap else bk, w, s) for bm, bn, bk, w, s in _prefill_table(kernel_name, kind)}
+        if group_size:
+            table = {c for c in table if c[0] * c[1] < 128 * 128}
         if kernel_name == "_w8a8_matmul":
             table = {(bm, bn, max(bk, 32), w, s) for bm, bn, bk, w, s in table}  # int8 MMA: K ≥ 32
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_warps=w, num_stages=s) for bm, bn, bk, w, s in sorted(table)]
     return triton.autotune(configs, key=["m_bucket", "N", "K"])(kernel)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
 
 
 def _m_bucket(m: int) -> int:
@@ -464,8 +498,7 @@ def int8_linear_forward(
         return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
     scales = scales.float()
     gs, stride_sn, stride_sg = _scale_layout(scales, k)
-    upcast = interpreting() and x.dtype == torch.bfloat16
-    common = dict(GS=gs, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), UPCAST=upcast)
+    common = dict(GS=gs, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), UPCAST=upcast(x.dtype))
     b = bias if bias is not None else scales  # placeholder pointer when there is no bias
     strides = (x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), stride_sn, stride_sg,
                y.stride(0), y.stride(1))
@@ -479,7 +512,7 @@ def int8_linear_forward(
             def grid(meta):
                 return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-            _tuned("_w8_matmul_prefill", gs)[grid](x, qweight, scales, b, y, m, n, k, *strides, _m_bucket(m), **common)
+            _tuned("_w8_matmul_prefill", gs, _kind(x.dtype))[grid](x, qweight, scales, b, y, m, n, k, *strides, _m_bucket(m), **common)
         return y
     if m > DECODE_MAX_ROWS:
         raise ValueError(f"the decode kernel takes at most {DECODE_MAX_ROWS} rows, got {m}")
@@ -488,7 +521,8 @@ def int8_linear_forward(
     if meta is not None and gs and gs % meta["BLOCK_K"] and gs >= 16 and gs & (gs - 1) == 0:
         meta["BLOCK_K"] = gs
     # Split boundaries on multiples of every BLOCK_K in use (and of the group size).
-    granule = meta["BLOCK_K"] if meta is not None else max(bk for _, bk, _, _ in _DECODE_CONFIGS)
+    granule = meta["BLOCK_K"] if meta is not None else max(
+        bk for _, bk, _, _ in (_DECODE_CONFIGS_FP32 if x.dtype == torch.float32 else _DECODE_CONFIGS))
     split = split_k if split_k is not None else _split_k(n, k, 32, granule, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, max(split, 1)), granule) * granule
     if gs:
@@ -503,7 +537,7 @@ def int8_linear_forward(
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), split)
 
-        _tuned("_w8_matmul_decode", gs)[grid](*args, **consts)
+        _tuned("_w8_matmul_decode", gs, _kind(x.dtype))[grid](*args, **consts)
     if split > 1:
         y.copy_(partial.sum(dim=0))
     return y
@@ -520,13 +554,18 @@ def int8_linear_dx(grad: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         return dx.zero_()
     scales = scales.float()
     gs, stride_sn, stride_sg = _scale_layout(scales, k)
-    meta = INTERPRET_DX if interpreting() else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
+    if interpreting():
+        meta = INTERPRET_DX
+    elif grad.dtype == torch.float32:  # fp32 FMA dot over BLOCK_N: a short reduction tile
+        meta = {"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 64}
+    else:
+        meta = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
     _w8_matmul_dx[grid](
         grad, qweight, scales, dx, m, n, k,
         grad.stride(0), grad.stride(1), qweight.stride(0), qweight.stride(1), stride_sn, stride_sg,
         dx.stride(0), dx.stride(1),
-        GS=gs, DOT_PRECISION=dot_precision(grad.dtype), UPCAST=interpreting() and grad.dtype == torch.bfloat16,
+        GS=gs, DOT_PRECISION=dot_precision(grad.dtype), UPCAST=upcast(grad.dtype),
         **meta,
     )
     return dx
@@ -567,7 +606,7 @@ def w8a8_matmul(
             qweight, w_scales, bias if bias is not None else placeholder, y, m, n, k,
             x.stride(0), x.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1), _m_bucket(m))
     consts = dict(FUSED_QUANT=fused, HAS_SMOOTH=fused and smooth is not None, HAS_BIAS=bias is not None,
-                  UPCAST=interpreting() and out_dtype == torch.bfloat16)
+                  UPCAST=upcast(out_dtype))
     if interpreting():
         grid = (triton.cdiv(m, INTERPRET_PREFILL["BLOCK_M"]) * triton.cdiv(n, INTERPRET_PREFILL["BLOCK_N"]),)
         _w8a8_matmul[grid](*args, **consts, **INTERPRET_PREFILL)
@@ -575,7 +614,7 @@ def w8a8_matmul(
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _tuned("_w8a8_matmul", 0)[grid](*args, **consts)
+        _tuned("_w8a8_matmul", 0, "fused" if fused else "16bit")[grid](*args, **consts)
     return y
 
 

@@ -26,6 +26,16 @@ from .rope import cos_sin, inv_freq
 
 
 @triton.jit
+def _append_row(SRC, DST, pos, D, L, BLOCK_D: tl.constexpr):
+    """DST[pos, :D] = SRC[:D] (cast to DST's dtype); nothing written when pos is outside [0, L)."""
+    d = tl.arange(0, BLOCK_D)
+    pos_d = pos + tl.zeros_like(d).to(tl.int64)  # a vector mask: the interpreter refuses scalar & vector
+    mask = (d < D) & (pos_d >= 0) & (pos_d < L)
+    x = tl.load(SRC + d, mask=mask, other=0.0)
+    tl.store(DST + d, x.to(DST.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_append_kernel(
     Q, K, V, POS, INV_FREQ, Q_OUT, K_CACHE, V_CACHE,
     T, NQ, HALF, D, L,
@@ -44,29 +54,27 @@ def _rope_append_kernel(
     b = (token // T).to(tl.int64)
     t = (token % T).to(tl.int64)
     pos = tl.load(POS + b * stride_pb + t * stride_pt).to(tl.int64)
-    half = tl.arange(0, BLOCK_HALF)
-    half_mask = half < HALF
+    g = (head - NQ).to(tl.int64)  # the key/value head of a program with head >= NQ
+    k_src = K + b * stride_kb + g * stride_kh + t * stride_kt
+    k_dst = K_CACHE + b * stride_kcb + g * stride_kch + pos * stride_kcl
+    v_src = V + b * stride_vb + g * stride_vh + t * stride_vt
+    v_dst = V_CACHE + b * stride_vcb + g * stride_vch + pos * stride_vcl
+    # cos/sin exist only in the rotating build: every use of them sits under `if ROTATE`, which is
+    # resolved at compile time (the non-rotating build, GPT-2, must compile without them).
     if ROTATE:
+        half = tl.arange(0, BLOCK_HALF)
+        half_mask = half < HALF
         freq = tl.load(INV_FREQ + half, mask=half_mask, other=0.0)
         cos, sin = cos_sin(pos.to(ACC) * freq, REDUCE)
-    if head < NQ:  # a query head: rotate into q_out
-        src = Q + b * stride_qb + head * stride_qh + t * stride_qt + half
-        dst = Q_OUT + b * stride_ob + head * stride_oh + t * stride_ot + half
-        x1 = tl.load(src, mask=half_mask, other=0.0).to(ACC)
-        x2 = tl.load(src + HALF, mask=half_mask, other=0.0).to(ACC)
-        tl.store(dst, _cast(x1 * cos - x2 * sin, Q_OUT.dtype.element_ty), mask=half_mask)
-        tl.store(dst + HALF, _cast(x2 * cos + x1 * sin, Q_OUT.dtype.element_ty), mask=half_mask)
-    else:  # a key/value head: append at position pos
-        g = (head - NQ).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        pos_d = pos + tl.zeros_like(d).to(tl.int64)  # a vector mask: the interpreter refuses scalar & vector
-        d_mask = (d < D) & (pos_d >= 0) & (pos_d < L)
-        v = tl.load(V + b * stride_vb + g * stride_vh + t * stride_vt + d, mask=d_mask, other=0.0)
-        tl.store(V_CACHE + b * stride_vcb + g * stride_vch + pos * stride_vcl + d,
-                 v.to(V_CACHE.dtype.element_ty), mask=d_mask)
-        k_src = K + b * stride_kb + g * stride_kh + t * stride_kt
-        k_dst = K_CACHE + b * stride_kcb + g * stride_kch + pos * stride_kcl
-        if ROTATE:
+        if head < NQ:  # a query head: rotate into q_out
+            src = Q + b * stride_qb + head * stride_qh + t * stride_qt + half
+            dst = Q_OUT + b * stride_ob + head * stride_oh + t * stride_ot + half
+            x1 = tl.load(src, mask=half_mask, other=0.0).to(ACC)
+            x2 = tl.load(src + HALF, mask=half_mask, other=0.0).to(ACC)
+            tl.store(dst, _cast(x1 * cos - x2 * sin, Q_OUT.dtype.element_ty), mask=half_mask)
+            tl.store(dst + HALF, _cast(x2 * cos + x1 * sin, Q_OUT.dtype.element_ty), mask=half_mask)
+        else:  # a key/value head: append v, rotate k and append it at position pos
+            _append_row(v_src, v_dst, pos, D, L, BLOCK_D)
             pos_h = pos + tl.zeros_like(half).to(tl.int64)
             rot_mask = half_mask & (pos_h >= 0) & (pos_h < L)
             x1 = tl.load(k_src + half, mask=rot_mask, other=0.0).to(ACC)
@@ -75,9 +83,9 @@ def _rope_append_kernel(
             y2 = _cast(x2 * cos + x1 * sin, K.dtype.element_ty).to(K_CACHE.dtype.element_ty)
             tl.store(k_dst + half, y1, mask=rot_mask)
             tl.store(k_dst + HALF + half, y2, mask=rot_mask)
-        else:
-            k = tl.load(k_src + d, mask=d_mask, other=0.0)
-            tl.store(k_dst + d, k.to(K_CACHE.dtype.element_ty), mask=d_mask)
+    else:  # no rotation (NQ = 0): every program appends one k/v head
+        _append_row(v_src, v_dst, pos, D, L, BLOCK_D)
+        _append_row(k_src, k_dst, pos, D, L, BLOCK_D)
 
 
 def rope_append_kv(q, k, v, positions, k_cache, v_cache, theta):

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_RANK = 256  # the (BLOCK_M, R) tile of H lives in registers
+MAX_RANK = 256  # the (BLOCK_M, R) tile of H lives in registers (shrink)
+R_CHUNK_MAX = 32  # rank columns of H per step of the matmul epilogue (registers)
 
 
 @triton.jit
@@ -117,6 +118,7 @@ def _lora_matmul(
     stride_la, stride_lr, stride_ln, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    R_CHUNK: tl.constexpr,
 ):
     """Y[row j, n] = Σ_k X[row j, k]·Wt[k, n] + bias[n] + Σ_r H[j, r]·L_a(j)[r, n].
 
@@ -148,15 +150,19 @@ def _lora_matmul(
                     mask=k_in[:, None] & n_in[None, :], other=0.0)
         acc = _mma(x, w, acc, PRECISION, UPCAST)
 
-    # Epilogue: + H·L_a for each adapter present in the tile's rows (one when not MIXED).
-    r = tl.arange(0, R_PAD)
-    r_in = r < R
-    h = tl.load(H + offs_m[:, None] * stride_hm + r[None, :], mask=m_in[:, None] & r_in[None, :], other=0.0)
+    # Epilogue: + H·L_a for each adapter present in the tile's rows (one when not MIXED), over
+    # the rank in R_CHUNK pieces: a whole (BLOCK_M, R_PAD) fp32 tile of H would not fit in
+    # registers next to the accumulator (rank 256 and mixed 128-row tiles spill on sm_90).
     for a in tl.range(a_lo, a_hi + 1):
-        lo = tl.load(L + a * stride_la + r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
-                     mask=r_in[:, None] & n_in[None, :], other=0.0)
-        h_a = tl.where((adapters == a)[:, None], h, 0.0)
-        acc = _mma(_cast(h_a, lo.dtype), lo, acc, PRECISION, UPCAST)
+        for r0 in tl.range(0, R, R_CHUNK):
+            r = r0 + tl.arange(0, R_CHUNK)
+            r_in = r < R
+            h = tl.load(H + offs_m[:, None] * stride_hm + r[None, :], mask=m_in[:, None] & r_in[None, :], other=0.0)
+            lo = tl.load(L + a * stride_la + r[:, None] * stride_lr + offs_n[None, :] * stride_ln,
+                         mask=r_in[:, None] & n_in[None, :], other=0.0)
+            if MIXED:
+                h = tl.where((adapters == a)[:, None], h, 0.0)
+            acc = _mma(_cast(h, lo.dtype), lo, acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, _cast(acc, Y.dtype.element_ty),
@@ -243,7 +249,9 @@ def interpreting() -> bool:
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreting()
+    """UPCAST: bf16 under the interpreter (its bf16 dot multiplies raw bits in triton 3.9);
+    ``FASTLM_INTERPRET_UPCAST=0`` runs the GPU's bf16 path instead (tests/ops/interp_bf16.py)."""
+    return dtype == torch.bfloat16 and interpreting() and os.environ.get("FASTLM_INTERPRET_UPCAST", "1") != "0"
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -292,7 +300,7 @@ def matmul(x: torch.Tensor, wt: torch.Tensor, wt_strides: tuple[int, int], n: in
             m, n, k, rank, triton.next_power_of_2(m), x.stride(0), x.stride(1), *wt_strides, h.stride(0),
             *lo_strides, out.stride(0), out.stride(1))
     flags = dict(HAS_BIAS=bias is not None, MIXED=mixed, R_PAD=rank_pad(rank), PRECISION=_precision(x.dtype),
-                 UPCAST=_upcast(x.dtype))
+                 UPCAST=_upcast(x.dtype), R_CHUNK=min(rank_pad(rank), R_CHUNK_MAX if x.device.type == "cuda" else 16))
     if x.device.type == "cuda":
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -351,9 +359,7 @@ def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def whole_batch(m: int, device: torch.device) -> torch.Tensor:
     """seg_start of a batch whose M rows all use adapter 0: [0, M] (no host-to-device copy)."""
-    seg = torch.zeros(2, dtype=torch.int32, device=device)
-    seg[1] = m
-    return seg
+    return torch.arange(2, dtype=torch.int32, device=device) * m  # [0, m], computed on the device
 
 
 def _scales(scale: float, device: torch.device) -> torch.Tensor:

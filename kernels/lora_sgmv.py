@@ -34,8 +34,10 @@ def segments(adapter_index: torch.Tensor, num_adapters: int) -> tuple[torch.Tens
     (M,) int32; seg_start (n + 1,) int32: adapter a's rows are rows[seg_start[a]:seg_start[a + 1]])."""
     index = adapter_index.to(torch.int64)
     rows = torch.argsort(index, stable=True)
-    sorted_ids = index[rows].to(torch.int32)
-    counts = torch.bincount(index + 1, minlength=num_adapters + 1)  # bucket 0: rows without adapter
+    sorted_ids = index.index_select(0, rows).to(torch.int32)
+    # bucket 0: rows without adapter; a fixed (n + 1,) shape (bincount's size depends on the data)
+    counts = torch.zeros(num_adapters + 1, dtype=torch.int64, device=index.device)
+    counts.scatter_add_(0, index + 1, torch.ones_like(index))
     seg_start = torch.cumsum(counts, dim=0).to(torch.int32)  # (n + 1,): start of a, then the end
     return rows, sorted_ids, seg_start
 

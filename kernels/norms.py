@@ -17,6 +17,11 @@ runs a fixed number of programs P; program p handles the row blocks p, p + P, p 
 writes its partial Σ dy·n to row p of a (P, N) float32 buffer, which the launcher sums with
 torch — a deterministic reduction, no atomics.
 
+Rows too long for one register tile (forward N > 16384, backward N > 8192: whole-row tiles
+spill registers on sm_80/sm_90) take the chunked kernels: a first pass over CHUNK-column pieces
+sums x² (and g·x), a second normalizes and stores; the backward adds each row block's dy·n into
+its program's row of the (P, N) buffer in memory instead of a whole-row register accumulator.
+
 This module imports nothing of fastlm: launchers take and return torch tensors.
 """
 
@@ -85,6 +90,85 @@ def _rms_norm_bwd(
         tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_mask)
 
 
+@triton.jit
+def _rms_norm_fwd_chunked(
+    X, W, Y,
+    stride_x, stride_y,
+    M, N, eps,
+    CHUNK: tl.constexpr, ACC: tl.constexpr,
+):
+    """_rms_norm_fwd for one long row per program, in CHUNK-column pieces (two passes over x)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, CHUNK)
+    sq = tl.zeros((CHUNK,), dtype=ACC)
+    for start in tl.range(0, N, CHUNK):
+        cols = start + offs
+        x = tl.load(X + row * stride_x + cols, mask=cols < N, other=0.0).to(ACC)
+        sq += x * x
+    rstd = tl.rsqrt(tl.sum(sq, axis=0) / N + eps)
+    for start in tl.range(0, N, CHUNK):
+        cols = start + offs
+        mask = cols < N
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(ACC)
+        normed = _cast(x * rstd, X.dtype.element_ty).to(ACC)  # Llama: cast before the scale
+        w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
+        tl.store(Y + row * stride_y + cols, _cast(normed * w, Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_chunked(
+    DY, X, W, DX, DW_PARTIAL,
+    stride_dy, stride_x, stride_dx,
+    M, N, eps,
+    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+):
+    """_rms_norm_bwd for long rows: per block of BLOCK_M rows, pass 1 sums x² and g·x over
+    CHUNK-column pieces, pass 2 writes dx and adds Σ_rows dy·n to DW_PARTIAL[pid] (zeroed by the
+    launcher; each program owns its row, so the sum is deterministic)."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    offs = tl.arange(0, CHUNK)
+    for block in tl.range(pid, tl.cdiv(M, BLOCK_M), num_programs):
+        rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_mask = rows < M
+        sq = tl.zeros((BLOCK_M, CHUNK), dtype=ACC)
+        gx = tl.zeros((BLOCK_M, CHUNK), dtype=ACC)
+        for start in tl.range(0, N, CHUNK):
+            cols = start + offs
+            mask = row_mask[:, None] & (cols < N)[None, :]
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+            sq += x * x
+            if COMPUTE_DX:
+                dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(ACC)
+                w = tl.load(W + cols, mask=cols < N, other=0.0).to(ACC)
+                gx += dy * w[None, :] * x
+        rstd = tl.rsqrt(tl.sum(sq, axis=1) / N + eps)  # (BLOCK_M,)
+        c = tl.sum(gx, axis=1) * rstd / N  # mean(g · n)
+        for start in tl.range(0, N, CHUNK):
+            cols = start + offs
+            col_mask = cols < N
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(ACC)
+            n = x * rstd[:, None]
+            if COMPUTE_DX:
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC)
+                dx = rstd[:, None] * (dy * w[None, :] - n * c[:, None])
+                tl.store(DX + rows[:, None] * stride_dx + cols[None, :], _cast(dx, DX.dtype.element_ty), mask=mask)
+            if COMPUTE_DW:
+                partial = DW_PARTIAL + pid * N + cols
+                tl.store(partial, tl.load(partial, mask=col_mask, other=0.0) + tl.sum(dy * n, axis=0), mask=col_mask)
+
+
+# Longest rows kept in one register tile (longer rows: the chunked kernels), and their pieces.
+FWD_MAX_TILE = 16384
+BWD_MAX_TILE = 8192
+FWD_CHUNK = 4096
+BWD_CHUNK, BWD_CHUNK_ROWS = 2048, 2
+CHUNKED_WARPS = 8
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -124,10 +208,16 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch
     m = x2.shape[0]
     y2 = out.view(-1, n) if out.is_contiguous() else torch.empty((m, n), dtype=out.dtype, device=x.device)
     block_m, block_n, num_warps = _settings(m, n, per_thread=16)
-    _rms_norm_fwd[(triton.cdiv(m, block_m),)](
-        x2, weight.contiguous(), y2, x2.stride(0), y2.stride(0), m, n, eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, ACC=_acc(x.dtype), num_warps=num_warps,
-    )
+    if block_n > FWD_MAX_TILE:
+        _rms_norm_fwd_chunked[(m,)](
+            x2, weight.contiguous(), y2, x2.stride(0), y2.stride(0), m, n, eps,
+            CHUNK=FWD_CHUNK, ACC=_acc(x.dtype), num_warps=CHUNKED_WARPS,
+        )
+    else:
+        _rms_norm_fwd[(triton.cdiv(m, block_m),)](
+            x2, weight.contiguous(), y2, x2.stride(0), y2.stride(0), m, n, eps,
+            BLOCK_M=block_m, BLOCK_N=block_n, ACC=_acc(x.dtype), num_warps=num_warps,
+        )
     if not out.is_contiguous():
         out.copy_(y2.view(out.shape))
     return out
@@ -150,15 +240,19 @@ def rms_norm_backward(
     else:
         dx2 = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m, block_n, num_warps = _settings(m, n, per_thread=8)
+    chunked = block_n > BWD_MAX_TILE
+    if chunked:
+        block_m = BWD_CHUNK_ROWS
     programs = _num_programs(triton.cdiv(m, block_m), x.device)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partial = torch.empty((programs, n) if need_dw else (1,), dtype=acc_dtype, device=x.device)
-    _rms_norm_bwd[(programs,)](
-        dy2, x2, weight.contiguous(), dx2, partial,
-        dy2.stride(0), x2.stride(0), dx2.stride(0), m, n, eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, ACC=_acc(x.dtype),
-        COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, num_warps=num_warps,
-    )
+    shape = (programs, n) if need_dw else (1,)
+    partial = (torch.zeros if chunked else torch.empty)(shape, dtype=acc_dtype, device=x.device)
+    args = (dy2, x2, weight.contiguous(), dx2, partial, dy2.stride(0), x2.stride(0), dx2.stride(0), m, n, eps)
+    flags = dict(ACC=_acc(x.dtype), COMPUTE_DX=need_dx, COMPUTE_DW=need_dw)
+    if chunked:
+        _rms_norm_bwd_chunked[(programs,)](*args, BLOCK_M=block_m, CHUNK=BWD_CHUNK, num_warps=CHUNKED_WARPS, **flags)
+    else:
+        _rms_norm_bwd[(programs,)](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags)
     if dx is not None and not dx.is_contiguous():
         dx.copy_(dx2.view(dx.shape))
     dw = partial.sum(dim=0).to(weight.dtype) if need_dw else None

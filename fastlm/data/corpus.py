@@ -15,9 +15,13 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from fastlm._naming import shown
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BAD_FILE_POLICIES",
+    "DataError",
     "TEXT_SUFFIXES",
     "default_corpus_files",
     "default_corpus_texts",
@@ -109,16 +113,38 @@ def default_corpus_texts(max_bytes: int = 8_000_000) -> list[str]:
 # --------------------------------------------------------------------------- reading
 
 
-def _decode(path: Path, *, strict: bool) -> str | None:
-    """UTF-8 text of ``path`` (a BOM dropped, line endings kept); None if ``strict`` and undecodable."""
-    data = path.read_bytes()
+#: What :func:`read_texts` does with a file that is not text: "error" refuses it (ValueError
+#: naming the file), "skip" leaves it out with a warning.
+BAD_FILE_POLICIES = ("error", "skip")
+
+
+class DataError(ValueError):
+    """A data file that cannot be trained on: not UTF-8 text, binary, or holding no text."""
+
+
+def _not_text_reason(data: bytes) -> str | None:
+    """Why ``data`` is not UTF-8 text (None when it is)."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        return f"a NUL byte at offset {nul}: a binary file"
     try:
+        data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        return f"byte {data[err.start]:#04x} at offset {err.start} is not valid UTF-8"
+    return None
+
+
+def _decode(path: Path, *, on_bad_file: str) -> str | None:
+    """UTF-8 text of ``path`` (a BOM dropped, line endings kept); None for a skipped non-text file."""
+    data = path.read_bytes()
+    reason = _not_text_reason(data)
+    if reason is None:
         return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        if strict:
-            logger.debug("skipping %s: not valid UTF-8", path)
-            return None
-        return data.decode("utf-8-sig", errors="replace")
+    if on_bad_file == "skip":
+        logger.warning("skipping %s: not UTF-8 text (%s)", path, reason)
+        return None
+    raise DataError(f"{shown('data')} file {path} is not UTF-8 text ({reason}); give text files, or leave such "
+                    f"files out with {shown('on_bad_file')} skip")
 
 
 def _jsonl_texts(path: Path, content: str) -> list[str]:
@@ -129,16 +155,16 @@ def _jsonl_texts(path: Path, content: str) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from e
+            raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f'{path}:{lineno}: expected an object with a string "text" field')
+            raise DataError(f'{path}:{lineno}: expected an object with a string "text" field')
         if record["text"]:
             texts.append(record["text"])
     return texts
 
 
-def _file_texts(path: Path, *, strict: bool) -> list[str]:
-    content = _decode(path, strict=strict)
+def _file_texts(path: Path, *, on_bad_file: str) -> list[str]:
+    content = _decode(path, on_bad_file=on_bad_file)
     if content is None:
         return []
     if path.suffix == ".jsonl":
@@ -146,18 +172,23 @@ def _file_texts(path: Path, *, strict: bool) -> list[str]:
     return [content] if content else []
 
 
-def read_texts(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> list[str]:
+def read_texts(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], *,
+               on_bad_file: str = "error") -> list[str]:
     """Read documents from text files and directories, in the order given.
 
     - A file gives one document (its whole text), or for ``.jsonl`` one per line's
-      ``"text"`` field. Named files are read whatever their suffix; bytes that are not
-      valid UTF-8 become U+FFFD (``errors="replace"``).
+      ``"text"`` field. Named files are read whatever their suffix.
     - A directory is searched recursively (hidden entries skipped, paths sorted) for files
-      with a suffix in :data:`TEXT_SUFFIXES`; files that are not valid UTF-8 are skipped.
+      with a suffix in :data:`TEXT_SUFFIXES`; those that are not UTF-8 text are skipped with a
+      warning naming each.
+    - A named file that is not UTF-8 text (invalid UTF-8, or a NUL byte: binary) raises
+      :class:`DataError` naming it, or with ``on_bad_file="skip"`` is left out with a warning.
 
     Line endings are kept as they are; empty documents are dropped. Raises FileNotFoundError
-    for a missing path and ValueError for a path that gives no document.
+    for a missing path and DataError for a path that gives no document.
     """
+    if on_bad_file not in BAD_FILE_POLICIES:
+        raise ValueError(f"{shown('on_bad_file')} must be one of {BAD_FILE_POLICIES}, got {on_bad_file!r}")
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     texts: list[str] = []
@@ -172,22 +203,28 @@ def read_texts(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str])
                 and not any(part.startswith(".") for part in f.relative_to(path).parts)
                 and f.is_file()
             )
-            for f in files:
-                found.extend(_file_texts(f, strict=True))
+            for f in files:  # a directory's non-text files are skipped with a warning whatever the policy
+                found.extend(_file_texts(f, on_bad_file="skip"))
             if not found:
-                raise ValueError(
-                    f"directory {path} holds no readable text files "
+                raise DataError(
+                    f"{shown('data')} directory {path} holds no readable text files "
                     f"(non-empty UTF-8 files with suffix {', '.join(sorted(TEXT_SUFFIXES))})"
                 )
             texts.extend(found)
         elif path.is_file():
-            found = _file_texts(path, strict=False)
-            if not found:
-                raise ValueError(f"file {path} holds no text")
+            found = _file_texts(path, on_bad_file=on_bad_file)
+            if not found and _decode_ok(path):
+                raise DataError(f"{shown('data')} file {path} holds no text")
             texts.extend(found)
         else:
-            raise FileNotFoundError(f"no such file or directory: {path}")
+            raise FileNotFoundError(f"{shown('data')}: no such file or directory: {path}")
+    if not texts:
+        raise DataError(f"{shown('data')}: no text left to train on (every file was skipped)")
     return texts
+
+
+def _decode_ok(path: Path) -> bool:
+    return _not_text_reason(path.read_bytes()) is None
 
 
 # --------------------------------------------------------------------------- splitting

@@ -11,7 +11,8 @@ from fastlm.data.tokenizer import Tokenizer
 
 def tokenize_stream(texts: Sequence[str], tokenizer: Tokenizer) -> torch.Tensor:
     """Concatenate the token ids of each text, each followed by the end-of-sequence token
-    (when the tokenizer has one) so that documents stay separated: 1-D int64 tensor."""
+    (when the tokenizer has one) so that documents stay separated: 1-D int64 tensor. Each text
+    is encoded as ``tokenizer(text)`` in transformers (with the BOS a Llama-style tokenizer adds)."""
     if not texts:
         raise ValueError("tokenize_stream: no texts given")
     eos = tokenizer.eos_token_id is not None

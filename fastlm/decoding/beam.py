@@ -7,6 +7,8 @@ Continuations ending in eos (or reaching max length) join the finished hypothese
 Σ log p / generated_len^length_penalty when among the top num_beams; the best num_beams others
 keep running. Stops when no running beam can beat the finished ones (transformers' early-stop
 heuristic for ``early_stopping`` False/True/"never"), and returns the best hypothesis.
+The stop condition stays on the device and is read every ``CHECK_EVERY`` steps; the steps run
+past the end until then leave the finished hypotheses unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from fastlm.decoding.common import apply_repetition_penalty
 
 _NEG = -1.0e9
+CHECK_EVERY = 4  # steps between host reads of the stop condition (one read each)
 
 
 def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -55,6 +58,7 @@ def beam_search(
     is_finished = torch.zeros(b, num_beams, dtype=torch.bool, device=device)
     improvable = torch.ones(b, 1, dtype=torch.bool, device=device)
     gen_len = torch.zeros(b, num_beams, dtype=torch.int64, device=device)  # generated tokens per finished beam
+    done = torch.zeros((), dtype=torch.bool, device=device)  # the search has ended (kept on the device)
 
     cache = model.new_cache(b * num_beams, max_length)
     logits = model(running[:, :, :prompt_len].reshape(b * num_beams, prompt_len), cache=cache)[:, -1]
@@ -89,11 +93,12 @@ def beam_search(
         final = final + full.float() * _NEG + (~improvable).float() * _NEG + (~just_finished).float() * _NEG
         merged_scores = torch.cat((finished_scores, final), dim=1)
         best = torch.topk(merged_scores, num_beams).indices
-        finished_seqs = _gather(torch.cat((finished_seqs, candidates), dim=1), best)
-        finished_scores = _gather(merged_scores, best)
-        is_finished = _gather(torch.cat((is_finished, just_finished), dim=1), best)
+        # Steps run after the search ended (it is read back every CHECK_EVERY steps) change nothing.
+        finished_seqs = torch.where(done, finished_seqs, _gather(torch.cat((finished_seqs, candidates), dim=1), best))
+        finished_scores = torch.where(done, finished_scores, _gather(merged_scores, best))
+        is_finished = torch.where(done, is_finished, _gather(torch.cat((is_finished, just_finished), dim=1), best))
         new_len = torch.full_like(top_token, cur + 1 - prompt_len)
-        gen_len = _gather(torch.cat((gen_len, new_len), dim=1), best)
+        gen_len = torch.where(done, gen_len, _gather(torch.cat((gen_len, new_len), dim=1), best))
 
         cur += 1
         if early_stopping == "never" and length_penalty > 0.0:
@@ -103,8 +108,9 @@ def beam_search(
         best_running = running_scores[:, :1] / (hypothetical**length_penalty)
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, -1.0e9)
         improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        open_beams = not (bool(is_finished.all()) and early_stopping is True)
-        if not (bool(improvable.any()) and open_beams and not bool(stops.all())):
+        closed = is_finished.all() & (early_stopping is True)
+        done = done | ~improvable.any() | closed | stops.all()  # 0-d bool, on the device
+        if cur >= max_length or (cur - prompt_len) % CHECK_EVERY == 0 and bool(done):
             break
         flat_source = (source_beam + torch.arange(b, device=device)[:, None] * num_beams).flatten()
         cache.reorder(flat_source)

@@ -91,7 +91,7 @@ class StopStrings:
                 hit.append(False)
                 continue
             self.generated[row].append(token)
-            text = self.tokenizer.decode(self.generated[row][-64:])
+            text = self.tokenizer.decode(self.generated[row][-64:], skip_special_tokens=True)
             hit.append(any(s in text for s in self.strings))
         return torch.tensor(hit, device=tokens.device)
 

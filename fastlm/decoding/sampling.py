@@ -2,8 +2,8 @@
 
 Prefill runs the (right-padded, possibly ragged) prompts once; each step then feeds one token
 per sequence. The loop itself never reads device values on the host, except every
-``sync_every`` steps to stop once all sequences finished, and where the caller asks for it
-(stop strings, streaming to the host).
+``sync_every`` steps to stop once all sequences finished (only when some can: eos ids, stop
+strings), and where the caller asks for it (stop strings, streaming to the host).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def prefill(model, prompts: Prompts, cache) -> torch.Tensor:
     key_lens = prompts.lens if prompts.ragged else None
     if isinstance(model, Model):
         hidden = model(prompts.ids, cache=cache, key_lens=key_lens, return_hidden=True)
-        return model.lm_head(hidden[rows, prompts.lens - 1]).float()
+        return model.head(hidden[rows, prompts.lens - 1]).float()
     return model(prompts.ids, cache=cache, key_lens=key_lens)[rows, prompts.lens - 1].float()
 
 
@@ -76,6 +76,8 @@ def decode_steps(
     # Plain greedy steps pick their tokens inside the decode step (one graph when compiled)
     fused_greedy = step_fn is not None and temperature == 0.0 and present is None and stop_strings is None
     token = None  # the first step picks from the prefill's logits
+    # Without eos ids or stop strings no sequence finishes early: no host check at all.
+    can_finish = eos is not None or stop_strings is not None
     for step in range(max_new_tokens):
         if fused_greedy and step > 0:
             token, finished, bad_greedy = step_fn.greedy(token, finished, bad_greedy, eos, pad_id)
@@ -98,7 +100,7 @@ def decode_steps(
         if step + 1 == max_new_tokens:
             raise_if_bad()
             return
-        if stop_strings is not None or (step + 1) % sync_every == 0:
+        if stop_strings is not None or (can_finish and (step + 1) % sync_every == 0):
             done = finished.tolist()
             if all(done):
                 raise_if_bad()

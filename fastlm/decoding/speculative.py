@@ -7,6 +7,7 @@ p_1..p_γ+1. Greedy: accept while x_i = argmax p_i, then emit argmax p at the fi
 with probability min(1, p_i(x_i) / q_i(x_i)); at the first rejection emit a draw from
 norm(max(0, p_i − q_i)); if all are accepted, a draw from p_γ+1. The emitted tokens are then
 distributed exactly as the target's own samples. Rejected tokens are rolled back in both caches.
+Acceptance and the emitted token are computed on the device: one host read per round.
 """
 
 from __future__ import annotations
@@ -48,27 +49,27 @@ def _one(target, draft, ids, *, max_new_tokens, temperature, top_k, top_p, num_d
         proposed = torch.cat(proposals)  # (γ,)
         verify = target(proposed[None], cache=t_cache, validate=False)[0]  # (γ, V)
         target_logits = torch.cat((t_logits, verify))  # (γ + 1, V): row i scores proposal i
-        accepted = 0
+        # All on the device: accepted = length of the accepted prefix, then the emitted token.
         if greedy:
-            choice = target_logits.argmax(-1)
-            while accepted < gamma and choice[accepted] == proposed[accepted]:
-                accepted += 1
-            next_token = choice[accepted]
+            choice = target_logits.argmax(-1)  # (γ + 1,)
+            accept = choice[:gamma] == proposed
         else:
-            p = dist(target_logits)
+            p = dist(target_logits)  # (γ + 1, V)
+            qs = torch.stack(q)  # (γ, V)
             u = torch.rand(gamma, generator=generator, dtype=torch.float64, device=p.device)
-            next_token = None
-            for i in range(gamma):
-                x = proposed[i]
-                if u[i] * q[i][x] < p[i, x]:  # accept with probability min(1, p/q)
-                    accepted += 1
-                    continue
-                residual = (p[i] - q[i]).clamp(min=0)
-                next_token = _draw((residual / residual.sum())[None], generator)[0]
-                break
-            if next_token is None:
-                next_token = _draw(p[gamma][None], generator)[0]
-        new = proposed[:accepted].tolist() + [int(next_token)]
+            rows = torch.arange(gamma, device=p.device)
+            accept = u * qs[rows, proposed] < p[rows, proposed]  # accept with probability min(1, p/q)
+        accepted_t = accept.long().cumprod(0).sum()  # 0-d
+        if greedy:
+            next_token = choice.index_select(0, accepted_t[None])[0]  # (a 0-d index would be read back)
+        else:
+            # At the first rejection i: a draw from norm(max(0, p_i − q_i)); all accepted: from p_γ.
+            residual = (p[:gamma] - qs).clamp(min=0).index_select(0, accepted_t.clamp(max=gamma - 1)[None])[0]
+            row = torch.where(accepted_t < gamma, residual / residual.sum(), p[gamma])
+            next_token = _draw(row[None], generator)[0]
+        # The round's one device→host read: the proposals, how many were accepted, the new token.
+        *proposed_host, accepted, next_host = torch.cat((proposed, accepted_t[None], next_token[None])).tolist()
+        new = proposed_host[:accepted] + [next_host]
         stop = next((i for i, token in enumerate(new) if token in eos_ids), None)
         if stop is not None:
             out += new[: stop + 1]
@@ -95,7 +96,7 @@ def speculative_decode(target, draft, ids, *, max_new_tokens, temperature, top_k
             f"generate: the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
             f"({target.config.vocab_size}); they must share the tokenizer"
         )
-    if ids.shape[1] + max_new_tokens > draft.config.max_position_embeddings:
+    if ids.shape[1] + max_new_tokens > draft.config.context_length:
         raise ValueError("generate: prompt + max_new_tokens exceeds the draft model's context")
     rows = [_one(target, draft, row[None].to(draft.device), max_new_tokens=max_new_tokens, temperature=temperature,
                  top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, eos_ids=eos_ids, generator=generator)

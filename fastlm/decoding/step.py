@@ -12,7 +12,10 @@ for its capacity check. The compiled path keeps its caches on the model between 
 
 from __future__ import annotations
 
+import types
+import warnings
 import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -28,8 +31,8 @@ class _CachedOnly:
     def __init__(self, cache: KVCache, length: int | None) -> None:
         self.cache, self.length = cache, length
 
-    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None):
-        return self.cache.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.length)
+    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None, **options):
+        return self.cache.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.length, **options)
 
 
 def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -59,19 +62,39 @@ def decode_greedy(model: Model, cache: KVCache, tokens: torch.Tensor, finished: 
     return pick_greedy(decode_logits(model, cache, tokens, length), finished, bad, eos, pad_id)
 
 
-_COMPILED: dict[tuple[str, str], object] = {}
+MAX_COMPILED = 16  # compiled step variants kept per process; further shapes run eagerly
+_COMPILED: OrderedDict[tuple, object] = OrderedDict()
+_FULL_WARNED: list[bool] = [False]
 
 
-def _compiled(fn, device_type: str):
-    """``fn`` compiled for a device type: CUDA graphs on CUDA; on CPU a C++ wrapper calls the
-    generated kernels (no Python between them: the step is dominated by launch overhead)."""
-    key = (fn.__name__, device_type)
-    if key not in _COMPILED:
-        if device_type == "cuda":
-            _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False, mode="reduce-overhead")
-        else:
-            _COMPILED[key] = torch.compile(fn, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+def _compiled(fn, device_type: str, shape: tuple):
+    """``fn`` compiled for a device type and one shape bucket ``shape`` (model, batch size, cache
+    length): CUDA graphs on CUDA; on CPU a C++ wrapper calls the generated kernels (no Python
+    between them: the step is dominated by launch overhead). None once MAX_COMPILED variants exist.
+
+    Each bucket compiles its own copy of ``fn``'s code object: dynamo counts recompilations per
+    code object (8 by default, then FailOnRecompileLimitHit under fullgraph), so one shared code
+    object would fail at the 9th (batch, length) bucket of a process — a server or a sweep."""
+    key = (fn.__name__, device_type, shape)
+    if key in _COMPILED:
+        return _COMPILED[key]
+    if len(_COMPILED) >= MAX_COMPILED:
+        return None
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")  # a distinct code object
+    fresh = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    if device_type == "cuda":
+        _COMPILED[key] = torch.compile(fresh, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    else:
+        _COMPILED[key] = torch.compile(fresh, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     return _COMPILED[key]
+
+
+def _warn_eager(why: str) -> None:
+    if not _FULL_WARNED[0]:
+        _FULL_WARNED[0] = True
+        warnings.warn(f"generate(compile=True): {why}; further new shapes decode eagerly (same tokens, "
+                      "slower steps). Reuse batch sizes, or raise fastlm.decoding.step.MAX_COMPILED.",
+                      RuntimeWarning, stacklevel=4)
 
 
 class DecodeStep:
@@ -87,16 +110,32 @@ class DecodeStep:
         self.model, self.cache = model, cache
         self.device_type = cache.k.device.type
         self.compiled = compile
+        self.ran_compiled = False
 
     def _run(self, fn, *args):
         if self.cache.filled == 0:
             raise RuntimeError("DecodeStep: the cache is empty; run the prompt through the model (prefill) first")
         if self.cache.filled + 1 > self.cache.max_len:
             raise ValueError(f"DecodeStep: the cache is full ({self.cache.max_len} positions)")
-        if self.compiled:  # static shapes: one graph for every step
+        compiled = None
+        if self.compiled:  # static shapes: one graph for every step of this bucket
+            shape = (id(self.model), self.cache.batch_size, self.cache.max_len, str(self.cache.k.dtype))
+            compiled = _compiled(fn, self.device_type, shape)
+            if compiled is None:
+                _warn_eager(f"{MAX_COMPILED} compiled decode steps exist in this process")
+        self.ran_compiled = compiled is not None
+        if compiled is not None:
+            from torch._dynamo.exc import FailOnRecompileLimitHit  # (torch._dynamo is loaded by now)
+
             if self.device_type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-            out = _compiled(fn, self.device_type)(self.model, self.cache, *args)
+            try:
+                out = compiled(self.model, self.cache, *args)
+            except FailOnRecompileLimitHit as err:  # e.g. a model's attributes changed between calls
+                _warn_eager(f"torch.compile hit its recompile limit ({err})")
+                _COMPILED[next(k for k, v in _COMPILED.items() if v is compiled)] = None
+                self.ran_compiled = False
+                out = fn(self.model, self.cache, *args, self.cache.filled + 1)
         else:
             out = fn(self.model, self.cache, *args, self.cache.filled + 1)
         self.cache.filled += 1
@@ -109,7 +148,7 @@ class DecodeStep:
                pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Feed ``tokens`` and pick the next ones greedily: see :func:`pick_greedy`."""
         out = self._run(decode_greedy, tokens, finished, bad, eos, pad_id)
-        if self.compiled and self.device_type == "cuda":  # the graph's outputs are overwritten by its next replay
+        if self.ran_compiled and self.device_type == "cuda":  # the graph's outputs are overwritten by its next replay
             out = tuple(t.clone() for t in out)
         return out
 
@@ -122,7 +161,7 @@ def reusable_cache(model: Model, batch_size: int, max_len: int, min_len: int = 6
     bucket): a compiled/graph-captured step stays valid only over the same cache buffers.
     max_len is rounded up to a power of two (at least ``min_len``, capped by the model's
     context): a few graphs cover every length, and attention reads at most twice the need."""
-    max_len = min(max(1 << (max_len - 1).bit_length(), min_len), model.config.max_position_embeddings)
+    max_len = min(max(1 << (max_len - 1).bit_length(), min_len), model.config.context_length)
     caches = _STATIC_CACHES.setdefault(model, {})
     key = (batch_size, max_len, model.dtype, model.device)
     cache = caches.get(key)

@@ -16,8 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastlm._files import atomic_write, atomic_write_text
+from fastlm.io.generation_config import read_generation_config, write_generation_config
 from fastlm.config import ModelConfig
-from fastlm.io.hf_format import CheckpointError, config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
+from fastlm.io import validate
+from fastlm.io.hf_format import (
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+    resolve_tied_head,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
 from fastlm.model import Model
 
 logger = logging.getLogger(__name__)
@@ -30,9 +39,12 @@ _UNSAFE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.b
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}; expected a Hugging Face checkpoint directory")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        reason = validate.not_a_model_reason(directory)
+        raise (FileNotFoundError if not Path(directory).exists() else CheckpointError)(reason)
+    config = validate.read_json_file(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return config
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -40,8 +52,8 @@ def _weight_files(directory: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        content = validate.read_json_file(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no 'weight_map'")
         files = [directory / name for name in sorted(set(weight_map.values()))]
@@ -62,6 +74,7 @@ def read_safetensors(directory: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (single file or shards), on CPU."""
     tensors: dict[str, torch.Tensor] = {}
     for path in _weight_files(Path(directory)):
+        validate.verify_safetensors(path)  # a damaged file: one error naming it, not a SafetensorError
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name in tensors:
@@ -75,11 +88,13 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Model:
-    """Load a LlamaForCausalLM or GPT2LMHeadModel checkpoint directory.
+    """Load a Hugging Face checkpoint directory of a supported family (see
+    :data:`fastlm.io.families.ARCH_BY_HF_NAME`).
 
-    dtype None keeps the dtype stored in the checkpoint; device None means CPU. Raises
-    ValueError for an unknown architecture and CheckpointError naming any missing, extra or
-    mis-shaped tensor.
+    dtype None: the config's ``torch_dtype`` (``dtype`` in transformers 5), else the dtype the
+    tensors are stored in (the most common one if they differ); device None means CPU. Raises
+    ValueError for an unknown architecture (listing the supported ones) or a GPTQ/AWQ-quantized
+    checkpoint, and CheckpointError naming any missing, extra or mis-shaped tensor.
     """
     directory = Path(directory)
     hf_config = read_hf_config(directory)
@@ -87,11 +102,16 @@ def from_pretrained(
         from fastlm.quant.checkpoint import load_quantized
 
         return load_quantized(directory, dtype=dtype, device=device)
+    if hf_config.get("quantization_config"):
+        method = (hf_config["quantization_config"] or {}).get("quant_method", "unknown")
+        raise CheckpointError(f"{directory} is a {method}-quantized checkpoint (quantization_config in config.json, "
+                              "e.g. GPTQ/AWQ); fastlm loads only unquantized float checkpoints (and its own int8 "
+                              "format): load the original float weights")
     config = config_from_hf(hf_config)
     hf_tensors = read_safetensors(directory)
+    config = resolve_tied_head(config, hf_tensors)
     if dtype is None:
-        floating = [t.dtype for t in hf_tensors.values() if t.dtype.is_floating_point]
-        dtype = floating[0] if floating else torch.float32
+        dtype = _checkpoint_dtype(hf_config, hf_tensors)
     state = state_dict_from_hf(config, hf_tensors)
     with torch.device("meta"):
         model = Model(config)
@@ -108,7 +128,27 @@ def from_pretrained(
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
+    model.generation_config = read_generation_config(directory)  # generate()'s defaults; None without the file
     return model.eval()
+
+
+def _checkpoint_dtype(hf_config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a checkpoint loads in by default: config.json's torch_dtype / dtype, else the
+    stored floating dtype (the one holding most elements when they differ)."""
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    if isinstance(name, str) and name not in ("auto", "float8_e4m3fn"):
+        dtype = getattr(torch, name.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CheckpointError(f"config.json torch_dtype {name!r} is not a floating-point torch dtype")
+        return dtype
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors.values():
+        if t.dtype.is_floating_point:
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    if len(counts) > 1:
+        logger.warning("checkpoint mixes dtypes %s and its config.json names none; loading in %s",
+                       sorted(map(str, counts)), max(counts, key=counts.get))
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def save_pretrained(
@@ -155,6 +195,7 @@ def save_pretrained(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
         (directory / WEIGHTS_NAME).unlink(missing_ok=True)  # a stale single file would shadow the shards
+    write_generation_config(getattr(model, "generation_config", None), directory)
     # The config goes last: a directory with a config.json always has its weights complete.
     hf_config = config_to_hf(model.config, next(iter(tensors.values())).dtype)
     atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2))

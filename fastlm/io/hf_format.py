@@ -1,178 +1,70 @@
 """Translation between fastlm's and Hugging Face's configs and tensor names.
 
-Supported: LlamaForCausalLM (model_type "llama") and GPT2LMHeadModel (model_type "gpt2").
-GPT-2 stores its projections as Conv1D weights (in, out) and a fused c_attn; they are
-transposed and split into fastlm's q/k/v Linear weights (out, in), and back on save.
+Supported families: see :data:`fastlm.io.families.ARCH_BY_HF_NAME`. The Llama-like families
+(Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2) store ``model.layers.{i}.self_attn.*`` and
+``model.layers.{i}.mlp.*``; their norms are named by where they sit (input_layernorm,
+post_attention_layernorm, pre_/post_feedforward_layernorm). Phi-3 stores q/k/v as one fused
+``qkv_proj`` (rows q, k, v) and gate/up as one ``gate_up_proj`` (rows gate, up); they are split
+on load and fused on save. GPT-2 stores its projections as Conv1D weights (in, out) and a fused
+c_attn; they are transposed and split into fastlm's q/k/v Linear weights (out, in), and back.
+Legacy buffers (``rotary_emb.inv_freq``, GPT-2's ``attn.bias``/``attn.masked_bias`` masks) are
+not weights and are ignored on load.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
 from fastlm.config import ModelConfig
+from fastlm.io.families import (  # noqa: F401  (re-exported: the public names of this module)
+    ARCH_BY_HF_NAME,
+    HF_NAME_BY_ARCH,
+    arch_of,
+    config_from_hf,
+    config_to_hf,
+)
 
 logger = logging.getLogger(__name__)
 
-ARCH_BY_HF_NAME = {"LlamaForCausalLM": "llama", "GPT2LMHeadModel": "gpt2"}
-HF_NAME_BY_ARCH = {arch: name for name, arch in ARCH_BY_HF_NAME.items()}
-_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
-# Buffers old GPT-2 checkpoints carry (causal masks): not weights, ignored on load.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _GPT2_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_NORM_NAMES = {  # fastlm block norm -> HF name, by ModelConfig.norm_placement
+    "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "sandwich": {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
+    "post": {"post_attn_norm": "post_attention_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
+}
+_FUSED = {"attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match the architecture: missing, extra or mis-shaped tensors."""
 
 
-def arch_of(hf_config: dict[str, Any]) -> str:
-    """fastlm arch of a config.json, from ``architectures`` (or ``model_type``)."""
-    names = hf_config.get("architectures") or []
-    for name in names:
-        if name in ARCH_BY_HF_NAME:
-            return ARCH_BY_HF_NAME[name]
-    if not names and hf_config.get("model_type") in HF_NAME_BY_ARCH:
-        return hf_config["model_type"]
-    found = names or hf_config.get("model_type")
-    raise ValueError(
-        f"unsupported architecture {found!r}; fastlm loads {', '.join(sorted(ARCH_BY_HF_NAME))}"
-    )
+def _fastlm_names(config: ModelConfig) -> list[str]:
+    """The tensor names of a fastlm model with this config (the tied head left out)."""
+    from fastlm.model import Model  # the model sits below io; imported here to keep this module light
+
+    with torch.device("meta"):
+        names = list(Model(config).state_dict())
+    return [n for n in names if not (config.tie_word_embeddings and n == "lm_head.weight")]
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """rope_theta from either transformers 4's top-level keys or 5's ``rope_parameters``."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for spec in (params, scaling):
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":
-            raise NotImplementedError(f"rope scaling of type {kind!r} is not supported yet (only the default RoPE)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict."""
-    try:
-        return _config_from_hf(hf)
-    except KeyError as err:
-        raise ValueError(f"config.json lacks the required field {err.args[0]!r}") from None
-
-
-def _config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    arch = arch_of(hf)
-    ids = {key: hf.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    ids = {key: (value[0] if isinstance(value, list) and value else value) for key, value in ids.items()}
-    for key, value in ids.items():
-        if value is not None and not 0 <= value < hf["vocab_size"]:
-            logger.warning("config.json %s=%s is outside the vocabulary of %d; ignored", key, value, hf["vocab_size"])
-            ids[key] = None
-    if arch == "llama":
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise NotImplementedError(f"Llama hidden_act {act!r} is not supported (expected 'silu')")
-        return ModelConfig(
-            arch="llama",
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim"),
-            intermediate_size=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rope_theta=_rope_theta(hf),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            initializer_range=hf.get("initializer_range", 0.02),
-            **ids,
-        )
-    act = hf.get("activation_function", "gelu_new")
-    if act not in _GPT2_ACTIVATIONS:
-        raise NotImplementedError(f"GPT-2 activation_function {act!r} is not supported (expected 'gelu_new')")
-    if hf.get("scale_attn_by_inverse_layer_idx"):
-        raise NotImplementedError("GPT-2 option scale_attn_by_inverse_layer_idx=True is not supported")
-    if hf.get("scale_attn_weights", True) is False:
-        raise NotImplementedError("GPT-2 option scale_attn_weights=False is not supported")
-    return ModelConfig(
-        arch="gpt2",
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["n_embd"],
-        num_layers=hf["n_layer"],
-        num_heads=hf["n_head"],
-        intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
-        max_position_embeddings=hf.get("n_positions", 1024),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        initializer_range=hf.get("initializer_range", 0.02),
-        **ids,
-    )
-
-
-def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """A config.json dict that transformers loads as the same model."""
-    common = {
-        "architectures": [HF_NAME_BY_ARCH[config.arch]],
-        "model_type": config.arch,
-        "vocab_size": config.vocab_size,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id,
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "initializer_range": config.initializer_range,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if config.arch == "llama":
-        return {
-            **common,
-            "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": config.num_layers,
-            "num_attention_heads": config.num_heads,
-            "num_key_value_heads": config.num_kv_heads,
-            "head_dim": config.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": config.max_position_embeddings,
-            "rms_norm_eps": config.norm_eps,
-            "rope_theta": config.rope_theta,
-            "rope_scaling": None,
-            "attention_bias": config.attention_bias,
-            "mlp_bias": config.mlp_bias,
-        }
-    return {
-        **common,
-        "n_embd": config.hidden_size,
-        "n_layer": config.num_layers,
-        "n_head": config.num_heads,
-        "n_inner": config.intermediate_size,
-        "n_positions": config.max_position_embeddings,
-        "n_ctx": config.max_position_embeddings,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": config.norm_eps,
-    }
-
-
-def _llama_names(config: ModelConfig) -> dict[str, str]:
-    """fastlm name -> Hugging Face name, for every Llama tensor."""
-    names = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight"}
-    if not config.tie_word_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    for i in range(config.num_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        names[ours + "attn_norm.weight"] = theirs + "input_layernorm.weight"
-        names[ours + "mlp_norm.weight"] = theirs + "post_attention_layernorm.weight"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names[f"{ours}attn.{proj}.weight"] = f"{theirs}self_attn.{proj}.weight"
-            if config.attention_bias:
-                names[f"{ours}attn.{proj}.bias"] = f"{theirs}self_attn.{proj}.bias"
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names[f"{ours}mlp.{proj}.weight"] = f"{theirs}mlp.{proj}.weight"
-            if config.mlp_bias:
-                names[f"{ours}mlp.{proj}.bias"] = f"{theirs}mlp.{proj}.bias"
-    return names
+def _llama_like_name(config: ModelConfig, name: str) -> str:
+    """fastlm name -> Hugging Face name for the Llama-like families."""
+    top = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
+           "lm_head.weight": "lm_head.weight"}
+    if name in top:
+        return top[name]
+    _, i, rest = name.split(".", 2)  # layers.{i}.{rest}
+    module, _, tail = rest.partition(".")
+    if module == "attn":
+        return f"model.layers.{i}.self_attn.{tail}"
+    if module == "mlp":
+        return f"model.layers.{i}.mlp.{tail}"
+    return f"model.layers.{i}.{_NORM_NAMES[config.norm_placement][module]}.{tail}"
 
 
 def _gpt2_plain_names(config: ModelConfig) -> dict[str, str]:
@@ -203,25 +95,58 @@ def _gpt2_conv_names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
+def _fused_parts(config: ModelConfig, name: str) -> tuple[str, list[str]] | None:
+    """Phi-3: (fused HF name, fastlm names of its row blocks in order) when ``name`` is part
+    of a fused tensor, else None."""
+    if config.arch != "phi3" or not name.startswith("layers."):
+        return None
+    parts = name.split(".")
+    if len(parts) != 5 or parts[2] not in _FUSED or parts[3] not in _FUSED[parts[2]][1] or parts[4] != "weight":
+        return None
+    i, module = parts[1], parts[2]
+    fused, parts = _FUSED[module]
+    hf_module = "self_attn" if module == "attn" else "mlp"
+    return f"model.layers.{i}.{hf_module}.{fused}.weight", [f"layers.{i}.{module}.{p}.weight" for p in parts]
+
+
 def _canonical_hf_names(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add the base-model prefix where a checkpoint omits it (e.g. GPT-2's GPT2Model files)."""
-    prefix = "model." if config.arch == "llama" else "transformer."
+    """Add the base-model prefix where a checkpoint omits it (e.g. GPT-2's GPT2Model files) and
+    drop buffers that are not weights."""
+    prefix = "transformer." if config.arch == "gpt2" else "model."
+    ignored = _IGNORED_SUFFIXES + (_GPT2_IGNORED_SUFFIXES if config.arch == "gpt2" else ())
     out = {}
     for name, tensor in tensors.items():
         if name != "lm_head.weight" and not name.startswith(prefix):
             name = prefix + name
-        out[name] = tensor
+        if not name.endswith(ignored):
+            out[name] = tensor
     return out
+
+
+def resolve_tied_head(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> ModelConfig:
+    """transformers' rule for a config with tie_word_embeddings whose file also stores an
+    lm_head: the same values -> tied; different values -> not tied, the file's head is used
+    (with a warning). Returns the config to build (tie_word_embeddings possibly turned off)."""
+    if not config.tie_word_embeddings:
+        return config
+    tensors = _canonical_hf_names(config, tensors)
+    head = tensors.get("lm_head.weight")
+    embed = tensors.get("transformer.wte.weight" if config.arch == "gpt2" else "model.embed_tokens.weight")
+    if head is None or embed is None or (head.shape == embed.shape and torch.equal(head, embed.to(head.dtype))):
+        return config
+    logger.warning("config.json sets tie_word_embeddings=true but the checkpoint stores an lm_head.weight that "
+                   "differs from the embeddings: the head is NOT tied and the stored lm_head is used (as "
+                   "transformers does); set tie_word_embeddings=false in config.json to silence this warning")
+    return config.replace(tie_word_embeddings=False)
 
 
 def state_dict_from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face tensors -> fastlm state dict. Raises CheckpointError naming any missing or
-    unexpected tensor. Shapes are checked by the caller against the model."""
+    unexpected tensor. Shapes are checked by the caller against the model (fused Phi-3 and
+    GPT-2 tensors here, where they are split)."""
     tensors = _canonical_hf_names(config, tensors)
-    if config.arch == "gpt2":
-        tensors = {n: t for n, t in tensors.items() if not n.endswith(_GPT2_IGNORED_SUFFIXES)}
-    if config.tie_word_embeddings and "lm_head.weight" in tensors:
-        tensors.pop("lm_head.weight")  # tied: the head is the embedding (transformers may save both)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied (resolve_tied_head checked it equals the embedding)
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
 
@@ -231,26 +156,24 @@ def state_dict_from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
         used.add(name)
         return tensors[name]
 
-    if config.arch == "llama":
-        for ours, theirs in _llama_names(config).items():
-            out[ours] = take(theirs)
+    if config.arch == "gpt2":
+        _gpt2_from_hf(config, take, out)
     else:
-        for ours, theirs in _gpt2_plain_names(config).items():
-            out[ours] = take(theirs)
-        for ours, theirs in _gpt2_conv_names(config).items():
-            out[ours] = take(theirs).t()
-        h = config.hidden_size
-        for i in range(config.num_layers):
-            weight = take(f"transformer.h.{i}.attn.c_attn.weight")
-            bias = take(f"transformer.h.{i}.attn.c_attn.bias")
-            if weight.shape != (h, 3 * h) or bias.shape != (3 * h,):
-                raise CheckpointError(
-                    f"tensor 'transformer.h.{i}.attn.c_attn.weight/bias' has shape {tuple(weight.shape)}/"
-                    f"{tuple(bias.shape)}, expected ({h}, {3 * h})/({3 * h},)"
-                )
-            for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[f"layers.{i}.attn.{proj}.weight"] = weight[:, j * h : (j + 1) * h].t()
-                out[f"layers.{i}.attn.{proj}.bias"] = bias[j * h : (j + 1) * h]
+        for ours in _fastlm_names(config):
+            if ours in out:
+                continue
+            fused = _fused_parts(config, ours)
+            if fused is None:
+                out[ours] = take(_llama_like_name(config, ours))
+                continue
+            hf_name, parts = fused
+            weight = take(hf_name)
+            sizes = _part_rows(config, parts)
+            if weight.dim() != 2 or weight.shape[0] != sum(sizes):
+                raise CheckpointError(f"tensor {hf_name!r} has shape {tuple(weight.shape)}, expected "
+                                      f"({sum(sizes)}, {config.hidden_size if 'qkv' in hf_name else '...'}) "
+                                      "from config.json")
+            out.update(zip(parts, weight.split(sizes, dim=0)))
     extra = sorted(set(tensors) - used)
     if extra:
         shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
@@ -260,13 +183,36 @@ def state_dict_from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
     return out
 
 
+def _part_rows(config: ModelConfig, parts: list[str]) -> list[int]:
+    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    if len(parts) == 3:
+        return [q_out, kv_out, kv_out]
+    return [config.intermediate_size] * 2
+
+
+def _gpt2_from_hf(config: ModelConfig, take, out: dict[str, torch.Tensor]) -> None:
+    for ours, theirs in _gpt2_plain_names(config).items():
+        out[ours] = take(theirs)
+    for ours, theirs in _gpt2_conv_names(config).items():
+        out[ours] = take(theirs).t()
+    h = config.hidden_size
+    for i in range(config.num_layers):
+        weight = take(f"transformer.h.{i}.attn.c_attn.weight")
+        bias = take(f"transformer.h.{i}.attn.c_attn.bias")
+        if weight.shape != (h, 3 * h) or bias.shape != (3 * h,):
+            raise CheckpointError(
+                f"tensor 'transformer.h.{i}.attn.c_attn.weight/bias' has shape {tuple(weight.shape)}/"
+                f"{tuple(bias.shape)}, expected ({h}, {3 * h})/({3 * h},)"
+            )
+        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"layers.{i}.attn.{proj}.weight"] = weight[:, j * h : (j + 1) * h].t()
+            out[f"layers.{i}.attn.{proj}.bias"] = bias[j * h : (j + 1) * h]
+
+
 def state_dict_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """fastlm state dict -> Hugging Face tensors (contiguous, tied head omitted)."""
     out: dict[str, torch.Tensor] = {}
-    if config.arch == "llama":
-        for ours, theirs in _llama_names(config).items():
-            out[theirs] = state[ours]
-    else:
+    if config.arch == "gpt2":
         for ours, theirs in _gpt2_plain_names(config).items():
             out[theirs] = state[ours]
         for ours, theirs in _gpt2_conv_names(config).items():
@@ -278,4 +224,11 @@ def state_dict_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dic
             out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
                 [state[f"{prefix}{p}.bias"] for p in ("q_proj", "k_proj", "v_proj")]
             )
+    else:
+        for ours in _fastlm_names(config):
+            fused = _fused_parts(config, ours)
+            if fused is None:
+                out[_llama_like_name(config, ours)] = state[ours]
+            elif fused[0] not in out:
+                out[fused[0]] = torch.cat([state[p] for p in fused[1]], dim=0)
     return {name: t.detach().contiguous() for name, t in out.items()}

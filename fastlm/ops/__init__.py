@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastlm.ops import reference  # noqa: F401  (public: fastlm.ops.reference, the oracle)
-from fastlm.ops import decode_triton, int8_triton, lora_triton, triton_fused  # noqa: F401  (register triton kernels)
+from fastlm.ops import cross_entropy_triton, decode_triton, int8_triton, lora_triton, triton_fused  # noqa: F401  (register triton kernels)
 from fastlm.ops.attention_triton import attention_varlen
 from fastlm.ops.fused_loss import fused_linear_cross_entropy
 from fastlm.ops.kv_append import rope_append_kv
@@ -291,10 +291,13 @@ def int8_linear(
     return run("int8_linear", x.device, x, qweight, scales, bias)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *, validate: bool = True
+) -> torch.Tensor:
     """Mean negative log-likelihood, -mean_i log softmax(logits_i)[targets_i], over targets != ignore_index.
 
-    logits (N, V) float, targets (N,) int64 -> scalar float32.
+    logits (N, V) float, targets (N,) int64 -> scalar float32. ``validate=False`` skips the
+    target-range check (a device→host read) for callers that checked their data already.
     """
     check_ndim("cross_entropy", logits=(logits, 2), targets=(targets, 1))
     check_floating("cross_entropy", logits=logits)
@@ -303,7 +306,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     if targets.shape[0] != logits.shape[0]:
         raise ValueError(f"cross_entropy: {logits.shape[0]} rows of logits but {targets.shape[0]} targets")
     vocab = logits.shape[1]
-    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if not torch.compiler.is_compiling() and out_of_range.any():
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab)) if validate else None
+    if validate and not torch.compiler.is_compiling() and out_of_range.any():
         raise ValueError(f"cross_entropy: targets must be in [0, {vocab}) or equal ignore_index={ignore_index}")
     return run("cross_entropy", logits.device, logits, targets, int(ignore_index))

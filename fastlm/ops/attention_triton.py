@@ -4,7 +4,8 @@ Importing this module registers, for the ``triton`` backend:
 
 - ``attention`` / ``attention_backward``: FlashAttention-2-style kernels of
   ``fastlm.kernels.attention`` behind the ``fastlm::attention`` custom op (dense batches,
-  causal bottom-right, GQA/MQA, ``key_lens`` padding, D <= 256, fp16/bf16/fp32);
+  causal bottom-right, GQA/MQA, ``key_lens`` padding, sliding window, logit soft-cap, D <= 256,
+  fp16/bf16/fp32);
 - ``attention_varlen`` / ``attention_varlen_backward``: the same kernels over packed sequences.
 
 It also declares the ``fastlm::attention_varlen`` custom op (with a plain-PyTorch reference

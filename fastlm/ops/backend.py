@@ -2,8 +2,14 @@
 
 Three backends exist: ``reference`` (plain PyTorch, every device), ``triton`` (Triton kernels:
 CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` for tests) and ``cuda`` (the C++/CUDA
-extension built from csrc/). By default a call goes to the fastest backend that is available
-for its tensors' device *and* has a kernel for the op (``cuda`` > ``triton`` > ``reference``).
+extension built from csrc/). By default a call on CUDA tensors goes to a backend that is
+available for the device *and* has a kernel for the op: the fastest one measured for that op in
+the speed table (:func:`load_speed_table`, ``$FASTLM_SPEED_TABLE``, written from a benchmark run
+by ``python -m bench.speed_table``), else the first of ``cuda`` > ``triton`` > ``reference``.
+Automatic selection takes ``cuda`` only when the extension is already built (the prebuilt
+``fastlm._C`` imports, or a build was loaded in this process): it never starts an nvcc JIT build
+in the middle of a call. A JIT build happens only when the cuda backend is forced, or on
+``fastlm build-ext`` / ``fastlm._extension.load_extension()``.
 ``use_backend(name)`` (also a context manager) or the ``FASTLM_BACKEND`` environment variable
 forces one: a forced backend that cannot run raises :class:`BackendUnavailableError` saying why,
 and one with no kernel for the op raises ``NotImplementedError`` — never a silent fallback.
@@ -107,6 +113,61 @@ def backend_status(name: str, device: torch.device | str) -> tuple[bool, str]:
     return _extension.extension_status()
 
 
+def _auto_status(name: str, device: torch.device) -> bool:
+    """Whether automatic selection may use ``name`` on ``device``: as backend_status, except
+    that cuda needs the extension already built (no JIT build is started for it)."""
+    if name == "cuda":
+        from fastlm import _extension
+
+        return device.type == "cuda" and _extension.extension_ready()[0]
+    return backend_status(name, device)[0]
+
+
+# ---- measured speed ---------------------------------------------------------------------------
+
+SPEED_TABLE_ENV = "FASTLM_SPEED_TABLE"
+_speed: dict[str, dict[str, float]] | None = None  # op -> backend -> seconds per call
+_speed_loaded = False
+
+
+def set_speed_table(table: dict[str, dict[str, float]] | None) -> None:
+    """Use ``table`` (op -> backend -> measured seconds or ms, any one unit) for automatic
+    selection; None: no measurements (the fixed order)."""
+    global _speed, _speed_loaded
+    if table is not None:
+        for op, times in table.items():
+            for name, value in times.items():
+                _check_name(name)
+                if not (isinstance(value, (int, float)) and value > 0):
+                    raise ValueError(f"speed table: {op}/{name} must be a time > 0, got {value!r}")
+    _speed, _speed_loaded = table, True
+
+
+def load_speed_table(path: str | os.PathLike | None = None) -> dict[str, dict[str, float]] | None:
+    """Read the speed table JSON (``{"ops": {op: {backend: median_ms}}, ...}``) from ``path`` or
+    ``$FASTLM_SPEED_TABLE`` and use it; None (and the fixed order) when neither is given."""
+    import json
+
+    path = path if path is not None else os.environ.get(SPEED_TABLE_ENV) or None
+    if path is None:
+        set_speed_table(None)
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"speed table {path} (from {SPEED_TABLE_ENV} or the path given) cannot be read: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("ops"), dict):
+        raise ValueError(f"speed table {path}: expected a JSON object with an 'ops' mapping op -> backend -> ms")
+    set_speed_table(data["ops"])
+    return data["ops"]
+
+
+def _measured(op: str) -> dict[str, float] | None:
+    if not _speed_loaded:
+        load_speed_table()
+    return None if _speed is None else _speed.get(op)
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device``, fastest first."""
     return [name for name in _AUTO_ORDER if backend_status(name, device)[0]]
@@ -148,10 +209,13 @@ def select(op: str, device: torch.device) -> str:
             raise BackendUnavailableError(f"fastlm backend '{name}' is forced but unavailable: {why}")
         kernel_for(op, name)  # raises NotImplementedError if the op has no kernel there
         return name
-    for candidate in _AUTO_ORDER:
-        if has_kernel(op, candidate) and backend_status(candidate, device)[0]:
-            return candidate
-    return "reference"
+    candidates = [c for c in _AUTO_ORDER if has_kernel(op, c) and _auto_status(c, device)]
+    measured = _measured(op)
+    if measured:
+        timed = [c for c in candidates if c in measured]
+        if timed:
+            return min(timed, key=measured.__getitem__)
+    return candidates[0] if candidates else "reference"
 
 
 

@@ -306,6 +306,7 @@ def fused_linear_cross_entropy(
     *,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """cross_entropy(hidden · weightᵀ, targets) without materializing the logits.
 
@@ -318,7 +319,8 @@ def fused_linear_cross_entropy(
     Tokens are processed ``chunk_size`` rows at a time (default: C·V ≈ 2^28 logits); the loss and
     the gradients of hidden and weight are computed in the same pass and only for inputs that
     require grad under grad mode. Under autocast, hidden and weight are cast to the autocast dtype
-    (as F.linear would). All targets ignored gives NaN, with zero gradients.
+    (as F.linear would). All targets ignored gives NaN, with zero gradients. ``validate=False``
+    skips the target-range check (a device→host read) for callers that checked their data.
 
     Every backend runs through the ``fastlm::fused_linear_cross_entropy`` custom op, the
     reference included: differentiating the plain-PyTorch reference with autograd would save
@@ -331,7 +333,7 @@ def fused_linear_cross_entropy(
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     check_same_dtype(NAME, hidden=hidden, weight=weight)
     vocab, size = weight.shape
-    if not torch.compiler.is_compiling():  # a data-dependent check: eager only
+    if validate and not torch.compiler.is_compiling():  # a data-dependent check (a host read): eager only
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bad.any():
             raise ValueError(f"{NAME}: targets must be in [0, {vocab}) or equal ignore_index={ignore_index}")

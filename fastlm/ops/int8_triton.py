@@ -205,7 +205,8 @@ def cuda_w8a8_linear(x, qweight, w_scales, bias, smooth):
 # ---- public functions ---------------------------------------------------------------------------
 
 
-def _check_smooth(op: str, smooth: torch.Tensor | None, k: int, device: torch.device) -> None:
+def _check_smooth(op: str, smooth: torch.Tensor | None, k: int, device: torch.device,
+                  check_values: bool = True) -> None:
     if smooth is None:
         return
     check_floating(op, smooth=smooth)
@@ -214,7 +215,7 @@ def _check_smooth(op: str, smooth: torch.Tensor | None, k: int, device: torch.de
                          f"got {tuple(smooth.shape)}")
     if smooth.device != device:
         raise ValueError(f"{op}: smooth on {smooth.device} but x on {device}")
-    if not torch.compiler.is_compiling() and not (torch.isfinite(smooth).all() and (smooth > 0).all()):
+    if check_values and not torch.compiler.is_compiling() and not (torch.isfinite(smooth).all() and (smooth > 0).all()):
         raise ValueError(f"{op}: smoothing factors must be finite and > 0")
 
 
@@ -238,13 +239,17 @@ def w8a8_linear(
     w_scales: torch.Tensor,
     bias: torch.Tensor | None = None,
     smooth: torch.Tensor | None = None,
+    *,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """W8A8 linear: per-token int8 activations (quantized on the fly) × per-channel int8 weights.
 
     x (..., in) float, qweight int8 (out, in), w_scales (out,) (from ``quantize_int8``; a weight
     smoothed as W·diag(smooth)), bias (out,) or None, smooth (in,) or None -> (..., out) in x's
     dtype: y = sx·w_scales·(xq·qweightᵀ) + bias with (xq, sx) = quantize_per_token(x, smooth).
-    Not differentiable (the activation is rounded).
+    Not differentiable (the activation is rounded). ``check_values=False`` skips the check that
+    the smoothing factors are finite and > 0 (two device→host reads) for callers that checked them
+    once (fastlm.quant.W8A8Linear, at construction and load).
     """
     check_floating("w8a8_linear", x=x)
     check_ndim("w8a8_linear", qweight=(qweight, 2))
@@ -263,5 +268,5 @@ def w8a8_linear(
         check_floating("w8a8_linear", bias=bias)
         if bias.shape != (out_f,):
             raise ValueError(f"w8a8_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
-    _check_smooth("w8a8_linear", smooth, in_f, x.device)
+    _check_smooth("w8a8_linear", smooth, in_f, x.device, check_values)
     return run("w8a8_linear", x.device, x, qweight, w_scales, bias, smooth)

@@ -276,10 +276,16 @@ def cross_entropy(
     """Mean over non-ignored rows of logsumexp(logits_i) - logits_i[target_i], in float32.
 
     logits (N, V), targets (N,) int64 -> scalar. All rows ignored gives NaN (as PyTorch).
+    The float32 logsumexp runs over row chunks of at most 2^24 logits (64 MiB), so a bf16/fp16
+    input is never copied whole to float32 (2048 × 32000 bf16: 4 GiB otherwise).
     """
-    lf = wide(logits)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    nll = torch.logsumexp(lf, dim=-1) - lf.gather(-1, safe_targets[:, None]).squeeze(-1)
+    rows = max(1, CROSS_ENTROPY_CHUNK // max(1, logits.shape[-1]))
+    lse = torch.cat([torch.logsumexp(wide(chunk), dim=-1) for chunk in logits.split(rows)])
+    nll = lse - wide(logits.gather(-1, safe_targets[:, None]).squeeze(-1))
     nll = torch.where(valid, nll, torch.zeros_like(nll))
     return nll.sum() / valid.sum()
+
+
+CROSS_ENTROPY_CHUNK = 1 << 24  # logits per float32 chunk in cross_entropy

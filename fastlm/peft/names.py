@@ -39,9 +39,12 @@ class Candidate:
 
 def candidates(config: ModelConfig) -> list[Candidate]:
     """Every LoRA-able linear layer of a model with this config, in module order."""
+    if config.arch == "phi3":
+        raise NotImplementedError("LoRA on Phi-3 is not supported yet: its checkpoints fuse q/k/v (qkv_proj) and "
+                                  "gate/up (gate_up_proj), which PEFT adapters target as one module")
     out = []
     for i in range(config.num_layers):
-        if config.arch == "llama":
+        if config.arch != "gpt2":  # the Llama-like families share transformers' module names
             for ours, theirs, projs in _LLAMA:
                 out += [Candidate(f"layers.{i}.{ours}.{p}", f"model.layers.{i}.{theirs}.{p}", i) for p in projs]
         else:

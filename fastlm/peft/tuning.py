@@ -14,21 +14,19 @@ same global batch (without LoRA dropout, whose masks depend on the split). FSDP 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-from fastlm.data import load_tokenizer
 from fastlm.io import from_pretrained
 from fastlm.peft.config import LoraConfig, PromptTuningConfig
 from fastlm.peft.layers import LoraLinear
 from fastlm.peft.lora import LoraModel
 from fastlm.peft.prompt import PromptTuningModel
-from fastlm.train import distributed
-from fastlm.train.data import SFTSource, encode_example, read_prompt_completions
-from fastlm.train.recipes import RecipeOutput
+from fastlm.train.recipes import RecipeOutput, prepare_finetune
 from fastlm.train.trainer import Trainer, TrainerConfig, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -91,45 +89,39 @@ def finetune_adapter(
     lora: LoraConfig | None = None,
     prompt: PromptTuningConfig | None = None,
     adapter_name: str = "default",
-    template: str = "plain",
+    template: str | None = None,
     seq_len: int = 512,
     val_data: str | None = None,
     val_fraction: float = 0.05,
     resume: bool = False,
+    overwrite: bool = False,
+    truncation: str = "right",
 ) -> RecipeOutput:
     """LoRA (``method="lora"``) or soft-prompt (``"prompt"``) tuning of the checkpoint in
     ``model_dir`` on a prompt/completion jsonl file, loss on the completion tokens only.
-    Checkpoints (``<out>/checkpoints/step-*``) are PEFT adapter directories with the tokenizer."""
+    Checkpoints (``<out>/checkpoints/step-*``) are PEFT adapter directories with the tokenizer,
+    recording the base model's path (``base_model_name_or_path``). ``resume``, ``overwrite`` and
+    ``truncation`` as in :func:`fastlm.train.recipes.finetune`."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    distributed.setup(config.device)
+    lora = dataclasses.replace(lora or LoraConfig(), base_model_name_or_path=str(Path(model_dir).resolve()))
+    prompt = dataclasses.replace(prompt or PromptTuningConfig(), base_model_name_or_path=str(Path(model_dir).resolve()))
+    adapter_settings = (dict(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                             lora_targets=lora.target_modules) if method == "lora"
+                        else dict(num_virtual_tokens=prompt.num_virtual_tokens))
+    prepared = prepare_finetune(config, data=data, model_dir=model_dir, template=template, seq_len=seq_len,
+                                val_data=val_data, val_fraction=val_fraction, resume=resume, overwrite=overwrite,
+                                truncation=truncation, settings=dict(command="finetune", method=method,
+                                                                     **adapter_settings),
+                                reserved=prompt.num_virtual_tokens if method == "prompt" else 0)
     base = from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(config.seed)  # the same adapter initialization in every process and every run
     if method == "lora":
-        model: AdapterModel = LoraModel(base, lora or LoraConfig(), adapter_name)
+        model: AdapterModel = LoraModel(base, lora, adapter_name)
     else:
-        model = PromptTuningModel(base, prompt or PromptTuningConfig(), adapter_name)
-    room = model.config.max_position_embeddings
-    if seq_len > room:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {room} (after any virtual tokens)")
-    tokenizer = load_tokenizer(model_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
-
-    def source(pairs, seed):
-        examples = [encode_example(tokenizer, p, c, template, seq_len) for p, c in pairs]
-        return SFTSource(examples, batch_size=config.batch_size, pad_id=pad, seed=seed)
-
-    pairs = read_prompt_completions(data)
-    if val_data is not None:
-        train_pairs, val_pairs = pairs, read_prompt_completions(val_data)
-    else:
-        cut = max(1, round(len(pairs) * val_fraction)) if len(pairs) > 1 else 0
-        train_pairs, val_pairs = pairs[cut:], pairs[:cut]
+        model = PromptTuningModel(base, prompt, adapter_name)
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("%s tuning: %d trainable parameters of %d (%.3f%%)", method, trainable, total, 100 * trainable / total)
-    result = train_adapter(model, source(train_pairs, config.seed), config,
-                           val_source=source(val_pairs, config.seed + 1) if val_pairs else None,
-                           extra_files=tokenizer.save, resume=resume)
-    return RecipeOutput(model, tokenizer, result)
+    result = train_adapter(model, prepared.train, config, val_source=prepared.val, extra_files=prepared.extra_files,
+                           resume=resume)
+    return RecipeOutput(model, prepared.tokenizer, result)

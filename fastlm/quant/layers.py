@@ -47,6 +47,14 @@ def _check_linear(linear: nn.Module, name: str) -> torch.Tensor:
     return weight.detach()
 
 
+def _check_smooth_values(smooth: torch.Tensor | None) -> None:
+    """Finite and > 0 (a meta placeholder holds no values: it is checked when loaded)."""
+    if smooth is None or smooth.device.type == "meta":
+        return
+    if not (torch.isfinite(smooth).all() and (smooth > 0).all()):
+        raise QuantizationError("W8A8Linear: input_smooth (smoothing factors) must be finite and > 0")
+
+
 class QuantizedLinear(nn.Module):
     """Base of the quantized linear layers: int8 ``weight`` (out, in), float32 ``weight_scale``,
     optional ``bias`` (out,) in the model dtype. Subclasses define ``mode`` and ``forward``."""
@@ -142,8 +150,12 @@ class W8A8Linear(QuantizedLinear):
         if input_smooth is not None and input_smooth.shape != (self.in_features,):
             raise QuantizationError(f"W8A8Linear: expected input_smooth of shape ({self.in_features},), "
                                     f"got {tuple(input_smooth.shape)}")
+        _check_smooth_values(input_smooth)
         # a copy: layers sharing an input get equal factors, each stored on its own
         self.register_buffer("input_smooth", None if input_smooth is None else input_smooth.float().clone())
+        # The factors are checked here and after each load_state_dict, not on every forward
+        # (two device→host reads per layer per token).
+        self.register_load_state_dict_post_hook(lambda module, keys: _check_smooth_values(module.input_smooth))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor | None = None, *, name: str = "linear") -> W8A8Linear:
@@ -163,7 +175,7 @@ class W8A8Linear(QuantizedLinear):
         return weight if self.input_smooth is None else weight / self.input_smooth[None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w8a8_linear(x, self.weight, self.weight_scale, self.bias, self.input_smooth)
+        return w8a8_linear(x, self.weight, self.weight_scale, self.bias, self.input_smooth, check_values=False)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", smooth=True" if self.input_smooth is not None else "")

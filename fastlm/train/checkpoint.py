@@ -5,11 +5,17 @@ Face checkpoint (config.json + safetensors, usable on its own) and ``trainer_sta
 (optimizer, scheduler, grad scaler, RNG states, step and data position; loaded with
 ``weights_only=True``). It is written under a temporary name, completed with a ``COMPLETE``
 marker, and renamed into place, so a kill leaves either the whole new checkpoint or none of it;
-the previous ones are untouched. Only the last ``keep_last`` complete checkpoints are kept.
+the previous ones are untouched. The marker holds a manifest (size and SHA-256 of every file):
+a new checkpoint is verified against it after the rename, and only then are older ones pruned
+(the last ``keep_last`` are kept; never one with a higher step than the new one). Resuming takes
+the newest checkpoint that verifies; a damaged one is moved aside to ``damaged-step-*`` with a
+warning. Every file of a checkpoint gets the same permissions (0666 less the umask).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
@@ -59,9 +65,66 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """{file name: {"size", "sha256"}} of the files directly in ``directory`` (the marker excluded)."""
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name != MARKER:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+            files[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return files
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None if the checkpoint at ``path`` is intact, else why not (one line).
+
+    Intact: the COMPLETE marker is there and, when it holds a manifest (checkpoints written by
+    this version), every listed file has its recorded size and SHA-256; the safetensors files
+    are complete (header and size) and trainer_state.pt is present.
+    """
+    from fastlm.io.hf_format import CheckpointError
+    from fastlm.io.validate import verify_safetensors
+
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"{path} has no {MARKER} marker (an interrupted save)"
+    try:
+        manifest = json.loads(marker.read_text()).get("files")
+    except (ValueError, AttributeError):  # the plain "<step>" marker of older checkpoints
+        manifest = None
+    if manifest is not None:
+        actual = _manifest(path)
+        for name, expected in manifest.items():
+            if name not in actual:
+                return f"{path / name} is missing"
+            if actual[name] != expected:
+                return (f"{path / name} is damaged ({actual[name]['size']} bytes, expected {expected['size']}, "
+                        "or its checksum differs)")
+    if not (path / STATE_FILE).is_file():
+        return f"{path / STATE_FILE} is missing"
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            verify_safetensors(weights)
+        except CheckpointError as err:
+            return str(err)
+    return None
+
+
 def write_checkpoint(out: str | Path, step: int, write_files: Callable[[Path], None], keep_last: int) -> Path:
     """Create ``step-<step>`` atomically: ``write_files(tmp_dir)`` fills a temporary directory,
-    which is fsynced, marked complete and renamed into place; then old checkpoints are pruned."""
+    whose files get the same permissions, which is fsynced, marked complete (with a manifest)
+    and renamed into place; once the new checkpoint verifies, older checkpoints beyond
+    ``keep_last`` are pruned (never one with a higher step)."""
     root = checkpoint_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -69,7 +132,12 @@ def write_checkpoint(out: str | Path, step: int, write_files: Callable[[Path], N
     tmp.mkdir()
     try:
         write_files(tmp)
-        (tmp / MARKER).write_text(f"{step}\n")
+        mode = 0o666 & ~_umask()
+        for path in tmp.iterdir():
+            if path.is_file():
+                os.chmod(path, mode)
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": _manifest(tmp)}, indent=1) + "\n")
+        os.chmod(tmp / MARKER, mode)
         _fsync_tree(tmp)
         if final.exists():  # a checkpoint of this step from an earlier, interrupted run
             _remove(final)
@@ -78,9 +146,39 @@ def write_checkpoint(out: str | Path, step: int, write_files: Callable[[Path], N
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in complete_checkpoints(out)[:-keep_last]:
+    problem = verify_checkpoint(final)
+    if problem is not None:
+        raise OSError(f"the checkpoint just written does not verify: {problem}; older checkpoints are kept")
+    older = [p for p in complete_checkpoints(out) if _step_of(p) < step]
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
         _remove(old)
     return final
+
+
+def _step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def latest_intact_checkpoint(out: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``out`` that verifies, and the newer (damaged) ones skipped
+    with the reason for each. Nothing is moved or deleted."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(complete_checkpoints(out)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``damaged-<name>`` (kept for inspection; no longer counted
+    as a checkpoint, so it is neither resumed from nor pruned)."""
+    target = path.with_name(f"damaged-{path.name}")
+    if target.exists():
+        target = path.with_name(f"damaged-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, target)
+    return target
 
 
 def _remove(path: Path) -> None:

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fastlm._naming import shown
 from fastlm.data import Tokenizer
+from fastlm.data.chat import check_special_tokens, encode_chat_example, parse_row, resolve_template
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -132,39 +137,142 @@ TEMPLATES = {
 }
 
 
-def read_prompt_completions(path: str | Path) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs from a jsonl file with "prompt" and "completion" strings."""
+def read_prompt_completions(path: str | Path) -> list[tuple[str, str] | list[dict]]:
+    """Rows of a jsonl file: (prompt, completion) pairs from "prompt"/"completion" strings, or
+    message lists from "messages" (chats, see fastlm.data.chat)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
+        raise FileNotFoundError(f"no such data file: {path}" if not path.is_dir() else
+                                f"data file {path} is a directory; expected a jsonl file")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)):
-                raise ValueError(f'{path}:{number}: expected {{"prompt": str, "completion": str}}')
-            pairs.append((row["prompt"], row["completion"]))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                         'expected jsonl with {"prompt": ..., "completion": ...} or {"messages": [...]} per line') from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
+        pairs.append(parse_row(row, f"{path}:{number}"))
     if not pairs:
         raise ValueError(f"{path} holds no examples")
     return pairs
 
 
-def encode_example(tokenizer: Tokenizer, prompt: str, completion: str, template: str, max_len: int) -> tuple[list[int], list[int]]:
+#: How an example longer than seq_len + 1 tokens is cut: "right" cuts the end of the completion
+#: (an example whose prompt fills the length keeps no completion token and is dropped);
+#: "left" cuts the start of the prompt (after the BOS token) so that the completion fits.
+TRUNCATION_SIDES = ("right", "left")
+
+
+def encode_example(tokenizer: Tokenizer, prompt: str, completion: str, template: str, max_len: int,
+                   truncation: str = "right") -> tuple[list[int], list[int]]:
     """(input ids, labels) of one example: the templated prompt is context only (labels -100);
-    the completion and the end-of-sequence token are learned. Truncated to max_len + 1 tokens."""
+    the completion and the end-of-sequence token are learned. At most max_len + 1 tokens, cut as
+    ``truncation`` says (see :data:`TRUNCATION_SIDES`)."""
+    ids, targets, _ = _encode(tokenizer, prompt, completion, template, max_len, truncation)
+    return ids, targets
+
+
+def _encode(tokenizer: Tokenizer, prompt: str, completion: str, template: str, max_len: int,
+            truncation: str) -> tuple[list[int], list[int], bool]:
+    """:func:`encode_example` and whether the example was cut."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; available: {', '.join(TEMPLATES)}")
+    if truncation not in TRUNCATION_SIDES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_SIDES}, got {truncation!r}")
     prompt_format, suffix = TEMPLATES[template]
-    context = tokenizer.encode(prompt_format.format(prompt=prompt), add_bos=tokenizer.bos_token_id is not None)
-    answer = tokenizer.encode(completion + suffix, add_eos=tokenizer.eos_token_id is not None)
-    ids = (context + answer)[: max_len + 1]
-    targets = ([IGNORE_INDEX] * len(context) + answer)[: max_len + 1]
-    return ids, targets
+    if template == "chatml":  # the control tokens as their real ids, never as their text
+        check_special_tokens(tokenizer, ("<|im_start|>", "<|im_end|>"), template)
+    split = False if template == "chatml" else None
+    context = tokenizer.encode(prompt_format.format(prompt=prompt), add_bos=tokenizer.bos_token_id is not None,
+                               split_special_tokens=split)
+    answer = tokenizer.encode(completion + suffix, add_special_tokens=False, add_eos=tokenizer.eos_token_id is not None,
+                              split_special_tokens=split)
+    room = max_len + 1
+    cut = len(context) + len(answer) > room
+    if truncation == "left" and cut and context:
+        keep = max(1, room - len(answer))  # at least one context token: the first token is never a target
+        if tokenizer.bos_token_id is not None and context[0] == tokenizer.bos_token_id and keep > 1:
+            context = context[:1] + context[len(context) - keep + 1:]
+        else:
+            context = context[len(context) - keep:]
+    ids = (context + answer)[:room]
+    targets = ([IGNORE_INDEX] * len(context) + answer)[:room]
+    return ids, targets, cut
+
+
+@dataclass
+class EncodeReport:
+    """What encoding a set of examples cut: ``truncated`` were shortened but kept completion
+    tokens; ``dropped`` kept none (their prompt fills the length) and were left out."""
+
+    total: int
+    truncated: int
+    dropped: int
+
+
+def _encode_row(tokenizer: Tokenizer, row, n: int, template: str, max_len: int,
+                truncation: str) -> tuple[list[int], list[int], bool]:
+    """(ids, targets, cut) of one row of :func:`read_prompt_completions`: ``"chat"`` renders it with
+    the tokenizer's chat template, loss on assistant turns (fastlm.data.chat; pairs become a user and
+    an assistant turn; chats are cut at the end); other templates take prompt/completion pairs."""
+    if template == "chat":
+        if truncation != "right":
+            raise ValueError(f"chat examples are cut at the end; {shown('truncation')} {truncation} applies to "
+                             "prompt/completion examples with a plain template")
+        messages = row if isinstance(row, list) else [{"role": "user", "content": row[0]},
+                                                       {"role": "assistant", "content": row[1]}]
+        try:
+            ids, targets = encode_chat_example(tokenizer, messages, _UNCUT)
+        except ValueError as e:
+            raise ValueError(f"example {n}: {e}") from e
+        return ids[: max_len + 1], targets[: max_len + 1], len(ids) > max_len + 1
+    if isinstance(row, list):
+        raise ValueError(f'example {n} is a "messages" chat, which needs --template chat (got --template {template})')
+    return _encode(tokenizer, row[0], row[1], template, max_len, truncation)
+
+
+_UNCUT = 1 << 62  # a length no example reaches: encode whole, then cut here (to know whether it was cut)
+
+
+def encode_examples(tokenizer: Tokenizer, pairs: Sequence, template: str | None, max_len: int, *,
+                    truncation: str = "right", source: str = "data",
+                    length_name: str | None = None) -> tuple[list[tuple[list[int], list[int]]], EncodeReport]:
+    """Encode every row of :func:`read_prompt_completions` (prompt/completion pairs or chats),
+    count the truncated and dropped ones, warn about them, and raise ValueError naming ``source``
+    when no example keeps a completion token. ``template`` None picks ``"chat"`` when the
+    tokenizer has a chat template, else ``"plain"``."""
+    template = resolve_template(tokenizer, template, tuple(TEMPLATES))
+    if truncation not in TRUNCATION_SIDES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_SIDES}, got {truncation!r}")
+    length_name = length_name or shown("seq_len")
+    examples, truncated, dropped = [], 0, 0
+    for n, row in enumerate(pairs):
+        ids, targets, cut = _encode_row(tokenizer, row, n, template, max_len, truncation)
+        if not any(t != IGNORE_INDEX for t in targets[1:]):
+            dropped += 1
+            continue
+        truncated += cut
+        examples.append((ids, targets))
+    report = EncodeReport(len(pairs), truncated, dropped)
+    if not examples:
+        advice = f"raise {length_name}"
+        if truncation == "right":
+            advice += f" or cut prompts from the left ({shown('truncation')} left)"
+        raise ValueError(f"all {len(pairs)} examples of {source} are dropped: with {length_name} {max_len} no "
+                         f"completion token is left after the prompt; {advice}")
+    if truncated or dropped:
+        how = "the start of the prompt cut" if truncation == "left" else "the end of the completion cut"
+        logger.warning("%s: %d of %d examples truncated to %s %d (%s), %d dropped (the prompt fills %s %d: no "
+                       "completion token left)", source, truncated, len(pairs), length_name, max_len, how, dropped,
+                       length_name, max_len)
+    return examples, report
 
 
 @dataclass

@@ -57,7 +57,15 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Sum ``value`` in place over the processes (no-op with one process) and return it.
+
+    ``device``: the training device, which ``value`` must live on — NCCL refuses CPU tensors, and
+    gloo would hide that on CPU — so a misplaced tensor fails here, with one process too.
+    """
+    if device is not None and value.device != torch.device(device):
+        raise ValueError(f"all_reduce_sum: the tensor is on {value.device}, expected the training device {device} "
+                         "(NCCL only reduces tensors on the GPU)")
     if dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value

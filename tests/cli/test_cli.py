@@ -56,14 +56,14 @@ def test_generate_command(demo_checkpoint, capsys):
     model, tokenizer = fastlm.from_pretrained(demo_checkpoint), fastlm.load_tokenizer(demo_checkpoint)
     expected = fastlm.generate(model, torch.tensor([tokenizer.encode("def ")]), max_new_tokens=6,
                                eos_token_id=tokenizer.eos_token_id)
-    assert streamed == tokenizer.decode(expected[0].tolist()) + "\n"
+    assert streamed == tokenizer.decode(expected[0].tolist(), skip_special_tokens=True) + "\n"
     for extra in (["--greedy", "--num-beams", "2"], ["--penalty-alpha", "0.5", "--top-k", "3", "--greedy"],
                   ["--draft-model", str(demo_checkpoint)], ["--top-p", "0.9", "--stop", "x"]):
         assert main([*base, *extra]) == 0
         assert capsys.readouterr().out.startswith("def ")
     assert main([*base, "--greedy", "--compile"]) == 0  # the compiled decode step streams the same text
     assert capsys.readouterr().out == streamed
-    with pytest.raises(ValueError, match="compile work with greedy and sampling"):
+    with pytest.raises(ValueError, match="--compile works with greedy and sampling"):
         main([*base, "--greedy", "--compile", "--num-beams", "2"])
 
 
@@ -80,7 +80,7 @@ def test_pretrain_with_a_toml_config_file(corpus, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('max-steps = 3\nlr = 0.002\nschedule = "linear"\nseq_len = 32\nbatch_size = 2\n'
                       'vocab_size = 300\nno_such_option_here = 1\n')
-    with pytest.raises(SystemExit, match="unknown option.*no_such_option_here"):
+    with pytest.raises(ValueError, match="unknown option.*no_such_option_here"):
         main(["pretrain", "--data", str(corpus), "--config", str(config), "--out", str(tmp_path / "o")])
     config.write_text(config.read_text().replace("no_such_option_here = 1\n", ""))
     out = tmp_path / "o"
@@ -88,7 +88,8 @@ def test_pretrain_with_a_toml_config_file(corpus, tmp_path):
     assert main(["pretrain", "--data", str(corpus), "--config", str(config), "--out", str(out), "--max-steps", "2",
                  "--no-progress"]) == 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2] and lines[0]["lr"] == pytest.approx(0.002 / 100)
+    # the default warmup is min(100, 10% of --max-steps): none for 2 steps, so step 1 runs at lr
+    assert [x["step"] for x in lines] == [1, 2] and lines[0]["lr"] == pytest.approx(0.002)
 
 
 def test_finetune_command(demo_checkpoint, tmp_path):
@@ -117,18 +118,18 @@ def test_finetune_command(demo_checkpoint, tmp_path):
 def test_quantize_then_generate(demo_checkpoint, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(demo_checkpoint), str(out), "--mode", "int8_weight_only"]) == 0
-    loaded = fastlm.from_pretrained(out)  # a quantized directory loads as the quantized model
-    assert fastlm.quant.quantized_layers(loaded)
     assert main(["generate", "--model", str(out), "--prompt", "def ", "--max-new-tokens", "4", "--greedy"]) == 0
     assert "def " in capsys.readouterr().out
+    # from_pretrained loads the quantized checkpoint (as load_quantized), and save_pretrained of a
+    # quantized model writes one again, with identical outputs.
     quantized = fastlm.quant.load_quantized(out)
-    quantized.save_pretrained(tmp_path / "again")  # writes the quantized checkpoint again
-    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization"]["format"] == "fastlm-int8"
+    loaded = fastlm.from_pretrained(out)
+    ids = torch.tensor([[5, 9, 2, 7]])
     with torch.no_grad():
-        ids = torch.tensor([[1, 2, 3]])
-        assert torch.equal(fastlm.from_pretrained(tmp_path / "again")(ids), quantized(ids))
-    with pytest.raises(fastlm.CheckpointError, match="save it with fastlm.quant.save_quantized"):
-        fastlm.save_pretrained(quantized, tmp_path / "bad")  # the plain function still refuses
+        expected = quantized(ids)
+        assert torch.equal(loaded(ids), expected)
+        loaded.save_pretrained(tmp_path / "again")
+        assert torch.equal(fastlm.from_pretrained(tmp_path / "again")(ids), expected)
 
 
 def test_python_dash_m_and_info():

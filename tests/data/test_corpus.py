@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from fastlm.data import corpus
-from fastlm.data.corpus import (
+from fastlm.data.corpus import (  
+    DataError,
     default_corpus_files,
     default_corpus_texts,
     read_texts,
@@ -132,9 +133,17 @@ def test_read_texts_files_and_dirs(tmp_path):
     assert read_texts(single) == ["line one\r\nline two\n"]
 
 
-def test_read_texts_named_file_replaces_bad_utf8(tmp_path):
+def test_read_texts_named_file_not_utf8_is_refused_or_skipped(tmp_path):
     path = _write(tmp_path / "legacy.dat", b"caf\xe9 \xef\xbb\xbfok")
-    assert read_texts([path]) == ["caf\ufffd \ufeffok"]
+    with pytest.raises(DataError, match=r"legacy.dat is not UTF-8 text \(byte 0xe9 at offset 3"):
+        read_texts([path])
+    binary = _write(tmp_path / "blob.txt", b"ab\x00cd")
+    with pytest.raises(DataError, match=r"blob.txt is not UTF-8 text \(a NUL byte at offset 2"):
+        read_texts([binary])
+    good = _write(tmp_path / "good.txt", "fine")
+    assert read_texts([path, good, binary], on_bad_file="skip") == ["fine"]
+    with pytest.raises(DataError, match="every file was skipped"):
+        read_texts([path], on_bad_file="skip")
     bom = _write(tmp_path / "bom.txt", b"\xef\xbb\xbfhello")
     assert read_texts([bom]) == ["hello"]
 

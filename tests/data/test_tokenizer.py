@@ -73,7 +73,7 @@ def test_byte_tokenizer_ids():
 def test_byte_round_trip_edge_cases(text):
     tok = ByteTokenizer()
     assert tok.decode(tok.encode(text)) == text
-    assert tok.decode(tok.encode(text, add_bos=True, add_eos=True)) == text
+    assert tok.decode(tok.encode(text, add_bos=True, add_eos=True), skip_special_tokens=True) == text
 
 
 @HYPOTHESIS
@@ -90,14 +90,14 @@ def test_byte_decode_invalid_utf8_replaces():
     assert tok.decode([0xFF, 0x41]) == "\ufffdA"
     assert tok.decode(tok.encode("é")[:1]) == "\ufffd"  # a cut multi-byte character
     # Bytes on either side of a special token decode separately.
-    assert tok.decode([0xC3, 256, 0xA9, 0x41]) == "\ufffd\ufffdA"
+    assert tok.decode([0xC3, 256, 0xA9, 0x41], skip_special_tokens=True) == "\ufffd\ufffdA"
 
 
 def test_byte_decode_special_tokens():
     tok = ByteTokenizer()
     ids = [256, *b"hi", 258, 257]
-    assert tok.decode(ids) == "hi"
-    assert tok.decode(ids, skip_special_tokens=False) == "<|bos|>hi<|pad|><|eos|>"
+    assert tok.decode(ids, skip_special_tokens=True) == "hi"
+    assert tok.decode(ids) == "<|bos|>hi<|pad|><|eos|>"  # transformers' default keeps them
 
 
 def test_decode_accepts_tensors():
@@ -134,7 +134,7 @@ def test_bpe_training(bpe):
     text = "def __init__(self, name):\n        self.name = name\n        return None\n"
     assert len(bpe.encode(text)) < len(text.encode()) / 2
     ids = bpe.encode("x", add_bos=True, add_eos=True)
-    assert ids[0] == 0 and ids[-1] == 1 and bpe.decode(ids) == "x"
+    assert ids[0] == 0 and ids[-1] == 1 and bpe.decode(ids, skip_special_tokens=True) == "x"
     assert bpe.decode(ids, skip_special_tokens=False) == "<|bos|>x<|eos|>"
 
 
@@ -297,7 +297,9 @@ def test_from_file_reads_config_files(tmp_path):
     tok.save(tmp_path / "resaved")
     config = json.loads((tmp_path / "resaved" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == "{{ messages }}"
-    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (None, "<|im_end|>", "</s>")
+    assert config["bos_token"] is None
+    again = load_tokenizer(tmp_path / "resaved")
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (None, 3, 1)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -337,9 +339,11 @@ def test_train_bpe_bad_input():
         HFTokenizer.train_bpe(["ok", b"bytes"], vocab_size=300)
 
 
-def test_unknown_special_token_rejected(bpe):
-    with pytest.raises(ValueError, match="'<nope>' is not in the tokenizer's vocabulary"):
-        HFTokenizer(bpe.backend, bos_token="<nope>")
+def test_unknown_special_token_is_added_as_transformers_does(bpe):
+    # transformers adds a named special token missing from the vocabulary as a new token.
+    tok = HFTokenizer(bpe.backend, bos_token="<nope>")
+    assert tok.bos_token_id == bpe.vocab_size and tok.vocab_size == bpe.vocab_size + 1
+    assert tok.encode("a<nope>", add_special_tokens=False) == [*bpe.encode("a"), bpe.vocab_size]
 
 
 def test_load_tokenizer_missing(tmp_path):

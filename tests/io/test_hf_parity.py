@@ -149,11 +149,31 @@ def test_misshaped_tensor_is_named(llama_dir, tmp_path):
 
 def test_unknown_architecture(llama_dir, tmp_path):
     def edit(config, tensors):
-        config["architectures"] = ["MistralForCausalLM"]
-        config["model_type"] = "mistral"
+        config["architectures"] = ["FalconForCausalLM"]
+        config["model_type"] = "falcon"
 
     path = _copy_checkpoint(llama_dir, tmp_path / "c", edit)
-    with pytest.raises(ValueError, match="unsupported architecture.*MistralForCausalLM"):
+    with pytest.raises(ValueError, match="unsupported architecture.*FalconForCausalLM.*LlamaForCausalLM.*"
+                                         "Gemma3ForCausalLM.*GPT2LMHeadModel"):
+        fastlm.from_pretrained(path)
+
+
+@pytest.mark.parametrize("arch,extra", [("MixtralForCausalLM", {"num_local_experts": 8}),
+                                        ("Qwen2MoeForCausalLM", {"num_experts": 60})])
+def test_mixture_of_experts_is_refused(llama_dir, tmp_path, arch, extra):
+    def edit(config, tensors):
+        config.update(architectures=[arch], **extra)
+
+    path = _copy_checkpoint(llama_dir, tmp_path / "c", edit)
+    with pytest.raises(ValueError, match=f"unsupported architecture.*{arch}.*mixture-of-experts"):
+        fastlm.from_pretrained(path)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptq_awq_checkpoints_are_refused(llama_dir, tmp_path, method):
+    path = _copy_checkpoint(llama_dir, tmp_path / "c",
+                            lambda c, t: c.update(quantization_config={"quant_method": method, "bits": 4}))
+    with pytest.raises(CheckpointError, match=f"{method}-quantized checkpoint.*GPTQ/AWQ"):
         fastlm.from_pretrained(path)
 
 
@@ -165,12 +185,59 @@ def test_config_missing_a_field(llama_dir, tmp_path):
 
 def test_unsupported_rope_scaling(llama_dir, tmp_path):
     def edit(config, tensors):
-        config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+        config["rope_scaling"] = {"rope_type": "mrope", "factor": 4.0}
         config.pop("rope_parameters", None)
 
     path = _copy_checkpoint(llama_dir, tmp_path / "c", edit)
-    with pytest.raises(NotImplementedError, match="rope scaling of type 'yarn'"):
+    with pytest.raises(NotImplementedError, match="rope scaling of type 'mrope' is not supported.*llama3"):
         fastlm.from_pretrained(path)
+
+
+def test_legacy_inv_freq_buffers_are_ignored(llama_dir, tmp_path):
+    def edit(config, tensors):
+        for i in range(3):
+            tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+
+    path = _copy_checkpoint(llama_dir, tmp_path / "c", edit)
+    ids = torch.randint(0, 131, (1, 9))
+    torch.testing.assert_close(fastlm.from_pretrained(path)(ids), fastlm.from_pretrained(llama_dir)(ids), atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_tied_config_with_a_different_stored_head_follows_transformers(tmp_path, caplog):
+    """tie_word_embeddings=true but the file stores another lm_head: transformers unties and
+    uses the stored head (with a warning); fastlm does the same and warns."""
+    src = tmp_path / "src"
+    _randomize(_hf_llama(tie_word_embeddings=True)).save_pretrained(src)
+    head = torch.randn(131, 64, generator=torch.Generator().manual_seed(3))
+    path = _copy_checkpoint(src, tmp_path / "c", lambda c, t: t.update({"lm_head.weight": head}))
+    with caplog.at_level("WARNING", logger="fastlm.io.hf_format"):
+        ours = fastlm.from_pretrained(path)
+    assert "NOT tied" in caplog.text
+    assert not ours.config.tie_word_embeddings and torch.equal(ours.lm_head.weight, head)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 131, (2, 11))
+    assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+    # the same values stored twice stay tied
+    same = _copy_checkpoint(src, tmp_path / "d", lambda c, t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    tied = fastlm.from_pretrained(same)
+    assert tied.config.tie_word_embeddings and tied.lm_head.weight is tied.embed.weight
+
+
+def test_mixed_dtype_checkpoint_loads_in_the_config_dtype(llama_dir, tmp_path):
+    def edit(config, tensors):
+        config["torch_dtype"] = "bfloat16"
+        config.pop("dtype", None)
+        for name in list(tensors)[::2]:
+            tensors[name] = tensors[name].to(torch.float16)
+
+    path = _copy_checkpoint(llama_dir, tmp_path / "c", edit)
+    model = fastlm.from_pretrained(path)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # transformers 5 writes "dtype"
+    path2 = _copy_checkpoint(path, tmp_path / "d", lambda c, t: c.update(dtype="float16", torch_dtype=None))
+    assert {p.dtype for p in fastlm.from_pretrained(path2).parameters()} == {torch.float16}
+    assert fastlm.from_pretrained(path2, dtype=torch.float32).dtype == torch.float32
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):

@@ -119,3 +119,28 @@ def test_triton_kernels_give_the_reference_tokens(model):
     with fastlm.use_backend("triton"):
         kernels = fastlm.generate(model, prompts, max_new_tokens=5)
     assert all(torch.equal(x, y) for x, y in zip(reference, kernels))
+
+
+def test_many_batch_sizes_and_lengths_in_one_process(model, monkeypatch, recwarn):
+    """12 (batch size, cache length) buckets in one process: no FailOnRecompileLimitHit (each
+    bucket compiles its own code object, so dynamo's per-code recompile limit — lowered to 1
+    here to show it: the old shared code object failed at the second bucket — is never reached);
+    past MAX_COMPILED (2 here, to keep CPU compile time down) the step runs eagerly, with one
+    warning, and every result equals eager decoding."""
+    from fastlm.decoding import step
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(step, "MAX_COMPILED", 2)
+    monkeypatch.setattr(step, "_COMPILED", type(step._COMPILED)())
+    monkeypatch.setattr(step, "_FULL_WARNED", [False])
+    shapes = [(b, n) for b in (1, 2, 3, 5, 6, 7) for n in (3, 70)]  # 6 batch buckets (lengths cap at 64)
+    assert len(shapes) == 12
+    g = torch.Generator().manual_seed(0)
+    for b, n in shapes:
+        prompt = torch.randint(0, 64, (b, 4 if n < 60 else 1), generator=g)
+        new = min(n, CONFIG.max_position_embeddings - prompt.shape[1])
+        eager = fastlm.generate(model, prompt, max_new_tokens=new)
+        assert torch.equal(fastlm.generate(model, prompt, max_new_tokens=new, compile=True), eager), (b, n)
+    assert len(step._COMPILED) == 2
+    warned = [w for w in recwarn if "compile=True" in str(w.message)]
+    assert len(warned) == 1 and "decode eagerly" in str(warned[0].message)

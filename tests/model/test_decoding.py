@@ -92,10 +92,10 @@ def test_stop_strings_end_generation(pair):
     model = fastlm.Model(fastlm.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2))
     prompt = torch.tensor([tok.encode("ab")])
     full = fastlm.generate(model, prompt, max_new_tokens=12)
-    text = tok.decode(full[0, 2:].tolist())
+    text = tok.decode(full[0, 2:].tolist(), skip_special_tokens=True)
     stop = text[3:5]  # a two-character string that appears in the greedy continuation
     out = fastlm.generate(model, prompt, max_new_tokens=12, stop_strings=[stop], tokenizer=tok)
-    assert stop in tok.decode(out[0, 2:].tolist()) and out.shape[1] < full.shape[1]
+    assert stop in tok.decode(out[0, 2:].tolist(), skip_special_tokens=True) and out.shape[1] < full.shape[1]
     assert torch.equal(out[0], full[0, : out.shape[1]])
 
 

@@ -51,7 +51,7 @@ def trainer_config(out, steps, lr):
 def exact_match(model, task):
     prompts = [TOKENIZER.encode(s + "=", add_bos=True) for s in TEST]
     outputs = generate(model, prompts, max_new_tokens=5, eos_token_id=TOKENIZER.eos_token_id)
-    hits = [TOKENIZER.decode(out[len(p):].tolist()) == task(s) for s, p, out in zip(TEST, prompts, outputs)]
+    hits = [TOKENIZER.decode(out[len(p):].tolist(), skip_special_tokens=True) == task(s) for s, p, out in zip(TEST, prompts, outputs)]
     return sum(hits) / len(hits)
 
 

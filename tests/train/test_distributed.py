@@ -11,7 +11,7 @@ import pytest
 import fastlm
 
 ARGS = ["--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--no-progress", "--device", "cpu",
-        "--warmup-steps", "1", "--max-steps", "6"]
+        "--warmup-steps", "1", "--max-steps", "6", "--schedule", "constant"]  # constant: --max-steps may grow on resume
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_keep_last_prunes_old_checkpoints_and_ignores_partial_ones(tmp_path):
     partial.mkdir()  # a directory without the COMPLETE marker is never resumed from
     (tmp_path / "checkpoints" / ".tmp-step-00000010-abcd").mkdir()
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000006"
-    _trainer(tmp_path, steps=7, keep_last=2).fit(resume=True)
+    _trainer(tmp_path, steps=6, keep_last=2).fit(resume=True)  # the same max_steps: a changed one is refused
     assert not (tmp_path / "checkpoints" / ".tmp-step-00000010-abcd").exists()
 
 
