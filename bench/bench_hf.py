@@ -40,6 +40,8 @@ from bench.common import time_fn, write_results
 logger = logging.getLogger(__name__)
 
 SIZES = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, batch=2, seq=32, dtype=torch.float32),
     "cpu": dict(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, batch=2, seq=1024, dtype=torch.float32),
     "gpu": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,

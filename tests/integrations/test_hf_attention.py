@@ -65,6 +65,8 @@ def test_mask_function_never_builds_a_square_mask():
     built = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=mask, cache=None)
     assert built.shape == mask.shape and built.dtype == torch.bool and torch.equal(built, mask.bool())
     assert create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None, cache=None) is None
+    full = torch.ones_like(mask)  # no padding in a prefill: the dense path
+    assert create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=full, cache=None) is None
 
 
 def test_dropout_in_training_is_refused():

@@ -104,7 +104,8 @@ def fastlm_mask(
     Called by ``create_causal_mask`` / ``create_sliding_window_causal_mask`` once per forward.
     ``attention_mask`` (B, past + Tq) bool from the caller is sliced to its last ``kv_length``
     columns (a sliding-window cache keeps only those keys). Returns None when there is no
-    padding mask: attention is then plain causal over all keys (bottom-right aligned).
+    padding mask, or (prefill / training, eager) when it keeps every key: attention is then
+    plain causal over all keys (bottom-right aligned) through ``fastlm.ops.attention``.
     """
     if mask_function is not None:
         unknown = _mask_parts(mask_function) - _UNDERSTOOD_MASKS
@@ -126,7 +127,12 @@ def fastlm_mask(
         raise ValueError(
             f"attn_implementation='fastlm' expects a 2D attention_mask (batch, keys), got shape "
             f"{tuple(attention_mask.shape)}")
-    return attention_mask[:, -kv_length:].to(torch.bool)
+    keep = attention_mask[:, -kv_length:].to(torch.bool)
+    # A batch without padding takes the dense path. Checking needs the mask's values (a host
+    # sync), so only for prefill and training (several queries), never per decoded token.
+    if q_length > 1 and keep.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(keep.all()):
+        return None
+    return keep
 
 
 # --------------------------------------------------------------------------------------------
