@@ -228,7 +228,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=config.precision == "fp16")
         self._fused = self._use_fused_loss()
-        self._nominal: float | None = None  # batch_size · grad_accum · seq_len: the backward's constant scale
+        self._nominal: float | None = None  # 1 / the backward's constant scale (see _run_step)
         self._head_cast: tuple | None = None  # (optimizer step, dtype) -> the head weight cast for it
         self._optimizer_steps = 0
         self._timer = StepTimer(info.device)
@@ -405,15 +405,17 @@ class Trainer:
 
         The loss is Σ token losses / T over all micro-batches and processes (T: the global number
         of targets). T is only known after the all-reduce, so the backward runs on the sums
-        scaled by a constant a = 1 / (batch_size · grad_accum · seq_len) (the same on every
-        process, so DDP's gradient average stays a multiple of ∇Σ), and the gradients are then
-        multiplied by 1 / (a·T) on the device. The one all-reduce carries [Σ losses, T]; the one
+        scaled by a constant a ≈ 1 / (batch_size · grad_accum · context length), a power of two
+        taken from the config (the same on every process and across resumes, so DDP's gradient
+        average stays a multiple of ∇Σ and rounds alike), and the gradients are then multiplied
+        by 1 / (a·T) on the device. The one all-reduce carries [Σ losses, T]; the one
         read (loss, T, grad norm) decides the NaN policy before the optimizer steps.
         """
         config, info = self.config, self.info
         device = info.device
-        if self._nominal is None:
-            self._nominal = float(config.batch_size * config.grad_accum * batches[0][0]["labels"].shape[-1])
+        if self._nominal is None:  # from the config only: the same on every process and after a resume
+            positions = config.batch_size * config.grad_accum * self.model.config.max_position_embeddings
+            self._nominal = 2.0 ** round(math.log2(positions))  # a power of two: rounding-neutral
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         count = torch.zeros((), dtype=torch.float64, device=device)
         for i, (batch, num_targets) in enumerate(batches):
