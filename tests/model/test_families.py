@@ -137,7 +137,7 @@ def test_greedy_generation_matches_transformers(pair):
     prompt = _ids((2, 20), 3)  # past the windows and the original contexts (16)
     expected = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0,
                            attention_mask=torch.ones_like(prompt))
-    got = fastlm.generate(ours, prompt, max_new_tokens=32)
+    got = fastlm.generate(ours, prompt, max_new_tokens=32, eos_token_id=None)  # no eos on either side
     assert torch.equal(got, expected), name
 
 
