@@ -353,7 +353,7 @@ def _attn_bwd_dq(
 # (BLOCK_N, D) accumulators and the K/V tile in registers, so large D needs 8 warps or short tiles.
 _DKDV_TABLES = {
     9: {
-        64: [(64, 128, 8, 3), (32, 64, 4, 3), (32, 128, 8, 3)],
+        64: [(64, 128, 8, 3, PLAIN), (32, 64, 4, 3, PLAIN), (32, 128, 8, 3)],
         128: [(32, 64, 8, 3, PLAIN), (32, 32, 4, 3), (16, 128, 8, 2, PLAIN)],
         256: [(32, 32, 8, 2)],
     },
