@@ -1,0 +1,2 @@
+"""fastlm.align: alignment and distillation — preference data, reward models, DPO/IPO/SimPO,
+PPO/GRPO with a KL penalty to a frozen reference, and knowledge distillation."""
