@@ -50,7 +50,7 @@ def add_distill(sub) -> None:
                         help="forward_kl: KL(teacher||student); reverse_kl: KL(student||teacher); jsd: generalised "
                              "Jensen-Shannon with --jsd-beta")
     parser.add_argument("--jsd-beta", type=float, default=loss.jsd_beta,
-                        help="beta of the generalised JSD, in [0, 1] (--divergence jsd)")
+                        help="beta of the generalised JSD, in (0, 1) (--divergence jsd)")
     parser.add_argument("--alpha", type=float, default=loss.alpha,
                         help="weight of the soft-target term, in [0, 1]; 1 - alpha weighs the hard-label "
                              "cross-entropy")

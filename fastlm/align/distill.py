@@ -70,7 +70,7 @@ _REFUSED_ON_RESUME = ("mode", "teacher", "student", "preset", "temperature", "di
 @dataclass
 class DistillConfig:
     """The distillation loss: ``temperature`` T > 0, ``divergence`` in :data:`DIVERGENCES`,
-    ``jsd_beta`` β in [0, 1] (jsd only), ``alpha`` α in [0, 1] (1: soft targets only,
+    ``jsd_beta`` β in (0, 1) (jsd only), ``alpha`` α in [0, 1] (1: soft targets only,
     0: hard labels only). See the module docstring for the formula."""
 
     temperature: float = 2.0
@@ -87,9 +87,11 @@ class DistillConfig:
                 raise ValueError(f"{shown(name)} must be a number, got {value!r}")
         if not self.temperature > 0:
             raise ValueError(f"{shown('temperature')} must be > 0, got {self.temperature}")
-        for name in ("jsd_beta", "alpha"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{shown(name)} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"{shown('alpha')} must be in [0, 1], got {self.alpha}")
+        if not 0 < self.jsd_beta < 1:
+            raise ValueError(f"{shown('jsd_beta')} must be in (0, 1) (its limits are the two KLs: use "
+                             f"{shown('divergence')} forward_kl or reverse_kl), got {self.jsd_beta}")
 
 
 # ---- the teacher/student pair -------------------------------------------------------------------
@@ -206,6 +208,10 @@ class DistillTrainer(Trainer):
         if not self.model.training:
             return super()._loss_sum(batch, num_targets)
         layout = {k: batch[k] for k in _LAYOUT_KEYS if k in batch}
+        if not num_targets:  # nothing to distil: a zero that keeps the student's graph
+            with self._autocast():
+                hidden = self.forward(batch["input_ids"], return_hidden=True, validate=False, **layout)
+            return hidden.float().sum() * 0.0
         labels = batch["labels"].flatten()  # (N,), IGNORE_INDEX where no loss is taken
         with torch.no_grad(), self._autocast():
             teacher_hidden = self.teacher(batch["input_ids"], return_hidden=True, validate=False, **layout)
@@ -216,8 +222,8 @@ class DistillTrainer(Trainer):
             mean = ops.linear_distillation_loss(
                 hidden.flatten(0, 1), self._head_weight(hidden.dtype), teacher_hidden,
                 self._teacher_weight(teacher_hidden.dtype), labels, temperature=d.temperature,
-                divergence=d.divergence, jsd_beta=d.jsd_beta, alpha=d.alpha)
-        return mean.float() * num_targets if num_targets else hidden.float().sum() * 0.0
+                divergence=d.divergence, jsd_beta=d.jsd_beta, alpha=d.alpha, validate=False)
+        return mean.float() * num_targets
 
 
 # ---- sequence-level: the teacher's completions ---------------------------------------------------

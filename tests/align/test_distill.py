@@ -81,7 +81,7 @@ def _batch(seed=3):
 
 @pytest.mark.parametrize("divergence,temperature,alpha,beta", [
     ("forward_kl", 1.0, 0.5, 0.5), ("forward_kl", 2.5, 0.3, 0.5), ("forward_kl", 4.0, 1.0, 0.5),
-    ("forward_kl", 2.0, 0.0, 0.5), ("reverse_kl", 2.0, 0.7, 0.5), ("jsd", 1.5, 0.6, 0.5), ("jsd", 2.0, 0.8, 0.2),
+    ("reverse_kl", 2.0, 0.0, 0.5), ("jsd", 2.0, 0.8, 0.2),
 ])
 def test_trained_loss_and_gradients_are_the_formula(tmp_path, divergence, temperature, alpha, beta):
     loss = DistillConfig(temperature=temperature, divergence=divergence, jsd_beta=beta, alpha=alpha)
@@ -211,5 +211,6 @@ def test_config_checks():
         DistillConfig(temperature=0.0)
     with pytest.raises(ValueError, match="alpha must be in"):
         DistillConfig(alpha=1.5)
-    with pytest.raises(ValueError, match="jsd_beta must be in"):
-        DistillConfig(jsd_beta=-0.1)
+    for beta in (-0.1, 0.0, 1.0):
+        with pytest.raises(ValueError, match=r"jsd_beta must be in \(0, 1\)"):
+            DistillConfig(jsd_beta=beta)
