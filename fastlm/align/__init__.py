@@ -3,3 +3,6 @@ PPO/GRPO with a KL penalty to a frozen reference, and knowledge distillation."""
 
 # --- alignkern ---
 from fastlm.align.logprobs import sequence_logprobs, token_logprobs  # noqa: E402,F401
+
+# --- distill ---
+from fastlm.align.distill import DistillConfig, DistillTrainer, check_compatible, distill  # noqa: E402,F401

@@ -45,6 +45,7 @@ from fastlm._files import atomic_write_text
 from fastlm._naming import shown
 from fastlm.config import PRESETS, preset
 from fastlm.data import Tokenizer, load_tokenizer, read_texts, split_train_val
+from fastlm.data.chat import resolve_template
 from fastlm.data.dataset import tokenize_stream
 from fastlm.generate import generate
 from fastlm.io import from_pretrained, load_config
@@ -423,9 +424,15 @@ def distill(
         if not Path(path).exists():
             raise FileNotFoundError(f"{shown('data')} {path}: no such file or directory")
     pairs = data_format == "prompt-completion" or (data_format == "auto" and _looks_like_prompt_completion(data))
+    if mode == "sequence" and data_format == "text":
+        raise ValueError(f"{shown('data_format')} text: --mode sequence takes one jsonl file of prompts")
+    if mode == "logits" and not pairs and (template is not None or truncation != "right"):
+        raise ValueError(f"{shown('template')} and {shown('truncation')} apply to prompt/completion data; "
+                         f"{shown('data')} is read as text (see {shown('data_format')})")
     if (mode == "sequence" or pairs) and (len(data) != 1 or not Path(data[0]).is_file()):
         raise ValueError(f"{shown('data')} must be one jsonl file of prompts for "
                          f"{'--mode sequence' if mode == 'sequence' else 'prompt/completion data'}, got {data}")
+    prompts = read_prompts(data[0]) if mode == "sequence" else None
     student_context = (load_config(student_dir) if student_dir else preset(preset_name)).max_position_embeddings
     if seq_len > student_context:
         raise ValueError(f"{shown('seq_len')} {seq_len} exceeds the student's context of {student_context}")
@@ -434,6 +441,7 @@ def distill(
                          f"{load_config(teacher_dir).max_position_embeddings}")
 
     tokenizer = load_tokenizer(teacher_dir)
+    gen_template = resolve_template(tokenizer, template, tuple(TEMPLATES)) if mode == "sequence" else None
     teacher = from_pretrained(teacher_dir, dtype=_DTYPES[teacher_dtype])
     if student_dir is not None:
         student = from_pretrained(student_dir, dtype=torch.float32)
@@ -470,11 +478,7 @@ def distill(
         if completions.is_file():
             logger.info("resuming: using the teacher's completions in %s", completions)
         elif info.is_main:
-            from fastlm.data.chat import resolve_template
-
-            prompts = read_prompts(data[0])
-            rows = teacher_completions(teacher.to(info.device), tokenizer, prompts,
-                                       template=resolve_template(tokenizer, template, tuple(TEMPLATES)),
+            rows = teacher_completions(teacher.to(info.device), tokenizer, prompts, template=gen_template,
                                        max_new_tokens=max_new_tokens, do_sample=do_sample,
                                        temperature=gen_temperature, top_k=top_k, top_p=top_p,
                                        batch_size=gen_batch_size, seed=config.seed)

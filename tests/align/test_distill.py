@@ -148,6 +148,21 @@ def test_student_learns_toward_the_teacher_and_the_teacher_is_untouched(tmp_path
     assert any(not torch.equal(before_student[k], v) for k, v in student.state_dict().items())
 
 
+def test_bf16_autocast_runs_teacher_and_student_in_bf16(tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        trainer = _trainer(tmp_path / precision, precision=precision)
+        trainer._build()
+        trainer.model.train()
+        seen = []
+        hook = trainer.teacher.layers[0].attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        batch = _batch()
+        losses[precision] = (trainer._loss_sum(batch, 25) / 25).item()
+        hook.remove()
+        assert seen == [torch.bfloat16 if precision == "bf16" else torch.float32]  # the teacher's matmuls
+    assert math.isfinite(losses["bf16"]) and math.isclose(losses["bf16"], losses["fp32"], rel_tol=0.05)
+
+
 def test_validation_is_the_students_cross_entropy(tmp_path):
     trainer = _trainer(tmp_path, steps=2, loss=DistillConfig(temperature=3.0, alpha=0.9))
     result = trainer.fit()

@@ -94,6 +94,9 @@ def test_sequence_mode_trains_on_the_teachers_greedy_completions(pair, tmp_path)
     (["--top-k", "5"], "--top-k applies to the teacher's completions of --mode sequence"),
     (["--mode", "sequence", "--top-p", "0.9"], "--top-p applies to sampled completions: add --do-sample"),
     (["--seq-len", "100"], "--seq-len 100 exceeds the student's context of 64"),
+    (["--template", "alpaca"], "--template and --truncation apply to prompt/completion data"),
+    (["--mode", "sequence"], "corpus.txt:1: not valid JSON"),
+    (["--jsd-beta", "1"], "--jsd-beta must be in (0, 1)"),
 ])
 def test_bad_options_are_one_line_errors(pair, tmp_path, capsys, extra, message):
     argv = ["distill", "--teacher", str(pair / "teacher"), "--student", str(pair / "student"), "--data",
