@@ -74,7 +74,7 @@ class DistillConfig:
     ``jsd_beta`` β in (0, 1) (jsd only), ``alpha`` α in [0, 1] (1: soft targets only,
     0: hard labels only). See the module docstring for the formula."""
 
-    temperature: float = 2.0
+    temperature: float = 1.0  # as Liger's distillation losses (TRL's GKD: 0.9); see bench/results/align/distill.md
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
     alpha: float = 0.5
