@@ -229,3 +229,30 @@ def test_config_checks():
     for beta in (-0.1, 0.0, 1.0):
         with pytest.raises(ValueError, match=r"jsd_beta must be in \(0, 1\)"):
             DistillConfig(jsd_beta=beta)
+
+
+@pytest.mark.parametrize("divergence,trl_beta", [("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", 0.3)])
+def test_soft_target_loss_equals_trl_gkd_times_t_squared(tmp_path, monkeypatch, divergence, trl_beta):
+    """α = 1: the trained loss is T² × TRL's GKDTrainer.generalized_jsd_loss on the full logits
+    (β = 0 and 1 are TRL's forward and reverse KL), and so are the student's gradients."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    temperature = 2.0
+    loss = DistillConfig(temperature=temperature, divergence=divergence, jsd_beta=trl_beta if divergence == "jsd"
+                         else 0.5, alpha=1.0)
+    trainer = _trainer(tmp_path, loss=loss)
+    trainer._build()
+    trainer.model.train()
+    batch = _batch()
+    ours = trainer._loss_sum(batch, 25) / 25
+    ours.backward()
+    got = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    trainer.model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        teacher_logits = trainer.teacher(batch["input_ids"])
+    theirs = temperature**2 * gkd.GKDTrainer.generalized_jsd_loss(
+        trainer.model(batch["input_ids"]), teacher_logits, batch["labels"], beta=trl_beta, temperature=temperature)
+    theirs.backward()
+    assert math.isclose(ours.item(), theirs.item(), rel_tol=1e-5)
+    for name, p in trainer.model.named_parameters():
+        assert torch.allclose(got[name], p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item()), name
