@@ -3,6 +3,7 @@ sequence mode (the teacher's completions are what fastlm.generate gives), resume
 refused inputs (one line naming the flag)."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -115,3 +116,32 @@ def test_a_student_with_another_vocabulary_is_refused(pair, tmp_path, capsys):
             str(pair / "corpus.txt"), "--out", str(tmp_path / "run"), "--device", "cpu", "--seq-len", "24"]
     assert console_main(argv) == 2
     assert f"teacher's vocabulary has {sizes[0]} ids and the student's {sizes[1]}" in capsys.readouterr().err
+
+
+def test_sequence_mode_resumes_on_the_same_completions(pair, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fastlm.align.distill")
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ("def add(a, b):", "class Point:")] * 3)
+    out = tmp_path / "run"
+    base = ["distill", "--teacher", str(pair / "teacher"), "--student", str(pair / "student"), "--data", str(data),
+            "--mode", "sequence", "--max-new-tokens", "5", "--do-sample", "--seed", "3", "--out", str(out),
+            "--schedule", "constant", "--seq-len", "24", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+    assert main([*base, "--max-steps", "2"]) == 0
+    written = (out / COMPLETIONS_FILE).read_bytes()
+    assert main([*base, "--max-steps", "3", "--resume"]) == 0
+    assert "using the teacher's completions" in caplog.text
+    assert (out / COMPLETIONS_FILE).read_bytes() == written
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    again = tmp_path / "again"  # sampling with the same seed gives the same completions
+    assert main([*base, "--out", str(again), "--max-steps", "1"]) == 0  # the last --out wins
+    assert (again / COMPLETIONS_FILE).read_bytes() == written
+
+
+def test_read_prompts(tmp_path):
+    from fastlm.align.distill import read_prompts
+
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old answer"}]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "completion": "ignored"}, {"messages": chat}])
+    assert read_prompts(path) == ["a", chat[:1]]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}, {"text": "b"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected \{\"prompt\": str\}"):
+        read_prompts(bad)
