@@ -19,13 +19,15 @@ pytest.importorskip("triton")
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
 
 
-@pytest.fixture(params=["one tile", "several tiles"])
-def tiles(request, monkeypatch):
+def several_tiles(monkeypatch):
+    """Lower the tile caps so that a row spans several tiles, the last one partial."""
     module = kernel_module("logprobs")
-    if request.param == "several tiles":
-        monkeypatch.setattr(module, "LOGPROBS_MAX_BLOCK", 32)
-        monkeypatch.setattr(module, "DISTILL_MAX_BLOCK", 16)
-    return request.param
+    monkeypatch.setattr(module, "LOGPROBS_MAX_BLOCK", 32)
+    monkeypatch.setattr(module, "DISTILL_MAX_BLOCK", 64)  # V = 101, 123: two tiles
+
+
+# (rows, vocabulary, several tiles): T = 1 in one tile; 37 rows over several partial tiles
+SHAPES = [pytest.param(1, 37, False, id="1x37"), pytest.param(37, 123, True, id="37x123-tiled")]
 
 
 def make(n, h, v, dtype, seed=0, ignore_every=0):
@@ -66,8 +68,10 @@ def test_registered():
         assert has_kernel(name, "triton") and has_kernel(f"{name}_backward", "triton")
 
 
-@pytest.mark.parametrize("n,v,chunk", [(1, 7, None), (37, 123, 8), (37, 100, None)])
-def test_logprobs_float64_equals_reference(tiles, n, v, chunk):
+@pytest.mark.parametrize("n,v,chunk,tiled", [(1, 7, None, False), (37, 123, 8, True), (37, 100, None, False)])
+def test_logprobs_float64_equals_reference(monkeypatch, n, v, chunk, tiled):
+    if tiled:
+        several_tiles(monkeypatch)
     hidden, weight, tokens = make(n, 16, v, torch.float64, ignore_every=4)
     g = torch.Generator().manual_seed(1)
     g_lp, g_ent = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
@@ -78,8 +82,10 @@ def test_logprobs_float64_equals_reference(tiles, n, v, chunk):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("n,v", [(1, 37), (37, 123)])
-def test_logprobs_2x_rule(tiles, dtype, n, v):
+@pytest.mark.parametrize("n,v,tiled", SHAPES)
+def test_logprobs_2x_rule(monkeypatch, dtype, n, v, tiled):
+    if tiled:
+        several_tiles(monkeypatch)
     hidden, weight, tokens = make(n, 16, v, dtype, ignore_every=5)
     g = torch.Generator().manual_seed(2)
     g_lp, g_ent = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
@@ -136,11 +142,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", CASES, ids=lambda c: f"{c['divergence']}-T{c['temperature']}-a{c['alpha']}")
-@pytest.mark.parametrize("labelled", [True, False])
-def test_distill_float64_equals_reference(tiles, kwargs, labelled):
-    sh, sw, labels = make(37, 12, 101, torch.float64, ignore_every=6)
-    th, tw, _ = make(37, 8, 101, torch.float64, seed=3)
+@pytest.mark.parametrize("kwargs,labelled", [(c, True) for c in CASES] + [(CASES[1], False)],
+                         ids=lambda c: f"{c['divergence']}-T{c['temperature']}-a{c['alpha']}" if isinstance(c, dict)
+                         else ("labels" if c else "no-labels"))
+def test_distill_float64_equals_reference(monkeypatch, kwargs, labelled):
+    several_tiles(monkeypatch)
+    sh, sw, labels = make(19, 12, 101, torch.float64, ignore_every=6)
+    th, tw, _ = make(19, 8, 101, torch.float64, seed=3)
     labels = labels if labelled else None
     got = run_distill(fused_distill("triton", 8), sh, sw, th, tw, labels, kwargs)
     want = run_distill(fused_distill("reference", 8), sh, sw, th, tw, labels, kwargs)
@@ -150,8 +158,10 @@ def test_distill_float64_equals_reference(tiles, kwargs, labelled):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kwargs", CASES[:3], ids=lambda c: c["divergence"])
-@pytest.mark.parametrize("n,v", [(1, 37), (37, 123)])
-def test_distill_2x_rule(tiles, dtype, kwargs, n, v):
+@pytest.mark.parametrize("n,v,tiled", SHAPES)
+def test_distill_2x_rule(monkeypatch, dtype, kwargs, n, v, tiled):
+    if tiled:
+        several_tiles(monkeypatch)
     sh, sw, labels = make(n, 16, v, dtype, ignore_every=5)
     th, tw, _ = make(n, 8, v, dtype, seed=4)
     truth = run_distill(unfused_distill, sh.double(), sw.double(), th.double(), tw.double(), labels, kwargs)
