@@ -256,3 +256,19 @@ def test_soft_target_loss_equals_trl_gkd_times_t_squared(tmp_path, monkeypatch, 
     assert math.isclose(ours.item(), theirs.item(), rel_tol=1e-5)
     for name, p in trainer.model.named_parameters():
         assert torch.allclose(got[name], p.grad, rtol=1e-4, atol=1e-4 * p.grad.abs().max().item()), name
+
+
+def test_one_host_read_per_distillation_step(tmp_path):
+    from tests.host_reads import HostReads
+
+    trainer = _trainer(tmp_path, grad_accum=2)
+    trainer._build()
+    trainer.model.train()
+    reads = []
+    for step in range(2):
+        batches = trainer._fetch(step)  # the data boundary: host batches checked on the host
+        with HostReads() as counter:
+            loss, grad_norm, _ = trainer._run_step(step, batches)
+        reads.append(counter.where)
+        assert math.isfinite(loss) and math.isfinite(grad_norm)
+    assert all(len(r) == 1 for r in reads), reads  # the step's summary, as the base trainer
