@@ -29,7 +29,8 @@ def add_distill(sub) -> None:
                                     "T, loss = alpha*T^2*D(teacher||student) + (1-alpha)*CE(student, labels) per "
                                     "target token; --mode sequence: the teacher completes the prompts and the "
                                     "student is fine-tuned on its completions. Teacher and student must share "
-                                    "the tokenizer.")
+                                    "the tokenizer. The logged training loss is the distillation loss; validation "
+                                    "(val_loss, perplexity) is the student's cross-entropy on held-out data.")
     parser.add_argument("--teacher", required=True, help="teacher checkpoint folder (with its tokenizer)")
     whom = parser.add_mutually_exclusive_group(required=True)
     whom.add_argument("--student", help="student checkpoint folder (same vocabulary and tokenizer as the teacher)")
