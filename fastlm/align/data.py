@@ -347,3 +347,79 @@ def collate_pairs(examples: Sequence[PairExample], pad_id: int, index: Sequence[
             "labels": torch.zeros(b, dtype=torch.int64),
             "index": torch.tensor(list(index) if index is not None else range(b), dtype=torch.int64),
             "margin": torch.tensor([e.margin for e in examples], dtype=torch.float32)}
+
+
+def check_pair_batch(batch: dict, vocab_size: int, what: str) -> int:
+    """The data boundary of the pair trainers: token ids in [0, vocab) and consistent shapes,
+    checked on the host; returns the number of pairs (the Trainer's target count)."""
+    ids, attention, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    b = batch["labels"].shape[0]
+    if ids.dim() != 2 or ids.shape[0] != 2 * b or attention.shape != ids.shape or loss_mask.shape != ids.shape:
+        raise ValueError(f"{what}: expected input_ids/attention_mask/loss_mask of shape (2·{b}, T), got "
+                         f"{tuple(ids.shape)}, {tuple(attention.shape)}, {tuple(loss_mask.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{what}: input_ids must be in [0, {vocab_size}), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}] (does the tokenizer match the model?)")
+    return b
+
+
+@dataclass
+class PreparedPairs:
+    tokenizer: Tokenizer
+    template: str
+    train: PairSource
+    val: PairSource | None
+    report: PairReport
+    out: Path
+
+
+def prepare_pairs(config, *, data: str, model_dir: str, template: str | None, seq_len: int, val_data: str | None,
+                  val_fraction: float, on_bad_row: str, resume: bool, overwrite: bool, settings: dict
+                  ) -> PreparedPairs:
+    """What the preference recipes (``fastlm reward``, ``fastlm dpo``) do before building their
+    model, as :func:`fastlm.train.recipes.prepare_finetune` does for SFT: check the arguments,
+    read and encode the pairs (reporting bad rows), hold out ``val_fraction`` of the rows (unless
+    ``val_data``), prepare ``config.out`` and record or compare the run's settings."""
+    from fastlm.data import load_tokenizer
+    from fastlm.io import load_config
+    from fastlm.io.validate import check_model_dir
+    from fastlm.train import distributed, rundir
+    from fastlm.train.recipes import _trainer_settings
+
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"{shown('seq_len')} must be an integer >= 2, got {seq_len!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"{shown('val_fraction')} must be in (0, 1), got {val_fraction!r}")
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"{shown('on_bad_row')} must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
+    check_model_dir(model_dir, shown("model_dir"))
+    context = load_config(model_dir).max_position_embeddings
+    if seq_len > context:
+        raise ValueError(f"{shown('seq_len')} {seq_len} exceeds the model's context of {context}")
+    for name, path in (("data", data), ("val_data", val_data)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{shown(name)} {path}: no such file" if not Path(path).is_dir()
+                                    else f"{shown(name)} {path} is a directory; expected a jsonl file")
+    tokenizer = load_tokenizer(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
+    template = resolve_template(tokenizer, template, tuple(TEMPLATES))
+    examples, report = load_pairs(data, tokenizer, template=template, max_len=seq_len, on_bad_row=on_bad_row)
+    if val_data is not None:
+        train, val = examples, load_pairs(val_data, tokenizer, template=template, max_len=seq_len,
+                                          on_bad_row=on_bad_row)[0]
+    else:
+        train, val = split_rows(examples, val_fraction, seed=config.seed)
+    info = distributed.setup(config.device)
+    out = rundir.prepare_out(config.out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    distributed.barrier()
+    fingerprint = rundir.file_fingerprint(data) + (rundir.file_fingerprint(val_data) if val_data else "")
+    settings = dict(settings, data=str(data), data_fingerprint=fingerprint, model=str(model_dir), template=template,
+                    seq_len=seq_len, val_data=val_data, val_fraction=val_fraction, on_bad_row=on_bad_row,
+                    **_trainer_settings(config))
+    rundir.begin_run(out, settings, resume=resume, is_main=info.is_main)
+    logger.info("%s: %d rows -> %d pairs (%d train, %d held out), %d bad rows skipped", data, report.rows,
+                report.pairs, len(train), len(val), len(report.bad))
+    return PreparedPairs(tokenizer, template, PairSource(train, config.batch_size, pad, config.seed),
+                         PairSource(val, config.batch_size, pad, config.seed + 1) if val else None, report, out)

@@ -23,28 +23,35 @@ model when no attention mask is given.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file as safe_load_file
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from fastlm._files import atomic_write_text
+from fastlm._naming import shown
+from fastlm.align.data import check_pair_batch, collate_pairs, prepare_pairs
 from fastlm.io import atomic_write, from_pretrained
 from fastlm.io.checkpoint import read_hf_config, read_safetensors
 from fastlm.io.families import HF_NAME_BY_ARCH, config_from_hf, config_to_hf
 from fastlm.io.hf_format import CheckpointError, state_dict_from_hf, state_dict_to_hf
 from fastlm.model import Model
-from fastlm.peft import LoraModel
+from fastlm.peft import LoraConfig, LoraModel
+from fastlm.train.trainer import Trainer, TrainerConfig, TrainResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RewardModel", "load_reward_model", "pairwise_loss", "sequence_classification_name",
-           "REWARD_INFO_FILE"]
+__all__ = ["REWARD_INFO_FILE", "REWARD_METHODS", "RewardModel", "RewardOutput", "RewardTrainer", "load_reward_model",
+           "pairwise_accuracy", "pairwise_loss", "sequence_classification_name", "train_reward_model"]
 
 #: Written next to the weights: the prompt template the reward model scores texts with.
 REWARD_INFO_FILE = "reward_model.json"
@@ -81,8 +88,8 @@ def _base_model(backbone: nn.Module) -> Model:
 
 
 class RewardModel(nn.Module):
-    """A fastlm model (or a LoraModel over one) with a linear head ``score`` (num_labels, H),
-    no bias, read at the last non-padding token. See the module docstring for the math.
+    """A fastlm model (or a LoraModel over one) with a linear head ``head`` (num_labels, H), no
+    bias (``score.weight`` in the files), read at the last non-padding token. See the module docstring for the math.
 
     ``num_labels`` 1 (a scalar reward) or 2 (a classifier whose ``positive_label`` logit is the
     reward). ``pad_token_id`` (default: the backbone config's) marks padding when no attention
@@ -99,6 +106,8 @@ class RewardModel(nn.Module):
         if num_labels == 2 and positive_label not in (0, 1):
             raise ValueError(f"positive_label must be 0 or 1 for a two-class head, got {positive_label!r}")
         self.backbone = backbone
+        if type(base.lm_head) is nn.Linear and base.lm_head.weight is not base.embed.weight:
+            base.lm_head.requires_grad_(False)  # the LM head is unused by a reward model
         self.num_labels = num_labels
         self.positive_label = positive_label if num_labels == 2 else 0
         self.pad_token_id = base.config.pad_token_id if pad_token_id is None else pad_token_id
@@ -109,14 +118,7 @@ class RewardModel(nn.Module):
         if head.weight.shape != (num_labels, base.config.hidden_size) or head.bias is not None:
             raise ValueError(f"head must be a bias-free Linear of weight shape ({num_labels}, "
                              f"{base.config.hidden_size}), got {tuple(head.weight.shape)}")
-        # transformers names the head "score" (score.weight); rm.score(...) is the scoring method, so
-        # the module is registered under that name directly and reached through `head`.
-        self._modules["score"] = head
-
-    @property
-    def head(self) -> nn.Linear:
-        """The reward head, ``score.weight`` (num_labels, H) in the files."""
-        return self._modules["score"]
+        self.head = head  # saved as transformers' "score.weight"; rm.score(...) scores texts
 
     # ---- what the Trainer and generate-side code use ------------------------------------------
 
@@ -260,7 +262,7 @@ class RewardModel(nn.Module):
 
 def _score_texts(self: RewardModel, prompts: Sequence, completions: Sequence, tokenizer, *, batch_size: int = 16,
                  max_len: int | None = None) -> list[float]:
-    from fastlm.align.data import encode_completion  # data sits beside this module; imported late
+    from fastlm.align.data import encode_completion
 
     if len(prompts) != len(completions):
         raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
@@ -342,3 +344,156 @@ def load_reward_model(directory: str | Path, *, dtype: torch.dtype | None = None
     rm = RewardModel(model, num_labels=num_labels, positive_label=int(info.get("positive_label", 1)),
                      pad_token_id=hf.get("pad_token_id"), template=info.get("template", "plain"), head=head)
     return rm.eval()
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+#: How a reward model trains: every weight, LoRA adapters on the backbone (+ the head), or the head alone.
+REWARD_METHODS = ("full", "lora", "frozen")
+_TRAINABLE_FILE = "trainable.safetensors"  # LoRA/frozen checkpoints: the trained tensors, for an exact resume
+
+
+class RewardTrainer(Trainer):
+    """Trains a :class:`RewardModel` on :class:`~fastlm.align.data.PairSource` batches with the
+    pairwise loss, mean over pairs. Logs ``rewards/accuracies`` (fraction of pairs with
+    r_chosen > r_rejected) and ``rewards/margins`` (mean r_chosen − r_rejected) per step.
+    Checkpoints are ``…ForSequenceClassification`` directories (LoRA merged) that
+    :func:`load_reward_model` and transformers load; with LoRA or a frozen backbone they also
+    hold the trained tensors (``trainable.safetensors``) to resume from."""
+
+    progress_metrics = ("rewards/accuracies",)
+
+    def __init__(self, model: RewardModel, train_source, config: TrainerConfig, **kwargs) -> None:
+        if not isinstance(model, RewardModel):
+            raise TypeError(f"RewardTrainer trains a RewardModel, got {type(model).__name__}")
+        if config.fsdp:
+            raise ValueError("RewardTrainer: fsdp is not supported (checkpoints are written from the main process's "
+                             "whole model); train with DDP")
+        super().__init__(model, train_source, config, **kwargs)
+        self._stats: torch.Tensor | None = None
+
+    def _check_batch(self, batch: dict, what: str) -> int:
+        return check_pair_batch(batch, self.model.config.vocab_size, what)
+
+    def _loss_sum(self, batch: dict, num_targets: int) -> torch.Tensor:
+        with self._autocast():
+            rewards = self.forward(batch["input_ids"], batch["attention_mask"], validate=False)  # (2b,)
+        chosen, rejected = rewards.float().chunk(2)
+        losses = pairwise_loss(chosen, rejected, batch["margin"])
+        if self.model.training:
+            stats = torch.stack(((chosen > rejected).float().sum(), (chosen - rejected).sum(),
+                                 torch.tensor(float(chosen.shape[0]), device=chosen.device))).detach()
+            self._stats = stats if self._stats is None else self._stats + stats
+        return losses.sum()
+
+    def _step_metrics(self) -> dict[str, float]:
+        if self._stats is None:
+            return {}
+        correct, margin, count = self._stats.tolist()  # the step's second (small) device→host read
+        self._stats = None
+        return {"rewards/accuracies": correct / count, "rewards/margins": margin / count}
+
+    def _gather_model(self) -> None:
+        return None  # written from the main process's own (unsharded) model
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _write_model(self, directory: Path, gathered) -> None:
+        self.model.save_pretrained(directory)
+        if not _all_trainable(self.model):
+            tensors = self._trainable()
+            atomic_write(directory / _TRAINABLE_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def _load_model(self, directory: Path, optimizer_state: dict) -> None:
+        if (directory / _TRAINABLE_FILE).is_file():
+            loaded = dict(safe_load_file(str(directory / _TRAINABLE_FILE)))
+        else:  # full training: every weight is in the exported checkpoint
+            saved = load_reward_model(directory, dtype=self.model.head.weight.dtype).state_dict()
+            loaded = {n: saved[n] for n, p in self.model.named_parameters() if p.requires_grad}
+        expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(loaded) != expected:
+            raise CheckpointError(f"{directory}: the checkpoint's trained tensors do not match this run's "
+                                  f"(missing {sorted(expected - set(loaded))[:3]}, extra {sorted(set(loaded) - expected)[:3]})")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in loaded.items():
+                params[name].copy_(tensor)
+        options = StateDictOptions(full_state_dict=True, strict=True)
+        set_optimizer_state_dict(self.wrapped, self.optimizer, optimizer_state, options=options)
+
+
+def _all_trainable(model: nn.Module) -> bool:
+    return all(p.requires_grad for n, p in model.named_parameters() if not n.endswith("lm_head.weight"))
+
+
+@torch.no_grad()
+def pairwise_accuracy(rm: RewardModel, examples, *, pad_id: int, batch_size: int = 32) -> float:
+    """Fraction of :class:`~fastlm.align.data.PairExample` pairs the model orders correctly
+    (r_chosen > r_rejected; a tie counts as wrong)."""
+    if not examples:
+        raise ValueError("pairwise_accuracy: no pairs")
+    was_training = rm.training
+    rm.eval()
+    correct = 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate_pairs(examples[start:start + batch_size], pad_id)
+            rewards = rm(batch["input_ids"].to(rm.device), batch["attention_mask"].to(rm.device))
+            chosen, rejected = rewards.chunk(2)
+            correct += int((chosen > rejected).sum())
+    finally:
+        rm.train(was_training)
+    return correct / len(examples)
+
+
+@dataclass
+class RewardOutput:
+    model: RewardModel
+    tokenizer: object
+    result: TrainResult
+    accuracy: float | None  # held-out pairwise accuracy after training (None without held-out pairs)
+    accuracy_before: float | None
+
+
+def train_reward_model(config: TrainerConfig, *, data: str, model_dir: str, method: str = "full",
+                       lora: LoraConfig | None = None, num_labels: int = 1, template: str | None = None,
+                       seq_len: int = 512, val_data: str | None = None, val_fraction: float = 0.1,
+                       on_bad_row: str = "error", resume: bool = False, overwrite: bool = False) -> RewardOutput:
+    """Train a reward model from the checkpoint in ``model_dir`` (a causal LM: a new head; or a
+    ``…ForSequenceClassification``: continue) on preference rows (rankings or pairs, see
+    :mod:`fastlm.align.data`), ``method`` full / lora / frozen. Held-out pairs: ``val_data``,
+    else ``val_fraction`` of the rows. Checkpoints in ``<out>/checkpoints/step-*`` are reward-model
+    directories with the tokenizer; the held-out pairwise accuracy before and after is written to
+    ``<out>/reward_eval.json``."""
+    if method not in REWARD_METHODS:
+        raise ValueError(f"{shown('method')} must be one of {REWARD_METHODS}, got {method!r}")
+    prepared = prepare_pairs(config, data=data, model_dir=model_dir, template=template, seq_len=seq_len,
+                             val_data=val_data, val_fraction=val_fraction, on_bad_row=on_bad_row, resume=resume,
+                             overwrite=overwrite, settings=dict(command="reward", method=method, num_labels=num_labels,
+                                                                lora=dataclasses.asdict(lora) if lora else None))
+    torch.manual_seed(config.seed)  # the same head (and adapter) initialisation in every process and run
+    rm = RewardModel.from_pretrained(model_dir, num_labels=num_labels, dtype=torch.float32,
+                                     template=prepared.template)
+    rm.template = prepared.template
+    if method == "frozen":
+        rm.backbone.requires_grad_(False)
+    elif method == "lora":
+        rm = RewardModel(LoraModel(rm.base_model, lora or LoraConfig()), num_labels=rm.num_labels,
+                         positive_label=rm.positive_label, pad_token_id=rm.pad_token_id, template=rm.template,
+                         head=rm.head)
+    val = prepared.val.examples if prepared.val is not None else None
+    pad = prepared.train.pad_id
+    before = pairwise_accuracy(rm, val, pad_id=pad) if val else None
+
+    def extra_files(directory: Path) -> None:
+        prepared.tokenizer.save(directory)
+
+    trainer = RewardTrainer(rm, prepared.train, config, val_source=prepared.val, extra_files=extra_files)
+    result = trainer.fit(resume=resume)
+    after = pairwise_accuracy(rm, val, pad_id=pad) if val else None
+    if trainer.info.is_main:
+        atomic_write_text(prepared.out / "reward_eval.json", json.dumps(
+            {"held_out_pairs": len(val or []), "accuracy_before": before, "accuracy": after,
+             "bad_rows": len(prepared.report.bad), "pairs": prepared.report.pairs}, indent=2) + "\n")
+    return RewardOutput(rm, prepared.tokenizer, result, after, before)

@@ -111,7 +111,7 @@ def test_lora_reward_model_saves_merged(tmp_path):
         torch.testing.assert_close(load_reward_model(tmp_path)(ids, mask), before, rtol=1e-5, atol=1e-5)
     assert lora.merged_adapter is None  # saving left the model unmerged
     trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
-    assert "score.weight" in trainable and any("lora_A" in n for n in trainable)
+    assert "head.weight" in trainable and any("lora_A" in n for n in trainable)
     assert not any(n.endswith("q_proj.base.weight") for n in trainable)
 
 
