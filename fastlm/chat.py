@@ -122,17 +122,9 @@ def chat_loop(model: Any, tokenizer: Tokenizer, lines: Iterable[str], out: TextI
 
 def _check(args: argparse.Namespace) -> None:
     """Every option checked before anything is loaded."""
-    from fastlm.cli import check_device, check_positive
-    from fastlm.io.validate import check_adapter_dir, check_model_dir
+    from fastlm.cli_generate import check_sampling_and_model
 
-    check_positive(args, "max_new_tokens", "top_k")
-    check_positive(args, "temperature", "repetition_penalty", low=0, strict=True)
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    check_device(args.device)
-    check_model_dir(args.model, "--model")
-    if args.adapter:
-        check_adapter_dir(args.adapter, "--adapter")
+    check_sampling_and_model(args)
 
 
 def _run(args: argparse.Namespace) -> int:

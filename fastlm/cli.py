@@ -460,6 +460,12 @@ def _add_info(sub) -> None:
     info.set_defaults(func=_info)
 
 
+def _add_prefs(sub) -> None:
+    from fastlm.align.cli_prefs import add_parsers  # `fastlm reward`, `fastlm dpo`: fastlm/align/cli_prefs.py
+
+    add_parsers(sub)
+
+
 def _add_distill(sub) -> None:
     from fastlm.align.cli_distill import add_distill  # `fastlm distill`: fastlm/align/cli_distill.py
 
@@ -470,7 +476,7 @@ def _add_distill(sub) -> None:
 #: with :func:`register`.
 REGISTRARS: list[Callable[[Any], None]] = [_add_demo, _add_pretrain, _add_finetune, _add_generate, _add_quantize,
                                            _add_chat, _add_eval, _add_build_ext, _add_info,
-                                           _add_distill]
+                                           _add_prefs, _add_distill]
 
 
 def register(registrar: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -67,15 +67,30 @@ def _recorded_template(*directories: str | None) -> str:
                      "finetune); name one with --template")
 
 
-def check_generate(args: argparse.Namespace) -> tuple[bool, str | None]:
-    """Check every option before any work; returns (do_sample, template)."""
+def check_sampling_and_model(args: argparse.Namespace, *positive: str) -> None:
+    """The checks ``fastlm generate`` and ``fastlm chat`` share: positive counts (``max_new_tokens``,
+    ``top_k`` and the ``positive`` options), temperature / repetition penalty > 0, top-p in (0, 1],
+    the device, the model directory and the adapter directory."""
     from fastlm.cli import check_device, check_positive
     from fastlm.io.validate import check_adapter_dir, check_model_dir
 
-    check_positive(args, "max_new_tokens", "num_beams", "num_draft_tokens", "top_k")
+    check_positive(args, "max_new_tokens", "top_k", *positive)
     check_positive(args, "temperature", "repetition_penalty", low=0, strict=True)
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    check_device(args.device)
+    check_model_dir(args.model, "--model")
+    if args.adapter:
+        check_adapter_dir(args.adapter, "--adapter")
+
+
+def check_generate(args: argparse.Namespace) -> tuple[bool, str | None]:
+    """Check every option before any work; returns (do_sample, template)."""
+    from fastlm.io.validate import check_model_dir
+
+    if not args.prompt:
+        raise ValueError("--prompt is empty; give the text to continue")
+    check_sampling_and_model(args, "num_beams", "num_draft_tokens")
     if args.penalty_alpha is not None:
         if not 0 <= args.penalty_alpha <= 1:
             raise ValueError(f"--penalty-alpha must be in [0, 1], got {args.penalty_alpha}")
@@ -98,12 +113,6 @@ def check_generate(args: argparse.Namespace) -> tuple[bool, str | None]:
         raise ValueError(f"--stop works with greedy and sampling decoding, not with {strategies[0]}")
     if args.template and args.chat:
         raise ValueError("--template and --chat exclude each other (--chat uses the template recorded with the model)")
-    if not args.prompt:
-        raise ValueError("--prompt is empty; give the text to continue")
-    check_device(args.device)
-    check_model_dir(args.model, "--model")
-    if args.adapter:
-        check_adapter_dir(args.adapter, "--adapter")
     if args.draft_model:
         check_model_dir(args.draft_model, "--draft-model")
     template = _recorded_template(args.adapter, args.model) if args.chat else args.template

@@ -3,25 +3,21 @@ and gradients of the unpatched model on the whole batch in one process."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.distributed_env import ROOT, torchrun_env
 from tests.integrations.hf_models import batch, build
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_match_one(tmp_path, mode):
     out = tmp_path / "rank0.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1",  # two processes on the CI machine's 2 cores
-           "GLOO_SOCKET_IFNAME": "lo"}  # gloo's pairs on the loopback interface, as the rendezvous
+    env = torchrun_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "tests.integrations.ddp_worker", mode, str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)

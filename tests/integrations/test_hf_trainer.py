@@ -1,4 +1,4 @@
-"""transformers.Trainer (and TRL's SFTTrainer) with apply(): 20 training steps give the same
+"""transformers.Trainer (and TRL's SFTTrainer and DPOTrainer) with apply(): 20 training steps give the same
 losses as the unpatched model, by the 2x rule against a float64 run."""
 
 from __future__ import annotations
@@ -90,3 +90,40 @@ def _tokenizer():
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 96)}}
     return Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+
+
+def test_trl_dpo_trainer_with_patched_model(tmp_path):
+    """TRL's DPOTrainer with a patched policy and a patched frozen reference (same initial weights):
+    the same DPO losses as the unpatched pair over 4 steps, by the 2x rule."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import pre_tokenizers
+
+    rng = torch.Generator().manual_seed(5)
+
+    def words(n):
+        return " ".join(f"t{int(i)}" for i in torch.randint(3, 96, (n,), generator=rng))
+
+    rows = [{"prompt": words(5), "chosen": " " + words(4), "rejected": " " + words(3)} for _ in range(16)]
+    data = Dataset.from_list(rows)
+    tokenizer = _tokenizer()
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+
+    def run(make, name):
+        model, ref_model = make(), make()
+        cfg = trl.DPOConfig(output_dir=str(tmp_path / name), max_steps=4, per_device_train_batch_size=4,
+                            learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                            seed=7, disable_tqdm=True, beta=0.1)
+        tok = T.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>")
+        trainer = _recording(trl.DPOTrainer)(model=model, ref_model=ref_model, args=cfg, train_dataset=data,
+                                             processing_class=tok)
+        trainer.losses = []
+        trainer.train()
+        return torch.tensor(trainer.losses, dtype=torch.float64)
+
+    oracle = run(lambda: build("llama", attn="sdpa", dtype=torch.float64), "oracle")
+    plain = run(lambda: build("llama", attn="sdpa"), "plain")
+    patched = run(lambda: fi.apply(build("llama", attn="sdpa")), "patched")
+    assert len(patched) == 4
+    assert not torch.allclose(patched, patched[0].expand(4))  # the policy moves away from the reference
+    assert_2x(patched, plain, oracle, atol=1e-5, what="DPOTrainer losses")

@@ -12,7 +12,6 @@
 """
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from fastlm.peft import LoraConfig, LoraLinear, LoraModel, PromptTuningConfig, P
 from fastlm.peft.tuning import AdapterTrainer, train_adapter
 from fastlm.train import SFTSource, TrainerConfig
 from fastlm.train.data import IGNORE_INDEX
+from tests.distributed_env import torchrun_env
 
 DDP_TOL = 2e-5  # tests/train/test_distributed.py's tolerance for 2 processes vs 1
 
@@ -205,8 +205,7 @@ def _one_process(args):
 def _two_processes(args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "fastlm", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=torchrun_env())
     assert result.returncode == 0, result.stderr[-3000:]
     # DDP neither fails nor warns about parameters that get no gradient (the frozen base)
     assert "find_unused_parameters" not in result.stderr, result.stderr[-3000:]

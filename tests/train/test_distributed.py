@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import fastlm
+from tests.distributed_env import torchrun_env
 
 ARGS = ["--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--no-progress", "--device", "cpu",
         "--warmup-steps", "1", "--max-steps", "6", "--schedule", "constant"]  # constant: --max-steps may grow on resume
@@ -25,7 +26,7 @@ def _run(corpus, out, nproc, *extra):
     launcher = [sys.executable, "-m", "fastlm"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "fastlm"]
     command = [*launcher, "pretrain", "--data", str(corpus), *ARGS, "--out", str(out), *extra]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=torchrun_env())
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
