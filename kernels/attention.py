@@ -318,14 +318,14 @@ _FWD_TABLES = {
         128: [(128, 128, 8, 3, PLAIN), (128, 64, 8, 3), (128, 128, 8, 2, PLAIN), (64, 64, 4, 3)],
         256: [(128, 32, 8, 2), (64, 64, 8, 2)],
     },
-    8: {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+    8: {  # D=64: three tiles spill (4-352 B) with the window/soft-cap masks
+        64: [(128, 64, 4, 3, PLAIN), (128, 128, 8, 3, PLAIN), (64, 64, 4, 3, PLAIN), (128, 64, 8, 3), (64, 64, 4, 2)],
         128: [(64, 64, 4, 3), (128, 32, 8, 3)],
         256: [(64, 64, 8, 2)],
     },
     0: {  # older GPUs and fp32 inputs: small tiles
         64: [(32, 32, 4, 2)],
-        128: [(16, 32, 4, 2)],
+        128: [(16, 32, 4, 2, PLAIN), (16, 32, 8, 2)],  # 16×32 on 4 warps spills on sm_80 with window/soft-cap
         256: [(16, 16, 4, 2), (16, 32, 8, 1), (16, 16, 8, 1)],
     },
 }
@@ -334,20 +334,28 @@ _FWD_TABLES = {
 INTERPRET_FWD = {"BLOCK_M": 32, "BLOCK_N": 16}
 
 
-def arch_table(tables: dict[int, dict], dtype: torch.dtype) -> dict[int, list[tuple]]:
-    """The config table for the current GPU's major compute capability (and dtype)."""
-    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
+def device_major(device: torch.device) -> int:
+    """Major compute capability of a CUDA device (0 without CUDA): picks the config table."""
+    return torch.cuda.get_device_capability(device)[0] if torch.cuda.is_available() else 0
+
+
+def arch_table(tables: dict[int, dict], dtype: torch.dtype, major: int | None = None) -> dict[int, list[tuple]]:
+    """The config table for a GPU of major compute capability ``major`` (default: the current
+    GPU's) and ``dtype``."""
+    if major is None:
+        major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
     if dtype == torch.float32 or major < 8:
         return tables[0]
     return tables[9 if major >= 9 else 8]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_fwd(head_dim: int, dtype: torch.dtype, heavy: bool = False):
-    """``_attn_fwd`` autotuned over the configs for this head dim, keyed on the bucketed
-    sequence lengths, causality and the GQA group (dtypes are part of triton's key); ``heavy``:
-    the window/soft-cap variants (see :func:`_configs`)."""
-    configs = _configs(arch_table(_FWD_TABLES, dtype), head_dim, heavy)
+def _tuned_fwd(head_dim: int, dtype: torch.dtype, heavy: bool, major: int):
+    """``_attn_fwd`` autotuned over the configs for this head dim and arch (``major``: compute
+    capability, part of the cache key so that GPUs of two archs in one process each get theirs),
+    keyed on the bucketed sequence lengths, causality and the GQA group (dtypes are part of
+    triton's key); ``heavy``: the window/soft-cap variants (see :func:`_configs`)."""
+    configs = _configs(arch_table(_FWD_TABLES, dtype, major), head_dim, heavy)
     return triton.autotune(configs, key=["seq_bucket_q", "seq_bucket_k", "CAUSAL", "group", "IS_VARLEN", "WINDOW"])(_attn_fwd)
 
 
@@ -497,7 +505,7 @@ def _launch_fwd(p: Problem, q, k, v, out, lse) -> None:
     else:
         grid = lambda meta: fwd_grid(p, meta)  # noqa: E731
         with torch.cuda.device(q.device):
-            _tuned_fwd(p.head_dim, q.dtype, p.heavy)[grid](*args, **p.constexprs(q.dtype))
+            _tuned_fwd(p.head_dim, q.dtype, p.heavy, device_major(q.device))[grid](*args, **p.constexprs(q.dtype))
 
 
 def attention_forward(

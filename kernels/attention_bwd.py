@@ -47,6 +47,7 @@ from .attention import (
     arch_table,
     check_inputs,
     dense_problem,
+    device_major,
     empty_like_rows,
     interpreting,
     last_dim_contiguous,
@@ -357,8 +358,8 @@ _DKDV_TABLES = {
         128: [(32, 64, 8, 3, PLAIN), (32, 32, 4, 3), (16, 128, 8, 2, PLAIN)],
         256: [(32, 32, 8, 2)],
     },
-    8: {
-        64: [(32, 64, 4, 2)],
+    8: {  # D=64: 32×64 on 4 warps spills (sm_80), on 8 warps only with window/soft-cap
+        64: [(32, 64, 8, 2, PLAIN), (32, 32, 4, 2)],
         128: [(32, 64, 8, 2, PLAIN), (32, 32, 4, 2)],
         256: [(32, 32, 8, 2, PLAIN), (16, 32, 8, 2)],
     },
@@ -374,14 +375,15 @@ _DQ_TABLES = {
         128: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 8, 3)],
         256: [(64, 16, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 8, 2)],
     },
-    8: {
-        64: [(128, 32, 4, 2), (64, 32, 4, 2)],
+    8: {  # D=64: 128×32 on 4 warps spills on sm_80; 8 warps do not
+        64: [(128, 32, 8, 2), (64, 32, 4, 2)],
         128: [(64, 32, 4, 2), (64, 32, 8, 2)],
         256: [(32, 32, 4, 2), (32, 32, 8, 2)],
     },
     0: {
         64: [(32, 32, 4, 2), (64, 16, 4, 2), (64, 32, 8, 2)],
-        128: [(32, 16, 4, 2, PLAIN), (16, 32, 8, 2), (32, 32, 8, 2, PLAIN)],
+        # 16×32 on 8 warps, 2 stages spills on sm_80 with window/soft-cap; 1 stage does not
+        128: [(32, 16, 4, 2, PLAIN), (16, 32, 8, 2, PLAIN), (32, 32, 8, 2, PLAIN), (16, 32, 8, 1)],
         256: [(16, 16, 8, 1)],
     },
 }
@@ -392,16 +394,16 @@ _BWD_KEY = ["seq_bucket_q", "seq_bucket_k", "CAUSAL", "group", "IS_VARLEN", "WIN
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_dkdv(head_dim: int, dtype: torch.dtype, atomic: bool, heavy: bool = False):
-    configs = _configs(arch_table(_DKDV_TABLES, dtype), head_dim, heavy)
+def _tuned_dkdv(head_dim: int, dtype: torch.dtype, atomic: bool, heavy: bool, major: int):
+    configs = _configs(arch_table(_DKDV_TABLES, dtype, major), head_dim, heavy)
     # The atomic variant accumulates into DK/DV: zero them before each timed trial (and after).
     reset = ["DK", "DV"] if atomic else None
     return triton.autotune(configs, key=_BWD_KEY + ["ATOMIC"], reset_to_zero=reset)(_attn_bwd_dkdv)
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_dq(head_dim: int, dtype: torch.dtype, heavy: bool = False):
-    return triton.autotune(_configs(arch_table(_DQ_TABLES, dtype), head_dim, heavy), key=_BWD_KEY)(_attn_bwd_dq)
+def _tuned_dq(head_dim: int, dtype: torch.dtype, heavy: bool, major: int):
+    return triton.autotune(_configs(arch_table(_DQ_TABLES, dtype, major), head_dim, heavy), key=_BWD_KEY)(_attn_bwd_dq)
 
 
 def _use_split_heads(p: Problem, device: torch.device, deterministic: bool, split_heads: bool | None) -> bool:
@@ -468,7 +470,7 @@ def _backward(p: Problem, do, q, k, v, out, lse, needs, deterministic: bool, spl
                 *p.strides(dv_buf), *p.lse_strides(lse),
                 p.num_heads, p.num_kv_heads, p.group, p.max_seqlen_q, p.max_seqlen_k, *score_args, p.scale,
                 *buckets)
-        tuned = None if interpreting() else _tuned_dkdv(p.head_dim, q.dtype, atomic, p.heavy)
+        tuned = None if interpreting() else _tuned_dkdv(p.head_dim, q.dtype, atomic, p.heavy, device_major(q.device))
         _launch("dkdv", p, args, {**consts, "ATOMIC": atomic}, INTERPRET_DKDV, tuned, q.device)
         # fp32 sums of the atomic path: cast into the layout the fake implementation promises.
         dk, dv = (_like(dk_buf, k), _like(dv_buf, v)) if atomic else (dk_buf, dv_buf)
@@ -478,7 +480,7 @@ def _backward(p: Problem, do, q, k, v, out, lse, needs, deterministic: bool, spl
                 *p.strides(q), *p.strides(k), *p.strides(v), *p.strides(do), *p.strides(dq), *p.lse_strides(lse),
                 p.num_heads, p.group, p.max_seqlen_q, p.max_seqlen_k, *score_args, p.scale,
                 *buckets)
-        tuned = None if interpreting() else _tuned_dq(p.head_dim, q.dtype, p.heavy)
+        tuned = None if interpreting() else _tuned_dq(p.head_dim, q.dtype, p.heavy, device_major(q.device))
         _launch("dq", p, args, consts, INTERPRET_DQ, tuned, q.device)
 
     def result(grad, need, like):

@@ -390,6 +390,12 @@ _PREFILL_CONFIGS = [
     (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (128, 128, 128, 8, 3),
 ]
+# sm_80 (A100): 128×256 spills (4-732 B) and the 4-warp 128×64, 64×128 and 64×64 tiles spill with
+# the bias, the group scales or the fused quantization (8-40 B); on 8 warps, 4 stages they do not.
+_PREFILL_CONFIGS_SM80 = [
+    (128, 128, 64, 8, 3), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 64, 64, 8, 4),
+    (32, 64, 128, 4, 4), (16, 64, 128, 4, 4), (128, 128, 128, 8, 3),
+]
 # fp32 activations: the dot is fp32 FMA ("ieee", torch's default fp32 matmul precision), whose
 # operand fragments live in registers: short K tiles (the 16-bit tiles spill 0.3-50 KB).
 _PREFILL_CONFIGS_FP32 = [(64, 64, 16, 4, 3), (32, 64, 32, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3),
@@ -402,21 +408,28 @@ _DECODE_CONFIGS = [
 _DECODE_CONFIGS_FP32 = [(16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3)]
 
 
-def _prefill_table(kernel_name: str, kind: str) -> list[tuple]:
+def _prefill_table(kernel_name: str, kind: str, major: int = 9) -> list[tuple]:
     """The prefill configs of a kernel and activation kind ('16bit', 'fp32' or, for W8A8, 'fused':
-    the in-GEMM quantization, used up to FUSED_QUANT_MAX_ROWS rows, so tiles of at most 64 rows)."""
+    the in-GEMM quantization, used up to FUSED_QUANT_MAX_ROWS rows, so tiles of at most 64 rows)
+    on a GPU of compute capability ``major``."""
     if kind == "fp32":
         return _PREFILL_CONFIGS_FP32
-    table = _PREFILL_CONFIGS
+    table = _PREFILL_CONFIGS if major >= 9 else _PREFILL_CONFIGS_SM80
     if kind == "fused":
         table = [c for c in table if c[0] <= FUSED_QUANT_MAX_ROWS]
     return table
 
 
+def _major(device: torch.device) -> int:
+    """Major compute capability of the CUDA device the kernel launches on."""
+    return torch.cuda.get_device_capability(device)[0]
+
+
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, group_size: int, kind: str = "16bit"):
+def _tuned(kernel_name: str, group_size: int, kind: str = "16bit", major: int = 9):
     """The kernel autotuned over its configs (keyed on the row bucket and N, K) for activations
-    of ``kind`` (see _prefill_table). For group-wise weights, BLOCK_K is capped at the group size
+    of ``kind`` (see _prefill_table) on a GPU of compute capability ``major`` (part of the cache
+    key: GPUs of two archs in one process each get their table). For group-wise weights, BLOCK_K is capped at the group size
     when the group is a power of two so that each K tile stays within one group, and 8-warp
     128-row tiles are left out: the group-scaled partial product doubles the accumulator
     registers (128×128 spills on sm_90)."""
@@ -428,7 +441,7 @@ def _tuned(kernel_name: str, group_size: int, kind: str = "16bit"):
         configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                    for bn, bk, w, s in sorted(table)]
     else:
-        table = {(bm, bn, min(bk, cap) if cap else bk, w, s) for bm, bn, bk, w, s in _prefill_table(kernel_name, kind)}
+        table = {(bm, bn, min(bk, cap) if cap else bk, w, s) for bm, bn, bk, w, s in _prefill_table(kernel_name, kind, major)}
         if group_size:
             table = {c for c in table if c[0] * c[1] < 128 * 128}
         if kernel_name == "_w8a8_matmul":
@@ -512,7 +525,7 @@ def int8_linear_forward(
             def grid(meta):
                 return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-            tuned = _tuned("_w8_matmul_prefill", gs, _kind(x.dtype))
+            tuned = _tuned("_w8_matmul_prefill", gs, _kind(x.dtype), _major(x.device))
             tuned[grid](x, qweight, scales, b, y, m, n, k, *strides, _m_bucket(m), **common)
         return y
     if m > DECODE_MAX_ROWS:
@@ -538,7 +551,7 @@ def int8_linear_forward(
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_N"]), split)
 
-        _tuned("_w8_matmul_decode", gs, _kind(x.dtype))[grid](*args, **consts)
+        _tuned("_w8_matmul_decode", gs, _kind(x.dtype), _major(x.device))[grid](*args, **consts)
     if split > 1:
         y.copy_(partial.sum(dim=0))
     return y
@@ -615,7 +628,7 @@ def w8a8_matmul(
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        _tuned("_w8a8_matmul", 0, "fused" if fused else "16bit")[grid](*args, **consts)
+        _tuned("_w8a8_matmul", 0, "fused" if fused else "16bit", _major(x.device))[grid](*args, **consts)
     return y
 
 

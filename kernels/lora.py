@@ -217,17 +217,30 @@ def _configs(shapes) -> list[triton.Config]:
 
 
 # GEMM tiles tried on CUDA (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), checked by
-# scripts/compile_kernels.py (sm_90, triton 3.9, ranks 8/64/256, dense and mixed): 128×128 on 4
-# warps spilled with the bias or mixed epilogue and is left out. The last two serve decode-sized
-# batches (few rows).
+# scripts/compile_kernels.py (sm_80 and sm_90, triton 3.9, ranks 8/64/256, dense and mixed):
+# 128×128 on 4 warps spilled with the bias or mixed epilogue and is left out. The last two serve
+# decode-sized batches (few rows).
 _CONFIGS_16BIT = _configs([
     (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4),
 ])
+# sm_90 only: on sm_80 the 128×256 tile spills (8-136 B, every rank, dense and mixed).
+_SM90_ONLY = {(128, 256, 64, 8, 3)}
 # 128-row tiles on 4 warps spilled (16-56 B, sm_90, with the bias or mixed epilogue): left out.
 _CONFIGS_FP32 = _configs([(64, 64, 32, 4, 3), (32, 64, 32, 4, 3), (16, 64, 64, 4, 3)])
 _KEY = ["N", "K", "M_BUCKET", "R_PAD", "MIXED", "HAS_BIAS"]
-_lora_matmul_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_KEY)(_lora_matmul)
+
+
+def _prune_for_arch(configs, named_args, **kwargs) -> list[triton.Config]:
+    """The configs that compile clean on the launching GPU's arch (run by the autotuner)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        return configs
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                   c.num_stages) not in _SM90_ONLY]
+
+
+_lora_matmul_16bit = triton.autotune(configs=_CONFIGS_16BIT, key=_KEY,
+                                     prune_configs_by={"early_config_prune": _prune_for_arch})(_lora_matmul)
 _lora_matmul_fp32 = triton.autotune(configs=_CONFIGS_FP32, key=_KEY + ["PRECISION"])(_lora_matmul)
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -338,11 +351,14 @@ def outer(u: torch.Tensor, v: torch.Tensor, p: int, q: int, seg_start: torch.Ten
     dot_dtype = u.dtype if u.dtype != torch.float32 else v.dtype
     rank_is_p = not u_by_row  # U indexed by sorted position: U is G (M, R), so p is the rank
     r_pad = rank_pad(p if rank_is_p else q)
-    block_m = 64 if cuda else 16
+    sm80 = cuda and torch.cuda.get_device_capability(u.device)[0] < 9
+    # sm_80: the fp32 (IEEE FMA) dot over 64-row tiles spilled 3.6-13 KB (scripts/compile_kernels.py);
+    # 16-row tiles do not.
+    block_m = (16 if sm80 and dot_dtype == torch.float32 else 64) if cuda else 16
     # The (R_PAD, wide) fp32 accumulator in registers: narrower tiles and 8 warps from rank 128
-    # (R_PAD 256 × 128 spilled 1.9 KB on sm_90).
+    # (R_PAD 256 × 128 spilled 1.9 KB on sm_90), from rank 64 on sm_80 (128 × 64 spilled 16-20 B).
     wide = (128 if r_pad <= 64 else 64) if cuda else 32
-    warps = 8 if cuda and r_pad >= 128 else 4
+    warps = 8 if cuda and (r_pad >= 128 or (sm80 and r_pad >= 64)) else 4
     block_p = r_pad if rank_is_p else wide
     block_q = wide if rank_is_p else r_pad
     tiles = triton.cdiv(p, block_p) * triton.cdiv(q, block_q)

@@ -22,8 +22,8 @@ stores or loads > 0), or a launch grid over CUDA's limits (x < 2^31, y, z <= 655
 Results are cached by a key over triton's version, the kernel's source hash (triton's
 ``cache_key``: the source of the kernel and every jit function it calls), its signature,
 specialisation, constexprs, options and the arch: a rerun compiles only what changed. The cache
-is the committed table itself (bench/results/compile/kernels.json) plus ``--cache`` (default
-~/.cache/fastlm/compile_kernels.json). Compiles run in parallel (``--jobs``, default: CPUs).
+is the committed tables themselves (bench/results/compile/kernels*.json: kernels.json for sm_90,
+kernels_sm80.json for sm_80) plus ``--cache`` (default ~/.cache/fastlm/compile_kernels.json). Compiles run in parallel (``--jobs``, default: CPUs).
 Works with triton 3.6 and 3.9.
 """
 
@@ -274,7 +274,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--no-cache", action="store_true", help="compile everything again")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
-    parser.add_argument("--name", default="kernels", help="file stem of the results (default: kernels)")
+    parser.add_argument("--name", default=None,
+                        help="file stem of the results (default: kernels_sm80 for --arch 80 alone, else kernels)")
     parser.add_argument("--no-write", action="store_true", help="do not write the results table")
     parser.add_argument("--list", action="store_true", help="list the distinct launches and exit")
     parser.add_argument("--cached-only", action="store_true",
@@ -283,6 +284,8 @@ def main(argv=None) -> int:
                         help="no compile: launch kernel_launches.grid_variants() (the largest shapes along each "
                              "grid axis), write every launch grid and its CUDA-limit violations to JSON, exit 1 on any")
     args = parser.parse_args(argv)
+    if args.name is None:
+        args.name = "kernels_sm80" if args.arch == [80] else "kernels"
     if args.grids:
         return check_grids(args.arch, set(args.family or ()), args.grids)
 
@@ -307,7 +310,10 @@ def main(argv=None) -> int:
             print(f"  launcher raised: sm_{error['arch']} {error['variant']}: {error['error'][:300]}")
         return 1 if launch_errors else 0
 
-    cache = {} if args.no_cache else _load_cache([args.out / f"{args.name}.json", args.cache])
+    # Every committed table seeds the cache (keys include the arch): a fresh clone compiles nothing
+    # that a committed table already holds for this triton version.
+    tables = sorted(set(args.out.glob("kernels*.json")) | {args.out / f"{args.name}.json"})
+    cache = {} if args.no_cache else _load_cache([*tables, args.cache])
     todo = [key for key in jobs if key not in cache]
     print(f"compile_kernels: {len(jobs) - len(todo)} cached, compiling {len(todo)} on {args.jobs} processes",
           flush=True)

@@ -63,3 +63,78 @@ print(json.dumps([r["problems"] for r in rows]))
     assert all(p for p in problems[1:-1]), problems
     assert "spills" in problems[1][0] and "shared memory" in problems[2][0] and "shared memory" in problems[3][0]
     assert "registers" in problems[4][0] and problems[5] == ["compile error"] and "grid axis y" in problems[6][0]
+
+
+# ---- the per-arch config tables (no compile): what the full check proves for the launched cases
+# holds for every table entry, so a pruning that empties a case fails here in a second.
+
+def test_attention_tables_keep_a_config_for_every_arch_head_dim_and_variant():
+    from fastlm.ops.backend import kernel_module
+
+    fwd, bwd = kernel_module("attention"), kernel_module("attention_bwd")
+    for name, tables in [("fwd", fwd._FWD_TABLES), ("dkdv", bwd._DKDV_TABLES), ("dq", bwd._DQ_TABLES)]:
+        assert set(tables) == {9, 8, 0}, (name, set(tables))
+        assert set(tables[9]) == set(tables[8]) == set(tables[0]) == {64, 128, 256}, name
+        for arch, table in tables.items():
+            for bound in table:
+                for heavy in (False, True):  # plain; window/soft-cap (PLAIN entries left out)
+                    assert fwd._configs(table, bound, heavy), (name, arch, bound, heavy)
+
+
+def test_attention_table_follows_the_arch_and_dtype():
+    import torch
+
+    from fastlm.ops.backend import kernel_module
+
+    fwd = kernel_module("attention")
+    tables = fwd._FWD_TABLES
+    assert fwd.arch_table(tables, torch.bfloat16, 9) is tables[9]
+    assert fwd.arch_table(tables, torch.float16, 8) is tables[8]
+    assert fwd.arch_table(tables, torch.float32, 9) is tables[0]
+    assert fwd.arch_table(tables, torch.bfloat16, 7) is tables[0]
+    # The autotuned kernel is cached per arch: a process with an A100 and an H100 (or the compile
+    # check faking both) gets each arch's configs, not the first one's.
+    sm80, sm90 = fwd._tuned_fwd(64, torch.bfloat16, True, 8), fwd._tuned_fwd(64, torch.bfloat16, True, 9)
+    label = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in sm80.configs]
+    assert label == [(128, 64, 8, 3), (64, 64, 4, 2)], label  # sm_80 D=64 window/soft-cap: the clean ones
+    assert len(sm90.configs) == 4
+
+
+def test_int8_prefill_tables_keep_a_config_for_every_arch_and_kind():
+    from fastlm.ops.backend import kernel_module
+
+    int8 = kernel_module("int8")
+    for major in (8, 9):
+        for kind in ("16bit", "fp32", "fused"):
+            table = int8._prefill_table("_w8_matmul_prefill", kind, major)
+            assert table, (major, kind)
+            assert [c for c in table if c[0] * c[1] < 128 * 128], (major, kind)  # group-wise weights
+            if kind == "fused":
+                assert all(c[0] <= int8.FUSED_QUANT_MAX_ROWS for c in table), table
+    assert (128, 256, 64, 8, 3) not in int8._prefill_table("_w8a8_matmul", "16bit", 8)  # spills on sm_80
+
+
+def test_lora_prunes_the_sm80_spilling_tile_only_on_sm80(monkeypatch):
+    import torch
+
+    from fastlm.ops.backend import kernel_module
+
+    lora = kernel_module("lora")
+    configs = lora._CONFIGS_16BIT
+    tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in configs}
+    assert (128, 256, 8) in tiles
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for major, expect in [(9, len(configs)), (8, len(configs) - len(lora._SM90_ONLY))]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, major=major: (major, 0))
+        assert len(lora._prune_for_arch(configs, {})) == expect, major
+
+
+def test_committed_tables_are_clean_for_both_archs():
+    """The committed results (which also seed CI's cache) hold 0 failing rows for sm_90 and sm_80."""
+    out = ROOT / "bench" / "results" / "compile"
+    for name, arch in [("kernels", 90), ("kernels_sm80", 80)]:
+        data = json.loads((out / f"{name}.json").read_text())
+        assert data["meta"]["archs"] == [arch] and data["meta"]["not_compiled"] == 0, (name, data["meta"])
+        assert not data["launch_errors"], data["launch_errors"][:3]
+        bad = [(r["kernel"], r["config"], r["problems"]) for r in data["rows"] if r["problems"]]
+        assert not bad and len(data["rows"]) > 500, (name, bad[:5])
