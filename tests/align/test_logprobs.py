@@ -102,3 +102,30 @@ def test_bad_inputs_are_refused():
         sequence_logprobs(model, ids, torch.ones(2, 3))
     with pytest.raises(TypeError, match="fastlm Model"):
         token_logprobs(torch.nn.Linear(2, 2), ids)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]], ids=["attn", "lm_head"])
+def test_lora_model_active_and_disabled_adapters(targets):
+    """A PEFT LoRA model: scored with the adapters (B perturbed so they matter) and, inside
+    disable_adapter(), as the base model (DPO's reference without a second copy); gradients
+    reach the adapter weights. LoRA on lm_head takes the full-logits path."""
+    from fastlm.peft import LoraConfig, get_peft_model
+
+    base = tiny(3)
+    ids = torch.randint(0, 37, (2, 7))
+    base_lp, _ = explicit(base, ids)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    model.double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    lp = token_logprobs(model, ids)
+    want, _ = explicit(model, ids)
+    torch.testing.assert_close(lp, want.to(lp.dtype), rtol=0, atol=1e-10)
+    assert (lp - base_lp.to(lp.dtype)).abs().max() > 1e-4  # the adapters change the scores
+    lp.sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(token_logprobs(model, ids), base_lp.to(lp.dtype), rtol=0, atol=1e-10)
