@@ -189,17 +189,27 @@ def reference_row_step(
     ignore_index: int,
     compute_grad: bool,
 ) -> None:
-    """Plain PyTorch: loss_i = logsumexp(z_i) − z_i[t_i]; z ← (softmax(z) − onehot(t))·scale (0 if ignored)."""
-    z = wide(logits)
+    """Plain PyTorch: loss_i = logsumexp(z_i) − z_i[t_i]; z ← (softmax(z) − onehot(t))·scale (0 if ignored).
+
+    With m_i = max_j z_ij and s_i = Σ_j exp(z_ij − m_i): lse_i = m_i + log s_i and
+    softmax(z_i) = exp(z_i − m_i) / s_i. For float32/float64 chunks the exponentials are written
+    over the logits in place (no (C, V) temporary: about 5x faster on CPU than building them anew).
+    """
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets))[:, None]
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (C, 1)
-    nll = (lse - z.gather(-1, safe)).squeeze(-1)
-    loss_rows.copy_(torch.where(valid, nll, torch.zeros_like(nll)))
+    z = wide(logits)
+    picked = z.gather(-1, safe)  # (C, 1), read before z is overwritten
+    peak = z.amax(dim=-1, keepdim=True)  # (C, 1)
+    e = z.sub_(peak).exp_() if compute_grad and z is logits else torch.exp(z - peak)  # exp(z − m)
+    total = e.sum(dim=-1, keepdim=True)  # s
+    lse = peak + total.log()
+    loss_rows.copy_(torch.where(valid, (lse - picked).squeeze(-1), torch.zeros_like(lse).squeeze(-1)))
     if compute_grad:
-        grad = torch.exp(z - lse)
-        grad.scatter_add_(-1, safe, -torch.ones_like(lse))
-        logits.copy_(grad * (valid[:, None] * scale))
+        weight = valid[:, None] * scale  # (C, 1): 0 on ignored rows
+        e.mul_(weight / total)  # softmax · scale
+        e.scatter_add_(-1, safe, -weight.to(e.dtype))
+        if e is not logits:
+            logits.copy_(e)
 
 
 def _triton_row_step(logits, targets, loss_rows, scale, ignore_index, compute_grad) -> None:
