@@ -259,6 +259,11 @@ class Trainer:
         """Entries added to trainer_state.pt by subclasses."""
         return {}
 
+    def _step_metrics(self) -> dict[str, float]:
+        """Entries added by subclasses to the step's metrics.jsonl record (after :meth:`_step`);
+        the names in ``self.progress_metrics`` also show on the progress bar."""
+        return {}
+
     def save_checkpoint(self, step: int) -> Path | None:
         """Write ``step-<step>`` (every process takes part; the main one writes)."""
         gathered = self._gather_model()
@@ -521,6 +526,9 @@ class Trainer:
             losses.append(loss)
             record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
             postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
+            extra = self._step_metrics()
+            record.update(extra)
+            postfix.update({k: f"{extra[k]:.3g}" for k in getattr(self, "progress_metrics", ()) if k in extra})
             if peak is not None:
                 record["mfu"] = tokens_per_s * per_token / (peak * info.world_size)
                 postfix["mfu"] = f"{record['mfu']:.1%}"
