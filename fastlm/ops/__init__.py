@@ -14,6 +14,7 @@ from fastlm.ops import reference  # noqa: F401  (public: fastlm.ops.reference, t
 from fastlm.ops import cross_entropy_triton, decode_triton, int8_triton, lora_triton, triton_fused  # noqa: F401  (register triton kernels)
 from fastlm.ops.attention_triton import attention_varlen
 from fastlm.ops.fused_loss import fused_linear_cross_entropy
+from fastlm.ops.logprobs import linear_distillation_loss, linear_logprobs
 from fastlm.ops.kv_append import rope_append_kv
 from fastlm.ops.int8_triton import dequantize_int8, quantize_per_token, w8a8_linear
 from fastlm.ops.lora_triton import lora_linear_mixed
@@ -54,6 +55,8 @@ __all__ = [
     "gelu",
     "int8_linear",
     "layer_norm",
+    "linear_distillation_loss",
+    "linear_logprobs",
     "lora_linear",
     "lora_linear_mixed",
     "quantize_int8",
