@@ -3,3 +3,8 @@ PPO/GRPO with a KL penalty to a frozen reference, and knowledge distillation."""
 
 # --- alignkern ---
 from fastlm.align.logprobs import sequence_logprobs, token_logprobs  # noqa: E402,F401
+
+# --- prefs ---
+from fastlm.align.data import PairSource, load_pairs, ranking_pairs  # noqa: E402,F401
+from fastlm.align.reward import RewardModel, load_reward_model, pairwise_loss  # noqa: E402,F401
+from fastlm.align.dpo import DPOConfig, DPOTrainer, dpo_loss, simpo_loss  # noqa: E402,F401

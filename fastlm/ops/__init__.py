@@ -15,6 +15,7 @@ from fastlm.ops import cross_entropy_triton, decode_triton, int8_triton, lora_tr
 from fastlm.ops.attention_triton import attention_varlen
 from fastlm.ops.fused_loss import fused_linear_cross_entropy
 from fastlm.ops.logprobs import linear_distillation_loss, linear_logprobs
+from fastlm.ops.triton import logprobs as _triton_logprobs  # noqa: F401  (registers its triton kernels)
 from fastlm.ops.kv_append import rope_append_kv
 from fastlm.ops.int8_triton import dequantize_int8, quantize_per_token, w8a8_linear
 from fastlm.ops.lora_triton import lora_linear_mixed
