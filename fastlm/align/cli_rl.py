@@ -130,7 +130,10 @@ def _run(args: argparse.Namespace) -> int:
     check_file("prompts", args.prompts)
     check_file("model", args.model, directory=True)
     check_file("reward_model", args.reward_model, directory=True)
-    check_positive(args, "max_new_tokens", "lora_r", "num_minibatches", "epochs", "group_size")
+    check_positive(args, "max_new_tokens", "lora_r", "num_minibatches", "epochs",
+                   *(["group_size"] if args.algorithm == "grpo" else []))
+    check_positive(args, "temperature", "clip_range", low=0, strict=True)
+    check_positive(args, "kl_coef", "ent_coef", low=0)
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"{shown('lora_dropout')} must be in [0, 1), got {args.lora_dropout}")
     generation = R.GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
