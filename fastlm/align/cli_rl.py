@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fastlm._naming import shown
-from fastlm.align import gae as G
+from fastlm.align.gae import GROUP_SCALINGS, KL_ESTIMATORS
 from fastlm.align import rollout as R
 from fastlm.align.ppo import RLConfig, check_steps
 from fastlm.train.trainer import TrainerConfig, TrainResult
@@ -211,7 +211,7 @@ def _add(sub, algorithm: str) -> None:
                    help="passes over each rollout (PPO epochs; GRPO's num_iterations)")
     o.add_argument("--kl-coef", type=float, default=0.05 if algorithm == "ppo" else 0.04,
                    help="β of the KL penalty to the reference (0: off); initial β with --target-kl")
-    o.add_argument("--kl-estimator", default="k1" if algorithm == "ppo" else "k3", choices=G.KL_ESTIMATORS,
+    o.add_argument("--kl-estimator", default="k1" if algorithm == "ppo" else "k3", choices=KL_ESTIMATORS,
                    help="per-token KL estimator: k1 = log π − log π_ref, k3 = exp(−k1) + k1 − 1, ...")
     o.add_argument("--target-kl", type=float, default=None, help="adapt β towards this KL per response "
                                                                  "(Ziegler et al.; default: fixed β)")
@@ -228,7 +228,7 @@ def _add(sub, algorithm: str) -> None:
                        help="do not whiten the advantages over each rollout")
     else:
         o.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
-        o.add_argument("--scale-rewards", default="group", choices=G.GROUP_SCALINGS,
+        o.add_argument("--scale-rewards", default="group", choices=GROUP_SCALINGS,
                        help="divide group-centred rewards by the group's std, the batch's, or not at all")
     add_trainer_options(p, {**defaults, "out": f"runs/{algorithm}", "lr": 1e-5, "max_steps": 100,
                             "batch_size": 8 if algorithm == "ppo" else 16, "weight_decay": 0.0})

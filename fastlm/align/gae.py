@@ -69,10 +69,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, *, gamma: float, lam: float
     """Generalised advantage estimates over (B, T): returns (advantages, returns), both (B, T).
 
     rewards, values: (B, T) per-token rewards r_t and value estimates V_t of the state before
-    token t. With ``mask`` (B, T) — ones on each row's tokens, right-padded (a row's tokens
-    first, padding after) — rewards and values past a row's end count as 0, so its last token
-    bootstraps from V = 0 (the episode ends), and advantages and returns are 0 on padding.
-    One reversed pass over T, vectorised over B."""
+    token t. With ``mask`` (B, T) — ones on each row's tokens as one contiguous run (padding
+    before and/or after, e.g. the prompt and the right padding of a completion mask) — rewards
+    and values outside the run count as 0, so its last token bootstraps from V = 0 (the episode
+    ends), and advantages and returns are 0 outside it. One reversed pass over T, vectorised over B."""
     if rewards.dim() != 2:
         raise ValueError(f"gae: rewards must be (B, T), got shape {tuple(rewards.shape)}")
     _check_same_shape(rewards=rewards, values=values, mask=mask)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fastlm.align import gae as G
+from fastlm.align.gae import clipped_policy_loss, group_advantages, kl_penalty
 from fastlm.align.ppo import OnlineRLTrainer
 
 
@@ -30,9 +30,9 @@ def grpo_token_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logp
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GRPO's per-token loss (B, T) from log-probs (B, T) and per-sequence advantages (B,):
     returns (loss, clipped (0/1), kl) per token (see the module docstring)."""
-    policy_loss, clipped = G.clipped_policy_loss(logprobs, old_logprobs, advantages, clip_range=clip_range,
+    policy_loss, clipped = clipped_policy_loss(logprobs, old_logprobs, advantages, clip_range=clip_range,
                                                  clip_range_high=clip_range_high)
-    kl = G.kl_penalty(logprobs, ref_logprobs, kl_estimator)
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)
     return policy_loss + beta * kl, clipped, kl
 
 
@@ -53,7 +53,7 @@ class GRPOTrainer(OnlineRLTrainer):
 
     def _score_rollout(self, buffer: dict[str, Any]) -> dict[str, float]:
         scores = buffer["scores"]
-        buffer["advantages"] = G.group_advantages(scores, self.rl.group_size, scale=self.rl.scale_rewards)
+        buffer["advantages"] = group_advantages(scores, self.rl.group_size, scale=self.rl.scale_rewards)
         groups = scores.view(-1, self.rl.group_size)
         spread = (groups.max(1).values > groups.min(1).values).float().mean()  # groups that carry a signal
         return {"groups_with_signal": float(spread)}

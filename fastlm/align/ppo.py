@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastlm.align import gae as G
+from fastlm.align.gae import (
+    AdaptiveKLController, FixedKLController, GROUP_SCALINGS, KL_ESTIMATORS, clipped_policy_loss,
+    clipped_value_loss, gae, kl_penalty, masked_whiten,
+)
 from fastlm.align import rollout as R
 from fastlm.io.checkpoint import read_safetensors
 from fastlm.io.hf_format import state_dict_from_hf
@@ -84,10 +86,10 @@ class RLConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"RLConfig.{name} must be a positive integer, got {value!r}")
-        if self.kl_estimator is not None and self.kl_estimator not in G.KL_ESTIMATORS:
-            raise ValueError(f"RLConfig.kl_estimator must be one of {G.KL_ESTIMATORS}, got {self.kl_estimator!r}")
-        if self.scale_rewards not in G.GROUP_SCALINGS:
-            raise ValueError(f"RLConfig.scale_rewards must be one of {G.GROUP_SCALINGS}, got {self.scale_rewards!r}")
+        if self.kl_estimator is not None and self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"RLConfig.kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.scale_rewards not in GROUP_SCALINGS:
+            raise ValueError(f"RLConfig.scale_rewards must be one of {GROUP_SCALINGS}, got {self.scale_rewards!r}")
         for name in ("kl_coef", "ent_coef", "vf_coef"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"RLConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -102,10 +104,10 @@ class RLConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"RLConfig.{name} must be in [0, 1], got {getattr(self, name)}")
 
-    def kl_controller(self) -> G.FixedKLController:
+    def kl_controller(self) -> FixedKLController:
         if self.target_kl is None:
-            return G.FixedKLController(self.kl_coef)
-        return G.AdaptiveKLController(self.kl_coef, self.target_kl, self.kl_horizon)
+            return FixedKLController(self.kl_coef)
+        return AdaptiveKLController(self.kl_coef, self.target_kl, self.kl_horizon)
 
 
 class PolicyValueModel(nn.Module):
@@ -234,7 +236,8 @@ class OnlineRLTrainer(Trainer):
                                      options=StateDictOptions(full_state_dict=True, strict=True))
             return
         policy_state = state_dict_from_hf(self.policy.config, read_safetensors(directory))
-        state = {**{"policy." + k: v for k, v in policy_state.items()}, **{"value_head." + k: v for k, v in head.items()}}
+        state = {**{"policy." + k: v for k, v in policy_state.items()},
+                 **{"value_head." + k: v for k, v in head.items()}}
         distributed.load_full_state(self.wrapped, self.optimizer, state, optimizer_state)
 
     def save_checkpoint(self, step: int):
@@ -319,7 +322,7 @@ class OnlineRLTrainer(Trainer):
         if values is not None:
             buffer["values"] = values[:, :-1] * seqs.target_mask
         extra = self._score_rollout(buffer)
-        kl = G.kl_penalty(buffer["logprobs"], buffer["ref_logprobs"], "k1", seqs.target_mask).sum(1)  # (B,)
+        kl = kl_penalty(buffer["logprobs"], buffer["ref_logprobs"], "k1", seqs.target_mask).sum(1)  # (B,)
         generated = sum(seqs.lengths) - sum(seqs.prompt_lens)
         totals = torch.stack((scores.sum().double(), kl.sum().double(),
                               torch.tensor(float(generated), dtype=torch.float64, device=info.device),
@@ -409,21 +412,21 @@ class PPOTrainer(OnlineRLTrainer):
 
     def _score_rollout(self, buffer: dict[str, Any]) -> dict[str, float]:
         rl, mask = self.rl, buffer["target_mask"]
-        kl = G.kl_penalty(buffer["logprobs"], buffer["ref_logprobs"], rl.kl_estimator or "k1", mask)  # (B, T-1)
+        kl = kl_penalty(buffer["logprobs"], buffer["ref_logprobs"], rl.kl_estimator or "k1", mask)  # (B, T-1)
         rewards = -self.kl_ctl.value * kl
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # each row's last completion token
         rewards = rewards.scatter_add(1, last[:, None], buffer["scores"][:, None])
-        advantages, returns = G.gae(rewards, buffer["values"], gamma=rl.gamma, lam=rl.lam, mask=mask)
+        advantages, returns = gae(rewards, buffer["values"], gamma=rl.gamma, lam=rl.lam, mask=mask)
         if rl.whiten_advantages:
-            advantages = G.masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask)
         buffer["advantages"], buffer["returns"] = advantages, returns
         return {}
 
     def _token_loss(self, batch, logprobs, entropy, values):
         rl = self.rl
-        policy_loss, clipped = G.clipped_policy_loss(logprobs, batch["logprobs"], batch["advantages"],
+        policy_loss, clipped = clipped_policy_loss(logprobs, batch["logprobs"], batch["advantages"],
                                                      clip_range=rl.clip_range, clip_range_high=rl.clip_range_high)
-        value_loss, _ = G.clipped_value_loss(values, batch["values"], batch["returns"],
+        value_loss, _ = clipped_value_loss(values, batch["values"], batch["returns"],
                                              clip_range_value=rl.clip_range_value)
         loss = policy_loss + rl.vf_coef * value_loss - rl.ent_coef * entropy
         return loss, clipped, value_loss

@@ -71,6 +71,21 @@ def test_ppo_command_with_lora(checkpoint, prompts, tmp_path):
             "train_tokens_per_s"} <= set(row)
 
 
+def test_grpo_command_with_a_reward_model(checkpoint, prompts, tmp_path):
+    from fastlm.align.reward import RewardModel
+
+    rm_dir = tmp_path / "rm"
+    RewardModel(tiny_model(seed=5)).save_pretrained(rm_dir, tokenizer=TOK)
+    out = tmp_path / "grpo_rm"
+    args = _common(checkpoint, prompts, out)
+    args[args.index("--reward-fn"): args.index("--reward-fn") + 2] = ["--reward-model", str(rm_dir)]
+    assert main(["grpo", *args, "--group-size", "4", "--batch-size", "8", "--max-steps", "1"]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["reward"] != 0.0  # the reward model's scores (not a constant)
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["reward_model"] == str(rm_dir)
+
+
 def test_bad_inputs_are_named(checkpoint, prompts, tmp_path):
     out = tmp_path / "x"
     bad = tmp_path / "bad.jsonl"

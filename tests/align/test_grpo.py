@@ -17,6 +17,15 @@ from tests.align.test_rollout import TOK, tiny_model
 PROMPTS = [f"Q{i}:" for i in range(12)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids spin-waits on a shared CPU (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _trl_loss(logps, old, ref, advantages, mask, beta, eps_low, eps_high):
     """TRL's GRPOTrainer._compute_loss (loss_type="bnpo": token mean over the batch) on given log-probs."""
     from trl.trainer.grpo_trainer import GRPOTrainer as TRLGRPO

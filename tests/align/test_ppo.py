@@ -6,7 +6,6 @@ import types
 import pytest
 import torch
 
-from fastlm.align import gae as G
 from fastlm.align import rollout as R
 from fastlm.align.ppo import PPOTrainer, RLConfig, check_steps
 from fastlm.train.trainer import TrainerConfig
@@ -14,6 +13,15 @@ from tests.align.test_rollout import TOK, lora, tiny_model
 
 PROMPTS = [f"Q{i}:" for i in range(12)]
 TIMING = ("tokens_per_s", "rollout_tokens_per_s", "train_tokens_per_s")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids spin-waits on a shared CPU (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def low_bytes(prompts, completions):

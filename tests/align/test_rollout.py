@@ -13,6 +13,15 @@ from fastlm.peft import LoraConfig, LoraModel
 TOK = ByteTokenizer()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread avoids spin-waits on a shared CPU (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_model(seed: int = 0, context: int = 32) -> Model:
     """A 2-layer byte-level model small enough for CPU tests."""
     torch.manual_seed(seed)
