@@ -69,7 +69,7 @@ def train_rl(algorithm: str, config: TrainerConfig, rl: RLConfig, *, prompts: st
     value head (PPO), the tokenizer and the trainer state; ``metrics.jsonl`` the per-step metrics."""
     from fastlm.data.tokenizer import load_tokenizer
     from fastlm.io import from_pretrained
-    from fastlm.train import rundir
+    from fastlm.train import distributed, rundir
 
     if algorithm not in ("ppo", "grpo"):
         raise ValueError(f"algorithm must be ppo or grpo, got {algorithm!r}")
@@ -81,11 +81,13 @@ def train_rl(algorithm: str, config: TrainerConfig, rl: RLConfig, *, prompts: st
     texts = read_prompts(prompts)
     fn = R.load_reward_fn(reward_fn) if reward_fn is not None else None
     tokenizer = load_tokenizer(model_dir)
-    out = rundir.prepare_out(config.out, resume=resume, overwrite=overwrite, is_main=_is_main())
+    info = distributed.setup(config.device)
+    out = rundir.prepare_out(config.out, resume=resume, overwrite=overwrite, is_main=info.is_main)
+    distributed.barrier()
     settings = dict(command=algorithm, method=method, prompts=str(prompts), prompts_fingerprint=rundir.file_fingerprint(
         prompts), model=str(model_dir), reward_model=reward_model, reward_fn=reward_fn,
         rl={k: v for k, v in dataclasses.asdict(rl).items()})
-    rundir.begin_run(out, settings, resume=resume, is_main=_is_main())
+    rundir.begin_run(out, settings, resume=resume, is_main=info.is_main)
     base = from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(config.seed)  # the same adapter / value head initialization in every process and run
     if method == "lora":
@@ -112,12 +114,6 @@ def train_rl(algorithm: str, config: TrainerConfig, rl: RLConfig, *, prompts: st
     trainer = cls(policy, tokenizer, texts, reward, config, rl, extra_files=tokenizer.save)
     result = trainer.fit(resume=resume)
     return RLOutput(policy, tokenizer, result)
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 # ---- the commands ---------------------------------------------------------------------------------

@@ -101,3 +101,32 @@ def test_bad_inputs_are_named(checkpoint, prompts, tmp_path):
         main(["ppo", *_common(checkpoint, tmp_path / "none.jsonl", out)])
     with pytest.raises(SystemExit):  # argparse: the two reward sources exclude each other
         main(["ppo", *_common(checkpoint, prompts, out), "--reward-model", str(checkpoint)])
+
+
+@pytest.mark.slow  # ~70 s on the shared 2-core machine: 4 process starts
+def test_two_processes_resume_exactly_in_the_middle_of_a_rollout(checkpoint, prompts, tmp_path):
+    """torchrun, 2 CPU processes (gloo): a run resumed from a checkpoint between the two epochs of
+    a rollout ends with the same weights as the uninterrupted run (each process's rollout is saved)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def run(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "fastlm", "grpo", *_common(checkpoint, prompts, out), "--group-size", "4", "--batch-size", "8",
+               "--epochs", "2", "--max-steps", "4", "--save-every", "1", *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    out, again = tmp_path / "a", tmp_path / "b"
+    run(out)
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "step-00000004")  # as if killed after step 3 (mid-rollout)
+    run(again, "--resume")
+    a = load_file(str(out / "checkpoints" / "step-00000004" / "model.safetensors"))
+    b = load_file(str(again / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
