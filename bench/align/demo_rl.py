@@ -185,16 +185,32 @@ def main() -> None:
     table.append(row("SFT (before), ≤24 new tokens", {}, before_long))
     for name, r in runs.items():
         table.append(row(name, r, r["after"]))
+    findings = []
+    for name in ("grpo_oracle", "ppo_oracle"):
+        a = runs[name]["after"]
+        findings.append(f"- {name}: oracle reward {before['oracle_reward']:.3f} → {a['oracle_reward']:.3f}, fluency "
+                        f"{before['fluency']:.3f} → {a['fluency']:.3f}, KL to the reference {a['kl_to_reference']:.2f} "
+                        f"nats per completion (at most {max(c['kl'] for c in runs[name]['curve']):.2f} in training).")
+    for method in ("ppo", "grpo"):
+        off, on = runs[f"{method}_proxy_no_kl"]["after"], runs[f"{method}_proxy_kl"]["after"]
+        findings.append(
+            f"- {method} on the proxy: β = 0 → proxy {off['proxy_reward']:.2f}, oracle {off['oracle_reward']:.3f}, "
+            f"fluency {off['fluency']:.3f}, length {off['response_length']:.1f}, KL {off['kl_to_reference']:.1f}; "
+            f"β = {runs[f'{method}_proxy_kl']['kl_coef']} → proxy {on['proxy_reward']:.2f}, oracle "
+            f"{on['oracle_reward']:.3f}, fluency {on['fluency']:.3f}, length {on['response_length']:.1f}, KL "
+            f"{on['kl_to_reference']:.1f} (before: proxy {before_long['proxy_reward']:.2f}, fluency "
+            f"{before_long['fluency']:.3f}).")
     md = "\n".join([
         "# Online RL on the synthetic task (CPU, tiny model)", "",
         f"torch {torch.__version__}, CPU; {model.num_parameters()} parameters; SFT {len(sft_losses)} steps "
         f"(loss {sft_losses[0]:.2f} → {sft_losses[-1]:.2f}); evaluation on {len(eval_prompts)} held-out prompts, "
-        "sampling at temperature 1; KL = mean over completions of Σ_t (log π − log π_ref).", "",
-        *table, "",
-        "Oracle runs: PPO and GRPO with reward_fn = the oracle should raise the oracle reward with bounded KL. "
-        "Proxy runs: PPO on 'even digits / 8, any length' — with β = 0 the policy may hack the proxy (longer, "
-        "non-fluent completions); the KL penalty keeps it near the reference.",
-        f"\nTotal time {result['seconds_total']:.0f} s (machine shared, timings are indicative only).", ""])
+        "sampling at temperature 1; KL = mean over completions of Σ_t (log π − log π_ref). Rollouts of 64 "
+        "completions (GRPO: 8 prompts × 8); PPO: 2 epochs × 2 minibatches per rollout, GRPO: one step per rollout.",
+        "", *table, "",
+        "Oracle runs use reward_fn = the oracle (fraction of even digits of a fluent completion). Proxy runs use "
+        "'even digits / 8, any length, no format check' (≤ 24 new tokens), with the KL penalty off (β = 0) and on.",
+        "", *findings, "",
+        f"Total time {result['seconds_total']:.0f} s on a shared 2-core machine (timings indicative only).", ""])
     print(md)
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
