@@ -124,6 +124,18 @@ def test_lora_policy_uses_the_base_as_reference(tmp_path):
     assert rows[1]["kl"] != 0.0  # the adapter has moved away from the base
 
 
+def test_ppo_raises_the_reward(tmp_path):
+    """A few rollouts on a reward a random byte model can move: the mean reward goes up."""
+    config = TrainerConfig(out=str(tmp_path / "run"), max_steps=16, batch_size=16, lr=1e-2, warmup_steps=0,
+                           schedule="constant", device="cpu", progress=False, seed=3)
+    rl = RLConfig(generation=R.GenerationSettings(max_new_tokens=5), epochs=2, num_minibatches=1, kl_coef=0.01,
+                  vf_coef=0.5)
+    PPOTrainer(tiny_model(), TOK, PROMPTS, R.RewardSource(reward_fn=low_bytes), config, rl).fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0]["reward"], sum(r["reward"] for r in rows[-4:]) / 4
+    assert last > first + 0.1, [r["reward"] for r in rows[::2]]
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="kl_estimator"):
         RLConfig(kl_estimator="k7")

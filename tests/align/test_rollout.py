@@ -79,6 +79,13 @@ def test_sequences_match_generate_and_masks_mark_completions():
     assert not torch.equal(_rollout(model, settings, seed=1)[1].input_ids, seqs.input_ids)
 
 
+def test_paged_cache_gives_the_same_rollout():
+    model = tiny_model()
+    static = _rollout(model, R.GenerationSettings(max_new_tokens=6))[1]
+    paged = _rollout(model, R.GenerationSettings(max_new_tokens=6, cache_implementation="paged"))[1]
+    assert torch.equal(static.input_ids, paged.input_ids) and static.completions == paged.completions
+
+
 def test_policy_logprobs_equal_log_softmax_of_the_logits():
     model = tiny_model()
     _, seqs = _rollout(model, R.GenerationSettings(max_new_tokens=5))
