@@ -178,6 +178,7 @@ class OnlineRLTrainer(Trainer):
             reference = copy.deepcopy(policy)  # a frozen copy of the starting weights
         if reference is not None:
             reference.requires_grad_(False).eval()
+        check_steps(config, rl)
         R.head_weight(policy)  # refuse a head the fused op cannot apply, before any work
         self.policy, self.reference, self.tokenizer, self.reward, self.rl = policy, reference, tokenizer, reward, rl
         self.prompts = list(prompts)

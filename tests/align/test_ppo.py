@@ -91,15 +91,17 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_exact_resume_in_the_middle_of_a_rollout(tmp_path):
-    full = make(tmp_path / "a", steps=4, epochs=2)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_exact_resume_in_the_middle_of_a_rollout(tmp_path, adaptive):
+    kl = dict(target_kl=0.01, kl_horizon=20.0) if adaptive else {}
+    full = make(tmp_path / "a", steps=4, epochs=2, **kl)
     full.fit()
     want = _params(full.model)
     want_rows = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
 
-    first = make(tmp_path / "b", steps=4, epochs=2)
+    first = make(tmp_path / "b", steps=4, epochs=2, **kl)
     first.fit(stop_at=1)  # the checkpoint falls between the two epochs of rollout 0
-    again = make(tmp_path / "b", steps=4, epochs=2)
+    again = make(tmp_path / "b", steps=4, epochs=2, **kl)
     result = again.fit(resume=True)
     assert result.start_step == 1
     got = _params(again.model)
@@ -108,6 +110,8 @@ def test_exact_resume_in_the_middle_of_a_rollout(tmp_path):
     rows = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in TIMING}  # noqa: E731
     assert [strip(x) for x in rows] == [strip(x) for x in want_rows]
+    coefs = [json.loads(x)["kl_coef"] for x in rows]
+    assert (coefs[0] != coefs[-1]) == adaptive  # the adaptive β moved (and was restored on resume)
 
 
 def test_lora_policy_uses_the_base_as_reference(tmp_path):
