@@ -319,7 +319,8 @@ class OnlineRLTrainer(Trainer):
                 ref = R.reference_logprobs(self.policy, self.reference, seqs, temperature=rl.generation.temperature)
         buffer = {"input_ids": seqs.input_ids, "attention_mask": seqs.attention_mask,
                   "target_mask": seqs.target_mask, "logprobs": logprobs.float(), "ref_logprobs": ref.float(),
-                  "scores": scores, "completions": seqs.completions, "prompts": prompts}
+                  "scores": scores, "completions": seqs.completions, "prompts": prompts,
+                  "completion_lengths": [n - p for n, p in zip(seqs.lengths, seqs.prompt_lens)]}
         if values is not None:
             buffer["values"] = values[:, :-1] * seqs.target_mask
         extra = self._score_rollout(buffer)
@@ -355,15 +356,16 @@ class OnlineRLTrainer(Trainer):
         epoch, minibatch = divmod(within, self.rl.num_minibatches)
         rows = self._buffer["input_ids"].shape[0]
         seed = ((self.config.seed * 1_000_003 + index) * 131 + epoch) * 4_099 + self.info.rank
-        order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed)).to(self.info.device)
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))  # on the host
         out = []
         for i in range(self.config.grad_accum):
             start = (minibatch * self.config.grad_accum + i) * self.local_batch
-            pick = order[start: start + self.local_batch]
+            chosen = order[start: start + self.local_batch]
+            pick = chosen.to(self.info.device)
             batch = {k: self._buffer[k].index_select(0, pick) for k in _ROLLOUT_KEYS if k in self._buffer}
-            mask = batch["target_mask"]
-            batch["labels"] = torch.where(mask.bool(), batch["input_ids"][:, 1:], -100)
-            out.append((batch, int(mask.sum())))
+            batch["labels"] = torch.where(batch["target_mask"].bool(), batch["input_ids"][:, 1:], -100)
+            targets = int(sum(self._buffer["completion_lengths"][j] for j in chosen.numpy()))  # host: no read
+            out.append((batch, targets))
         return out
 
     def _loss_sum(self, batch: dict[str, Any], num_targets: int) -> torch.Tensor:

@@ -150,3 +150,29 @@ def test_config_errors():
     with pytest.raises(ValueError, match="fsdp"):
         PPOTrainer(tiny_model(), TOK, PROMPTS, R.RewardSource(reward_fn=low_bytes),
                    TrainerConfig(fsdp=True, device="cpu"), RLConfig())
+
+
+@pytest.mark.parametrize("cls_name", ["ppo", "grpo"])
+def test_host_reads_per_training_step(tmp_path, cls_name):
+    """Between rollouts: no read to assemble a minibatch, the engine's one read per step, and one
+    for the step's RL statistics (entropy, clip fraction, value loss)."""
+    from fastlm.align.grpo import GRPOTrainer
+    from tests.host_reads import HostReads
+
+    cls = PPOTrainer if cls_name == "ppo" else GRPOTrainer
+    config = TrainerConfig(out=str(tmp_path / "run"), max_steps=4, batch_size=4, lr=1e-3, device="cpu",
+                           progress=False)
+    rl = RLConfig(generation=R.GenerationSettings(max_new_tokens=4), epochs=2, num_minibatches=2, group_size=4)
+    trainer = cls(tiny_model(), TOK, PROMPTS, R.RewardSource(reward_fn=low_bytes), config, rl)
+    trainer._build()
+    trainer._timer.restart()
+    trainer._fetch(0)  # makes the rollout
+    for step in (1, 2, 3):
+        with HostReads() as fetch:
+            batches = trainer._fetch(step)
+        with HostReads() as run:
+            trainer._run_step(step, batches)
+        with HostReads() as metrics:
+            trainer._step_metrics()
+        assert (fetch.count, run.count, metrics.count) == (0, 1, 1), (fetch.where, run.where, metrics.where)
+        assert batches[0][1] == int(batches[0][0]["target_mask"].sum())
