@@ -24,6 +24,17 @@ values V_t from a linear value head on the policy's final hidden states; GAE(γ,
 whitened over the rollout; per token loss = clipped surrogate + vf_coef·clipped value loss −
 ent_coef·entropy, averaged over the completion tokens of the optimizer step. β is fixed or
 adapted towards a target KL (:class:`fastlm.align.gae.AdaptiveKLController`).
+
+Logged per step (metrics.jsonl, progress bar): reward (mean score of the current rollout), kl
+(mean per completion of Σ_t log π_old − log π_ref at rollout time), kl_coef, response_length,
+rollout_tokens_per_s (generated tokens / generation + scoring time), entropy, clip_fraction,
+value_loss (PPO) and train_tokens_per_s (completion tokens / training time of the step), besides
+the engine's loss, lr, grad_norm, tokens_per_s. Host reads: a rollout reads its tokens (to decode
+them for the reward) and its statistics once; a training step reads the engine's one summary and
+the RL statistics once (nothing to assemble a minibatch).
+
+Rollouts under DDP are each process's own (the advantages are whitened / group-normalised per
+process); the rollout statistics are summed over processes.
 """
 
 from __future__ import annotations
