@@ -466,10 +466,17 @@ def _add_info(sub) -> None:
     info.set_defaults(func=_info)
 
 
+def _add_prefs(sub) -> None:
+    from fastlm.align.cli_prefs import add_parsers  # `fastlm reward`, `fastlm dpo`: fastlm/align/cli_prefs.py
+
+    add_parsers(sub)
+
+
 #: Functions that add a subcommand (see the module docstring); other modules append theirs
 #: with :func:`register`.
 REGISTRARS: list[Callable[[Any], None]] = [_add_demo, _add_pretrain, _add_finetune, _add_generate, _add_quantize,
-                                           _add_chat, _add_eval, _add_build_ext, _add_info, _add_rl]
+                                           _add_chat, _add_eval, _add_build_ext, _add_info,
+                                           _add_prefs, _add_rl]
 
 
 def register(registrar: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -114,7 +114,7 @@ def _logprobs_bwd_rows(
 @triton.jit
 def _distill_rows(
     ZS, ZT, LABELS, LOSS, SCALE,
-    stride_s, stride_t, V, temperature, ignore_index, alpha, beta, log_beta, log_1m_beta,
+    stride_s, stride_t, V, temperature, inv_temp, ignore_index, alpha, beta, log_beta, log_1m_beta,
     BLOCK_V: tl.constexpr, ACC: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr,
     WITH_CE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
@@ -123,7 +123,6 @@ def _distill_rows(
     zs_ptr = ZS + row * stride_s
     zt_ptr = ZT + row * stride_t
     offs = tl.arange(0, BLOCK_V)
-    inv_temp = 1.0 / temperature
     label = ignore_index + 1
     if HAS_LABELS:
         label = tl.load(LABELS + row)
@@ -275,7 +274,7 @@ def distill_rows_(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | Non
     beta = min(max(jsd_beta, 1e-300), 1 - 1e-16)
     _distill_rows[(rows,)](
         zs, zt, labels if has_labels else loss_rows, loss_rows, scale,
-        zs.stride(0), zt.stride(0), vocab, float(temperature), ignore_index, float(alpha), float(jsd_beta),
+        zs.stride(0), zt.stride(0), vocab, float(temperature), 1.0 / temperature, ignore_index, float(alpha), float(jsd_beta),
         math.log(beta), math.log1p(-beta),
         BLOCK_V=block_v, ACC=_acc(zs.dtype), DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_LABELS=has_labels,
         WITH_CE=has_labels and alpha < 1, COMPUTE_GRAD=compute_grad, num_warps=warps,

@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(fake_cuda.GPUS))
     parser.add_argument("--family", nargs="+", help="only these families (attention, decode_attention, kv_append, "
-                        "int8, lora, norms, rope, swiglu, cross_entropy, sampling)")
+                        "int8, lora, norms, rope, swiglu, cross_entropy, sampling, logprobs)")
     parser.add_argument("--variant", help="only variants whose label matches this regular expression")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)

@@ -256,6 +256,31 @@ def _cross_entropy(rows, vocab, dtype, grad):
     return call
 
 
+def _logprobs(rows, vocab, dtype, entropy, grad):
+    def call(dev):
+        f32 = dict(device=dev, dtype=torch.float32)
+        z, tokens = _e(dev, rows, vocab, dtype=dtype), torch.empty(rows, device=dev, dtype=torch.int64)
+        vec = (lambda: torch.empty(rows, **f32)) if entropy else (lambda: None)
+        module = kernel_module("logprobs")
+        if grad:
+            module.logprobs_grad_rows_(z, tokens, torch.empty(rows, **f32), vec(), torch.empty(rows, **f32), vec(),
+                                       0.7, -100)
+        else:
+            module.logprobs_rows(z, tokens, torch.empty(2 if entropy else 1, rows, **f32), torch.empty(rows, **f32),
+                                 0.7, -100)
+    return call
+
+
+def _distill(rows, vocab, dtype, divergence, labels, grad):
+    def call(dev):
+        f32 = dict(device=dev, dtype=torch.float32)
+        y = torch.empty(rows, device=dev, dtype=torch.int64) if labels else None
+        kernel_module("logprobs").distill_rows_(_e(dev, rows, vocab, dtype=dtype), _e(dev, rows, vocab, dtype=dtype), y,
+                                                torch.empty(rows, **f32), torch.empty(1, **f32), 2.0, divergence, 0.5,
+                                                0.5 if labels else 1.0, -100, grad)
+    return call
+
+
 def _sample(batch, vocab, dtype):
     def call(dev):
         f32 = dict(device=dev, dtype=torch.float32)
@@ -277,6 +302,15 @@ def training_variants() -> Iterator[Variant]:
         for vocab in (32000, 128256, 50257):
             yield "cross_entropy", f"cross_entropy {name} V={vocab}", _cross_entropy(2048, vocab, dtype, True)
         yield "cross_entropy", f"cross_entropy {name} V=32000 loss only", _cross_entropy(2048, 32000, dtype, False)
+        for vocab in (32000, 128256):
+            for entropy, grad in itertools.product((False, True), (False, True)):
+                what = ("backward" if grad else "forward") + (" +entropy" if entropy else "")
+                yield "logprobs", f"linear_logprobs {what} {name} V={vocab}", _logprobs(2048, vocab, dtype, entropy, grad)
+            for divergence in ("forward_kl", "reverse_kl", "jsd"):
+                yield "logprobs", f"distill {divergence} {name} V={vocab}", _distill(2048, vocab, dtype, divergence,
+                                                                                      True, True)
+            yield "logprobs", f"distill forward_kl no labels loss only {name} V={vocab}", _distill(
+                2048, vocab, dtype, "forward_kl", False, False)
         for vocab in (32000, 128256, 151936, 256):
             yield "sampling", f"sample {name} V={vocab}", _sample(64, vocab, dtype)
 
@@ -316,5 +350,7 @@ def grid_variants() -> list[Variant]:
         ("rope", "rope B=4096 T=8192", _rope(4096, 32, 8192, 128, bf16, True)),
         ("swiglu", "swiglu 2^33 elements", _swiglu(1 << 20, 8192, bf16)),
         ("cross_entropy", "cross_entropy 1M rows", _cross_entropy(1 << 20, 32000, bf16, True)),
+        ("logprobs", "linear_logprobs 1M rows", _logprobs(1 << 20, 32000, bf16, True, True)),
+        ("logprobs", "distill 1M rows", _distill(1 << 20, 32000, bf16, "jsd", True, True)),
         ("sampling", "sample B=1M", _sample(1 << 20, 32000, bf16)),
     ]

@@ -203,8 +203,18 @@ def reference_row_step(
 
 
 def _triton_row_step(logits, targets, loss_rows, scale, ignore_index, compute_grad) -> None:
-
-    kernel_module("cross_entropy").cross_entropy_rows_(logits, targets, loss_rows, scale, ignore_index, compute_grad)
+    """The linear log-prob kernels (kernels/logprobs.py) at T = 1: cross-entropy is their special
+    case, loss_i = −logp_i and dz = g·(onehot − p) with g = −scale on every row. Same traffic as
+    a dedicated kernel: the forward reads the chunk once, the gradient pass reads and writes it."""
+    kernels = kernel_module("logprobs")
+    rows = logits.shape[0]
+    logp = loss_rows.new_empty((1, rows))
+    lse = loss_rows.new_empty((rows,))
+    kernels.logprobs_rows(logits, targets, logp, lse, 1.0, ignore_index)
+    torch.neg(logp[0], out=loss_rows)
+    if compute_grad:
+        g = (-scale).to(loss_rows.dtype).reshape(()).expand(rows).contiguous()
+        kernels.logprobs_grad_rows_(logits, targets, lse, None, g, None, 1.0, ignore_index)
 
 
 def reference(hidden, weight, targets, ignore_index, chunk_size, need_dh, need_dw):

@@ -59,7 +59,7 @@ class RowSteps:
     """The per-chunk row steps of a backend (see the module docstring for the math).
 
     logprobs(z (C, V), tokens (C,), out (K, C), lse (C,), temperature, ignore_index): out[0] ←
-        logp, out[1] ← entropy when K = 2, lse ← lse(z / T); z is read only.
+        logp, out[1] ← entropy when K = 2, lse ← lse(z / T); z may be overwritten (a scratch chunk).
     logprobs_grad_(z, tokens, lse, entropy (C,) or None, g (C,), e (C,) or None, temperature,
         ignore_index): z ← dL/dz in place.
     distill_(zs (C, V), zt (C, V), labels (C,) or None, loss_rows (C,), scale (1,), temperature,
@@ -80,65 +80,85 @@ def _safe(tokens: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.
     return valid, torch.where(valid, tokens, torch.zeros_like(tokens))[:, None]
 
 
+def _scaled_logits(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """s = z / T in the accumulation dtype, written over z when z already has that dtype (z is
+    the driver's chunk buffer: the row steps may overwrite it)."""
+    s = wide(z)
+    if temperature != 1.0:
+        s = s.mul_(1.0 / temperature) if s is z else s.mul(1.0 / temperature)
+    return s
+
+
 def _ref_logprobs(z, tokens, out, lse_out, temperature, ignore_index):
-    s = wide(z) / temperature  # (C, V)
+    s = _scaled_logits(z, temperature)  # (C, V)
     valid, safe = _safe(tokens, ignore_index)
     lse = torch.logsumexp(s, dim=-1)  # (C,)
     logp = s.gather(-1, safe).squeeze(-1) - lse
     out[0].copy_(torch.where(valid, logp, torch.zeros_like(logp)))
     if out.shape[0] == 2:
-        p = torch.exp(s - lse[:, None])
-        ent = lse - (p * s).sum(-1)
+        log_p = s.sub_(lse[:, None])  # log p, in place
+        ent = -(log_p.exp().mul_(log_p)).sum(-1)  # one (C, V) temporary
         out[1].copy_(torch.where(valid, ent, torch.zeros_like(ent)))
     lse_out.copy_(lse)
 
 
 def _ref_logprobs_grad_(z, tokens, lse, entropy, g, e, temperature, ignore_index):
-    s = wide(z) / temperature
+    log_p = _scaled_logits(z, temperature).sub_(lse[:, None].to(wide(z).dtype))  # (C, V) log p
+    acc = log_p.dtype
     valid, safe = _safe(tokens, ignore_index)
-    logp = s - lse[:, None].to(s.dtype)  # (C, V)
-    p = torch.exp(logp)
-    g = g.to(s.dtype)[:, None]
-    ds = -p * g
-    ds.scatter_add_(-1, safe, g)
-    if e is not None:
-        ds -= e.to(s.dtype)[:, None] * p * (logp + entropy.to(s.dtype)[:, None])
-    z.copy_(ds * (valid.to(s.dtype)[:, None] / temperature))
+    g = g.to(acc)[:, None]
+    ds = log_p.exp()  # p: the one (C, V) temporary
+    if e is not None:  # e·p·(log p + H), accumulated over log p
+        log_p.add_(entropy.to(acc)[:, None]).mul_(ds).mul_(e.to(acc)[:, None])
+        ds.mul_(g).add_(log_p).neg_()
+    else:
+        ds.mul_(-g)
+    ds.scatter_add_(-1, safe, g)  # g·(onehot − p) − e·p·(log p + H)
+    ds.mul_(valid.to(acc)[:, None] / temperature)
+    z.copy_(ds)
 
 
 def _ref_distill_(zs, zt, labels, loss_rows, scale, temperature, divergence, jsd_beta, alpha, ignore_index,
                   compute_grad):
     z = wide(zs)
-    s, t = z / temperature, wide(zt).to(z.dtype) / temperature
-    ls, lt = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
-    ps, pt = ls.exp(), lt.exp()
+    inv_t = 1.0 / temperature
+    ls = torch.log_softmax(z * inv_t, -1)  # (C, V) log p_s
+    lt = torch.log_softmax(wide(zt).to(z.dtype) * inv_t, -1)  # (C, V) log p_t
+    # In place where possible: at most ~4 (C, V) temporaries alive.
     if divergence == "forward_kl":
-        d = (pt * (lt - ls)).sum(-1)
-        dd = ps - pt
+        pt = lt.exp()
+        d = (pt * lt.sub_(ls)).sum(-1)
+        dd = ls.exp_().sub_(pt)  # p_s − p_t
     elif divergence == "reverse_kl":
-        d = (ps * (ls - lt)).sum(-1)
-        dd = ps * (ls - lt - d[:, None])
+        ps = ls.exp()
+        diff = ls.sub_(lt)  # log p_s − log p_t
+        d = (ps * diff).sum(-1)
+        dd = diff.sub_(d[:, None]).mul_(ps)  # p_s ⊙ (log p_s − log p_t − D)
     else:
-        lm = torch.logaddexp(lt + math.log(jsd_beta), ls + math.log1p(-jsd_beta))
-        d = jsd_beta * (pt * (lt - lm)).sum(-1) + (1 - jsd_beta) * (ps * (ls - lm)).sum(-1)
-        gs = (1 - jsd_beta) * (ls - lm)
-        dd = ps * (gs - (ps * gs).sum(-1, keepdim=True))
+        lm = torch.logaddexp(lt + math.log(jsd_beta), ls + math.log1p(-jsd_beta))  # log m
+        d = jsd_beta * (lt.exp() * (lt - lm)).sum(-1)
+        ps = ls.exp()
+        gs = ls.sub_(lm).mul_(1 - jsd_beta)  # (1 − β)(log p_s − log m)
+        kl_sm = (ps * gs).sum(-1, keepdim=True)
+        d = d + kl_sm.squeeze(-1)
+        dd = gs.sub_(kl_sm).mul_(ps)
     row = alpha * temperature * temperature * d
-    dz = alpha * temperature * dd
     if labels is None:
         valid = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
     else:
         valid, safe = _safe(labels, ignore_index)
-        if alpha < 1:
-            lz = torch.log_softmax(z, -1)
-            row = row - (1 - alpha) * lz.gather(-1, safe).squeeze(-1)
-            if compute_grad:
-                grad_ce = lz.exp()
-                grad_ce.scatter_add_(-1, safe, -torch.ones_like(grad_ce[:, :1]))
-                dz = dz + (1 - alpha) * grad_ce
+    if compute_grad:
+        dd.mul_(alpha * temperature)
+    if labels is not None and alpha < 1:
+        lz = torch.log_softmax(z, -1)
+        row = row - (1 - alpha) * lz.gather(-1, safe).squeeze(-1)
+        if compute_grad:
+            grad_ce = lz.exp_()
+            grad_ce.scatter_add_(-1, safe, -torch.ones_like(grad_ce[:, :1]))
+            dd.add_(grad_ce, alpha=1 - alpha)
     loss_rows.copy_(torch.where(valid, row, torch.zeros_like(row)))
     if compute_grad:
-        zs.copy_(dz * (valid.to(z.dtype)[:, None] * scale.to(z.dtype)))
+        zs.copy_(dd.mul_(valid.to(z.dtype)[:, None] * scale.to(z.dtype)))
 
 
 REFERENCE_STEPS = RowSteps(_ref_logprobs, _ref_logprobs_grad_, _ref_distill_)

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ["attention", "decode_attention", "kv_append", "int8", "lora", "norms", "rope", "swiglu", "cross_entropy",
-            "sampling"]
+            "sampling", "logprobs"]
 
 
 @pytest.fixture(scope="module")

@@ -110,12 +110,14 @@ def test_logprobs_custom_ignore_index_only_hidden_grad_and_tied():
     torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-12)
 
 
-def test_logprobs_opcheck():
+def test_opcheck():
     hidden, weight, tokens = make(5, 4, 11, dtype=torch.float32, ignored=(0,))
-    with torch.no_grad():
-        args = (hidden.detach(), weight.detach(), tokens, 1.3, -100, True, 2, "reference")
     torch.library.opcheck(torch.ops.fastlm.linear_logprobs.default,
-                          (hidden.detach().requires_grad_(), weight.detach().requires_grad_(), *args[2:]))
+                          (hidden, weight, tokens, 1.3, -100, True, 2, "reference"))
+    th, tw, _ = make(5, 3, 11, dtype=torch.float32, seed=1)
+    torch.library.opcheck(torch.ops.fastlm.linear_distillation_loss.default,
+                          (hidden, weight, th.detach(), tw.detach(), tokens, 2.0, "jsd", 0.4, 0.5, -100, 2, True, True,
+                           "reference"))
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
