@@ -447,6 +447,12 @@ def _add_chat(sub) -> None:
     add_chat_parser(sub)
 
 
+def _add_rl(sub) -> None:
+    from fastlm.align.cli_rl import add_rl  # `fastlm ppo` / `fastlm grpo`: fastlm/align/cli_rl.py
+
+    add_rl(sub)
+
+
 def _add_build_ext(sub) -> None:
     ext = add_parser(sub, "build-ext", help="build (JIT) and load the C++/CUDA extension, so that automatic "
                                             "backend selection can use it",
@@ -476,7 +482,7 @@ def _add_distill(sub) -> None:
 #: with :func:`register`.
 REGISTRARS: list[Callable[[Any], None]] = [_add_demo, _add_pretrain, _add_finetune, _add_generate, _add_quantize,
                                            _add_chat, _add_eval, _add_build_ext, _add_info,
-                                           _add_prefs, _add_distill]
+                                           _add_prefs, _add_distill, _add_rl]
 
 
 def register(registrar: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -11,3 +11,9 @@ from fastlm.align.dpo import DPOConfig, DPOTrainer, dpo_loss, simpo_loss  # noqa
 
 # --- distill ---
 from fastlm.align.distill import DistillConfig, DistillTrainer, check_compatible, distill  # noqa: E402,F401
+
+# --- rl ---
+from fastlm.align.gae import AdaptiveKLController, FixedKLController, gae, group_advantages, kl_penalty  # noqa: E402,F401
+from fastlm.align.rollout import GenerationSettings, RewardSource, load_reward_fn  # noqa: E402,F401
+from fastlm.align.ppo import PPOTrainer, RLConfig  # noqa: E402,F401
+from fastlm.align.grpo import GRPOTrainer, grpo_token_loss  # noqa: E402,F401
