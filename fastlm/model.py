@@ -10,7 +10,7 @@ The family is configuration (:class:`fastlm.config.ModelConfig`'s feature fields
   logits = head(norm(x)) [soft-capped].
 Projections that read the same input are fused into one GEMM, as gpt-fast and vLLM do: q/k/v
 are the row blocks of ``attn.qkv_proj`` and gate/up those of ``mlp.gate_up_proj``; each such
-module records its blocks in ``packed`` (see :func:`packed_modules`), so that fastlm.io,
+module records its blocks in ``packed_parts`` (see :func:`packed_modules`), so that fastlm.io,
 fastlm.peft and fastlm.quant can address q_proj, k_proj, ... by their Hugging Face names.
 Module names follow one scheme for every family; fastlm.io maps them to Hugging Face names.
 """
@@ -91,7 +91,7 @@ class Attention(nn.Module):
         h, q_out, kv_out = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         self.qkv_split = (q_out, kv_out, kv_out)
         self.qkv_proj = nn.Linear(h, sum(self.qkv_split), bias=qkv_bias)  # rows: q, k, v
-        self.packed = {"qkv_proj": tuple(zip(("q_proj", "k_proj", "v_proj"), self.qkv_split))}
+        self.packed_parts = {"qkv_proj": tuple(zip(("q_proj", "k_proj", "v_proj"), self.qkv_split))}
         self.o_proj = nn.Linear(q_out, h, bias=o_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm != "none":  # per head (D) or over the whole projection (H·D)
@@ -145,7 +145,7 @@ class MLP(nn.Module):
         self.gated = config.mlp == "gated"
         if self.gated:
             self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)  # rows: gate, up
-            self.packed = {"gate_up_proj": (("gate_proj", i), ("up_proj", i))}
+            self.packed_parts = {"gate_up_proj": (("gate_proj", i), ("up_proj", i))}
         else:
             self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
@@ -167,7 +167,7 @@ def packed_modules(model: nn.Module) -> dict[str, tuple[tuple[str, int, int], ..
     64, 96), ...)``. The unfused names are the Hugging Face ones (q_proj, ..., gate_proj, up_proj)."""
     out = {}
     for prefix, module in model.named_modules():
-        for child, parts in getattr(module, "packed", {}).items():
+        for child, parts in getattr(module, "packed_parts", {}).items():
             base = f"{prefix}." if prefix else ""
             rows, start = [], 0
             for name, size in parts:
