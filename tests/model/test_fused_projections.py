@@ -70,10 +70,10 @@ def test_fused_equals_separate_projections(name):
         expected = separate(ids)
         got = fused(ids)
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-        # decoding through the cache too
-        out_f = fastlm.generate(fused, ids[:, :5], max_new_tokens=3)
-        out_s = fastlm.generate(separate, ids[:, :5], max_new_tokens=3)
-    assert torch.equal(out_f, out_s)
+        if name in ("llama", "qwen3", "gpt2"):  # decoding through the cache too
+            out_f = fastlm.generate(fused, ids[:, :5], max_new_tokens=3)
+            out_s = fastlm.generate(separate, ids[:, :5], max_new_tokens=3)
+            assert torch.equal(out_f, out_s)
     # gradients: the fused weight's row blocks get the separate projections' gradients
     fused.train()
     separate.train()
