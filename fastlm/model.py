@@ -8,6 +8,10 @@ The family is configuration (:class:`fastlm.config.ModelConfig`'s feature fields
   attn: q, k, v projections [q/k RMSNorm] [RoPE], GQA attention with a scale, sliding window
   and soft-cap per layer; mlp: down(act(gate(x))·up(x)) or down(act(up(x)));
   logits = head(norm(x)) [soft-capped].
+Projections that read the same input are fused into one GEMM, as gpt-fast and vLLM do: q/k/v
+are the row blocks of ``attn.qkv_proj`` and gate/up those of ``mlp.gate_up_proj``; each such
+module records its blocks in ``packed_parts`` (see :func:`packed_modules`), so that fastlm.io,
+fastlm.peft and fastlm.quant can address q_proj, k_proj, ... by their Hugging Face names.
 Module names follow one scheme for every family; fastlm.io maps them to Hugging Face names.
 """
 
@@ -85,9 +89,9 @@ class Attention(nn.Module):
             self.options["softcap"] = config.attn_softcap
         qkv_bias, o_bias = config.attention_bias or config.qkv_bias, config.attention_bias
         h, q_out, kv_out = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(h, q_out, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, kv_out, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, kv_out, bias=qkv_bias)
+        self.qkv_split = (q_out, kv_out, kv_out)
+        self.qkv_proj = nn.Linear(h, sum(self.qkv_split), bias=qkv_bias)  # rows: q, k, v
+        self.packed_parts = {"qkv_proj": tuple(zip(("q_proj", "k_proj", "v_proj"), self.qkv_split))}
         self.o_proj = nn.Linear(q_out, h, bias=o_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm != "none":  # per head (D) or over the whole projection (H·D)
@@ -97,7 +101,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layout: BatchLayout) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # one GEMM; q (B, T, H·D), k, v (B, T, Hkv·D) are views of its output
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
         if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
         # q: (B, T, H, D) -> (B, H, T, D); k, v: (B, Hkv, T, D)
@@ -128,24 +133,48 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated: down(act(gate(x))·up(x)) (SwiGLU for silu); plain: down(act(up(x)))."""
+    """Gated: down(act(gate(x))·up(x)) (SwiGLU for silu), gate and up the two row blocks of
+    ``gate_up_proj`` (one GEMM); plain: down(act(up(x)))."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        gated = config.mlp == "gated"
         bias = config.mlp_bias
         self.activation = config.activation
-        self.gate_proj = nn.Linear(h, i, bias=bias) if gated else None
-        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.intermediate_size = i
+        self.gated = config.mlp == "gated"
+        if self.gated:
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)  # rows: gate, up
+            self.packed_parts = {"gate_up_proj": (("gate_proj", i), ("up_proj", i))}
+        else:
+            self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is None:
+        if not self.gated:
             return self.down_proj(activate(self.activation, self.up_proj(x)))
+        # gate, up (..., I): views of the fused (..., 2I) output, read in place by the op
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         if self.activation == "silu":
-            return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(activate(self.activation, self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(ops.swiglu(gate, up))
+        return self.down_proj(activate(self.activation, gate) * up)
+
+
+def packed_modules(model: nn.Module) -> dict[str, tuple[tuple[str, int, int], ...]]:
+    """Fused projections of ``model`` (also inside a wrapper): full module name -> the full
+    names of the projections packed in it, with their rows [start, stop) of its output, e.g.
+    ``"layers.0.attn.qkv_proj" -> (("layers.0.attn.q_proj", 0, 64), ("layers.0.attn.k_proj",
+    64, 96), ...)``. The unfused names are the Hugging Face ones (q_proj, ..., gate_proj, up_proj)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for child, parts in getattr(module, "packed_parts", {}).items():
+            base = f"{prefix}." if prefix else ""
+            rows, start = [], 0
+            for name, size in parts:
+                rows.append((base + name, start, start + size))
+                start += size
+            out[base + child] = tuple(rows)
+    return out
 
 
 class Block(nn.Module):

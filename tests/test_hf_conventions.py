@@ -79,7 +79,8 @@ def test_adapter_methods_on_the_model_match_peft(hf_dir, adapters):
         model.delete_adapter("b")
         assert model.active_adapters() == ["a"]
         model.delete_adapter("a")  # the last one: the plain layers and requires_grad come back
-    assert type(model.layers[0].attn.q_proj) is torch.nn.Linear
+    attn = model.layers[0].attn  # q/k/v are one fused layer; the LoRA slices at q_proj, ... are gone
+    assert type(attn.qkv_proj) is torch.nn.Linear and not hasattr(attn, "q_proj")
     assert all(p.requires_grad for p in model.parameters())
     with torch.no_grad():
         assert torch.equal(model(ids), base)

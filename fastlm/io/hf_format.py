@@ -3,10 +3,11 @@
 Supported families: see :data:`fastlm.io.families.ARCH_BY_HF_NAME`. The Llama-like families
 (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, OLMo 2) store ``model.layers.{i}.self_attn.*`` and
 ``model.layers.{i}.mlp.*``; their norms are named by where they sit (input_layernorm,
-post_attention_layernorm, pre_/post_feedforward_layernorm). Phi-3 stores q/k/v as one fused
-``qkv_proj`` (rows q, k, v) and gate/up as one ``gate_up_proj`` (rows gate, up); they are split
-on load and fused on save. GPT-2 stores its projections as Conv1D weights (in, out) and a fused
-c_attn; they are transposed and split into fastlm's q/k/v Linear weights (out, in), and back.
+post_attention_layernorm, pre_/post_feedforward_layernorm). fastlm fuses q/k/v into one
+``attn.qkv_proj`` (rows q, k, v) and gate/up into one ``mlp.gate_up_proj`` (rows gate, up):
+Hugging Face's separate q_proj, k_proj, v_proj (gate_proj, up_proj) are concatenated on load
+and split on save; Phi-3 stores them fused as fastlm does. GPT-2 stores its projections as
+Conv1D weights (in, out), q/k/v fused in c_attn; they are transposed on load and save.
 Legacy buffers (``rotary_emb.inv_freq``, GPT-2's ``attn.bias``/``attn.masked_bias`` masks) are
 not weights and are ignored on load.
 """
@@ -14,6 +15,7 @@ not weights and are ignored on load.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -36,20 +38,43 @@ _NORM_NAMES = {  # fastlm block norm -> HF name, by ModelConfig.norm_placement
                  "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
     "post": {"post_attn_norm": "post_attention_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
 }
-_FUSED = {"attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
-
-
 class CheckpointError(ValueError):
     """A checkpoint that does not match the architecture: missing, extra or mis-shaped tensors."""
 
 
-def _fastlm_names(config: ModelConfig) -> list[str]:
-    """The tensor names of a fastlm model with this config (the tied head left out)."""
-    from fastlm.model import Model  # the model sits below io; imported here to keep this module light
+class _Part(NamedTuple):
+    """Rows [start, stop) of a fastlm tensor stored as Hugging Face tensor ``hf_name``, which is
+    fastlm's unfused ``name`` (e.g. layers.0.attn.k_proj.weight within attn.qkv_proj.weight)."""
+
+    hf_name: str
+    name: str
+    start: int
+    stop: int
+
+
+def _layout(config: ModelConfig) -> tuple[dict[str, list[_Part]], dict[str, tuple[int, ...]]]:
+    """(fastlm tensor name -> its Hugging Face tensors in row order, fastlm name -> shape), the
+    tied head left out. A fused projection (attn.qkv_proj, mlp.gate_up_proj) has one part per
+    projection where Hugging Face stores them apart (Llama, Qwen, Gemma, ...), one part where it
+    fuses them too (Phi-3's qkv_proj/gate_up_proj, GPT-2's c_attn)."""
+    from fastlm.model import Model, packed_modules  # the model sits below io; imported here to keep this module light
 
     with torch.device("meta"):
-        names = list(Model(config).state_dict())
-    return [n for n in names if not (config.tie_word_embeddings and n == "lm_head.weight")]
+        model = Model(config)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()
+              if not (config.tie_word_embeddings and n == "lm_head.weight")}
+    gpt2 = {**_gpt2_plain_names(config), **_gpt2_conv_names(config)} if config.arch == "gpt2" else {}
+    split = {} if config.arch in ("gpt2", "phi3") else packed_modules(model)
+    layout = {}
+    for name in shapes:
+        module, _, param = name.rpartition(".")
+        if module in split:
+            layout[name] = [_Part(_llama_like_name(config, f"{part}.{param}"), f"{part}.{param}", start, stop)
+                            for part, start, stop in split[module]]
+        else:
+            hf_name = gpt2[name] if gpt2 else _llama_like_name(config, name)
+            layout[name] = [_Part(hf_name, name, 0, shapes[name][0] if shapes[name] else 0)]
+    return layout, shapes
 
 
 def _llama_like_name(config: ModelConfig, name: str) -> str:
@@ -67,8 +92,12 @@ def _llama_like_name(config: ModelConfig, name: str) -> str:
     return f"model.layers.{i}.{_NORM_NAMES[config.norm_placement][module]}.{tail}"
 
 
+_GPT2_CONV = (("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj"), ("attn.o_proj", "attn.c_proj"),
+              ("attn.qkv_proj", "attn.c_attn"))
+
+
 def _gpt2_plain_names(config: ModelConfig) -> dict[str, str]:
-    """fastlm name -> HF name for GPT-2 tensors stored as they are (no transpose or split)."""
+    """fastlm name -> HF name for GPT-2 tensors stored as they are (no transpose)."""
     names = {
         "embed.weight": "transformer.wte.weight",
         "pos_embed.weight": "transformer.wpe.weight",
@@ -81,32 +110,19 @@ def _gpt2_plain_names(config: ModelConfig) -> dict[str, str]:
         for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
             for p in ("weight", "bias"):
                 names[f"layers.{i}.{ours}.{p}"] = f"transformer.h.{i}.{theirs}.{p}"
-        for ours, theirs in (("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj"), ("attn.o_proj", "attn.c_proj")):
+        for ours, theirs in _GPT2_CONV:
             names[f"layers.{i}.{ours}.bias"] = f"transformer.h.{i}.{theirs}.bias"
     return names
 
 
 def _gpt2_conv_names(config: ModelConfig) -> dict[str, str]:
-    """fastlm Linear weight -> HF Conv1D weight (stored transposed)."""
+    """fastlm Linear weight (out, in) -> HF Conv1D weight, stored transposed (in, out). GPT-2's
+    c_attn (hidden, 3·hidden), columns q, k, v, is fastlm's qkv_proj transposed."""
     names = {}
     for i in range(config.num_layers):
-        for ours, theirs in (("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj"), ("attn.o_proj", "attn.c_proj")):
+        for ours, theirs in _GPT2_CONV:
             names[f"layers.{i}.{ours}.weight"] = f"transformer.h.{i}.{theirs}.weight"
     return names
-
-
-def _fused_parts(config: ModelConfig, name: str) -> tuple[str, list[str]] | None:
-    """Phi-3: (fused HF name, fastlm names of its row blocks in order) when ``name`` is part
-    of a fused tensor, else None."""
-    if config.arch != "phi3" or not name.startswith("layers."):
-        return None
-    parts = name.split(".")
-    if len(parts) != 5 or parts[2] not in _FUSED or parts[3] not in _FUSED[parts[2]][1] or parts[4] != "weight":
-        return None
-    i, module = parts[1], parts[2]
-    fused, parts = _FUSED[module]
-    hf_module = "self_attn" if module == "attn" else "mlp"
-    return f"model.layers.{i}.{hf_module}.{fused}.weight", [f"layers.{i}.{module}.{p}.weight" for p in parts]
 
 
 def _canonical_hf_names(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,12 +157,15 @@ def resolve_tied_head(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> 
 
 
 def state_dict_from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors -> fastlm state dict. Raises CheckpointError naming any missing or
-    unexpected tensor. Shapes are checked by the caller against the model (fused Phi-3 and
-    GPT-2 tensors here, where they are split)."""
+    """Hugging Face tensors -> fastlm state dict: q/k/v (gate/up) concatenated into the fused
+    projections where Hugging Face stores them apart, GPT-2's Conv1D weights transposed. Raises
+    CheckpointError naming any missing or unexpected tensor, and the unfused fastlm name of a
+    mis-shaped part of a fused tensor; the caller checks the other shapes against the model."""
     tensors = _canonical_hf_names(config, tensors)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # tied (resolve_tied_head checked it equals the embedding)
+    layout, shapes = _layout(config)
+    conv = set(_gpt2_conv_names(config).values()) if config.arch == "gpt2" else set()
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
 
@@ -154,26 +173,22 @@ def state_dict_from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
         if name not in tensors:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
         used.add(name)
-        return tensors[name]
+        return tensors[name].t() if name in conv else tensors[name]
 
-    if config.arch == "gpt2":
-        _gpt2_from_hf(config, take, out)
-    else:
-        for ours in _fastlm_names(config):
-            if ours in out:
-                continue
-            fused = _fused_parts(config, ours)
-            if fused is None:
-                out[ours] = take(_llama_like_name(config, ours))
-                continue
-            hf_name, parts = fused
-            weight = take(hf_name)
-            sizes = _part_rows(config, parts)
-            if weight.dim() != 2 or weight.shape[0] != sum(sizes):
-                raise CheckpointError(f"tensor {hf_name!r} has shape {tuple(weight.shape)}, expected "
-                                      f"({sum(sizes)}, {config.hidden_size if 'qkv' in hf_name else '...'}) "
-                                      "from config.json")
-            out.update(zip(parts, weight.split(sizes, dim=0)))
+    for ours, parts in layout.items():
+        if len(parts) == 1:
+            out[ours] = take(parts[0].hf_name)
+            continue
+        blocks = []
+        for part in parts:
+            block = take(part.hf_name)
+            want = (part.stop - part.start, *shapes[ours][1:])
+            if tuple(block.shape) != want:
+                raise CheckpointError(f"tensor for {part.name!r} has shape {tuple(block.shape)}, expected {want} "
+                                      f"from config.json (checkpoint tensor {part.hf_name!r}, rows "
+                                      f"{part.start}:{part.stop} of fastlm's {ours!r})")
+            blocks.append(block)
+        out[ours] = torch.cat(blocks, dim=0)
     extra = sorted(set(tensors) - used)
     if extra:
         shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
@@ -183,52 +198,23 @@ def state_dict_from_hf(config: ModelConfig, tensors: dict[str, torch.Tensor]) ->
     return out
 
 
-def _part_rows(config: ModelConfig, parts: list[str]) -> list[int]:
-    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    if len(parts) == 3:
-        return [q_out, kv_out, kv_out]
-    return [config.intermediate_size] * 2
-
-
-def _gpt2_from_hf(config: ModelConfig, take, out: dict[str, torch.Tensor]) -> None:
-    for ours, theirs in _gpt2_plain_names(config).items():
-        out[ours] = take(theirs)
-    for ours, theirs in _gpt2_conv_names(config).items():
-        out[ours] = take(theirs).t()
-    h = config.hidden_size
-    for i in range(config.num_layers):
-        weight = take(f"transformer.h.{i}.attn.c_attn.weight")
-        bias = take(f"transformer.h.{i}.attn.c_attn.bias")
-        if weight.shape != (h, 3 * h) or bias.shape != (3 * h,):
-            raise CheckpointError(
-                f"tensor 'transformer.h.{i}.attn.c_attn.weight/bias' has shape {tuple(weight.shape)}/"
-                f"{tuple(bias.shape)}, expected ({h}, {3 * h})/({3 * h},)"
-            )
-        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-            out[f"layers.{i}.attn.{proj}.weight"] = weight[:, j * h : (j + 1) * h].t()
-            out[f"layers.{i}.attn.{proj}.bias"] = bias[j * h : (j + 1) * h]
+def hf_parts(config: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
+    """fastlm tensor name -> [(Hugging Face tensor name, first row, end row)] in row order: how
+    :func:`state_dict_to_hf` stores it (rows of the fastlm tensor, before GPT-2's transpose)."""
+    layout, _ = _layout(config)
+    return {name: [(p.hf_name, p.start, p.stop) for p in parts] for name, parts in layout.items()}
 
 
 def state_dict_to_hf(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """fastlm state dict -> Hugging Face tensors (contiguous, tied head omitted)."""
+    """fastlm state dict -> Hugging Face tensors (contiguous, tied head omitted): fused projections
+    split into Hugging Face's q/k/v (gate/up) where it stores them apart, GPT-2's Conv1D weights
+    transposed. Tensors beyond the model's (e.g. quantization scales) are left out."""
+    layout, _ = _layout(config)
+    conv = set(_gpt2_conv_names(config).values()) if config.arch == "gpt2" else set()
     out: dict[str, torch.Tensor] = {}
-    if config.arch == "gpt2":
-        for ours, theirs in _gpt2_plain_names(config).items():
-            out[theirs] = state[ours]
-        for ours, theirs in _gpt2_conv_names(config).items():
-            out[theirs] = state[ours].t()
-        for i in range(config.num_layers):
-            prefix = f"layers.{i}.attn."
-            qkv = [state[f"{prefix}{p}.weight"].t() for p in ("q_proj", "k_proj", "v_proj")]
-            out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(qkv, dim=1)
-            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
-                [state[f"{prefix}{p}.bias"] for p in ("q_proj", "k_proj", "v_proj")]
-            )
-    else:
-        for ours in _fastlm_names(config):
-            fused = _fused_parts(config, ours)
-            if fused is None:
-                out[_llama_like_name(config, ours)] = state[ours]
-            elif fused[0] not in out:
-                out[fused[0]] = torch.cat([state[p] for p in fused[1]], dim=0)
+    for ours, parts in layout.items():
+        tensor = state[ours]
+        for part in parts:
+            block = tensor if len(parts) == 1 else tensor[part.start:part.stop]
+            out[part.hf_name] = block.t() if part.hf_name in conv else block
     return {name: t.detach().contiguous() for name, t in out.items()}

@@ -93,7 +93,7 @@ class LoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.state = state
         self._merge: _MergeRecord | None = None
-        self._scales: dict[tuple, torch.Tensor] = {}  # (adapters, device) -> their scalings on device
+        self._scales: dict[tuple, torch.Tensor] = {}  # (scalings, device) -> them as a device tensor
         self.in_features, self.out_features = self._features(base, name)
 
     @staticmethod
@@ -146,70 +146,89 @@ class LoraLinear(nn.Module):
     def _fusable(self) -> bool:
         return type(self.base) is nn.Linear and self.base.weight.dtype.is_floating_point
 
+    # What forward reads; PackedLoraLinear answers these for the adapters of its row blocks.
+
+    def _has(self, adapter: str) -> bool:
+        return adapter in self.lora_A
+
+    def _has_any(self) -> bool:
+        return bool(self.lora_A)
+
     def _dropout_active(self, adapter: str) -> bool:
         return self.training and adapter in self.lora_dropout
 
+    def _weights(self, adapter: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A (r, in), B (out, r), scaling) of ``adapter`` in ``dtype``: the term is s·(x·Aᵀ)·Bᵀ."""
+        return self.lora_A[adapter].to(dtype), self.lora_B[adapter].to(dtype), self.scaling[adapter]
+
+    def _delta(self, x: torch.Tensor, adapter: str, dtype: torch.dtype) -> torch.Tensor:
+        """s·(dropout(x)·Aᵀ)·Bᵀ (..., out) in ``dtype``, computed unfused."""
+        x_lora = self.lora_dropout[adapter](x) if self._dropout_active(adapter) else x
+        lora_a, lora_b = self.lora_A[adapter].to(dtype), self.lora_B[adapter].to(dtype)
+        return self.scaling[adapter] * F.linear(F.linear(x_lora.to(dtype), lora_a), lora_b)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
-        if state.disabled or not self.lora_A:
+        if state.disabled or not self._has_any():
             return self.base(x)
         if state.row_names is not None:
             return self._forward_mixed(x, state)
         adapter = state.active
-        if adapter is None or adapter not in self.lora_A or state.merged == adapter:
+        if adapter is None or not self._has(adapter) or state.merged == adapter:
             return self.base(x)
-        scaling = self.scaling[adapter]
         dtype = _compute_dtype(x)
-        lora_a, lora_b = self.lora_A[adapter].to(dtype), self.lora_B[adapter].to(dtype)
         if self._fusable() and not self._dropout_active(adapter):
+            lora_a, lora_b, scaling = self._weights(adapter, dtype)
             weight, bias = self.base.weight, self.base.bias
             return ops.lora_linear(x.to(dtype), weight.to(dtype), lora_a, lora_b, scaling,
                                    None if bias is None else bias.to(dtype))
-        x_lora = self.lora_dropout[adapter](x) if self._dropout_active(adapter) else x
-        return self.base(x) + scaling * F.linear(F.linear(x_lora.to(dtype), lora_a), lora_b)
+        return self.base(x) + self._delta(x, adapter, dtype)
 
     def _forward_mixed(self, x: torch.Tensor, state: LoraState) -> torch.Tensor:
         """Row b of x (B, ..., in) uses adapter state.row_names[state.row_index[b]] (or none)."""
         if state.merged is not None:
             raise RuntimeError(f"LoRA module {self.module_name}: adapter {state.merged!r} is merged into the base "
                                "weights; call unmerge_adapter() before a mixed-adapter batch")
-        present = tuple(n for n in state.row_names if n in self.lora_A)
+        known = tuple(self._has(n) for n in state.row_names)
+        present = tuple(n for n, k in zip(state.row_names, known) if k)
         if not present:
             return self.base(x)
         rows = state.row_index
         if x.dim() < 2 or x.shape[0] != rows.shape[0]:
             raise ValueError(f"LoRA module {self.module_name}: {rows.shape[0]} adapter names for an input of "
                              f"shape {tuple(x.shape)}")
-        key = (tuple(n in self.lora_A for n in state.row_names), rows.device)
+        key = (known, rows.device)
         if key not in state.remap:  # position in state.row_names -> position in `present`; last entry: none
             positions, k = [], 0
-            for known in key[0]:
-                positions.append(k if known else -1)
-                k += known
+            for has in known:
+                positions.append(k if has else -1)
+                k += has
             state.remap[key] = torch.tensor(positions + [-1], dtype=torch.int64, device=rows.device)
         index = state.remap[key][rows]  # (B,); rows of -1 read the trailing -1
         index = index.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
         dtype = _compute_dtype(x)
-        rank = max(self.rank(n) for n in present)
-        lora_a = torch.stack([_pad_rank(self.lora_A[n].to(dtype), rank, 0) for n in present])  # (n, r, in)
-        lora_b = torch.stack([_pad_rank(self.lora_B[n].to(dtype), rank, 1) for n in present])  # (n, out, r)
-        if (present, x.device) not in self._scales:
-            self._scales[present, x.device] = torch.tensor([self.scaling[n] for n in present], dtype=torch.float32,
-                                                           device=x.device)
-        scales = self._scales[present, x.device]
         if self._fusable() and not any(self._dropout_active(n) for n in present):
+            weights = [self._weights(n, dtype) for n in present]
+            rank = max(a.shape[0] for a, _, _ in weights)
+            lora_a = torch.stack([_pad_rank(a, rank, 0) for a, _, _ in weights])  # (n, r, in)
+            lora_b = torch.stack([_pad_rank(b, rank, 1) for _, b, _ in weights])  # (n, out, r)
+            scalings = tuple(s for _, _, s in weights)
+            if (scalings, x.device) not in self._scales:
+                self._scales[scalings, x.device] = torch.tensor(scalings, dtype=torch.float32, device=x.device)
             weight, bias = self.base.weight, self.base.bias
-            return mixed_op()(x.to(dtype), weight.to(dtype), lora_a, lora_b, scales, index,
+            return mixed_op()(x.to(dtype), weight.to(dtype), lora_a, lora_b, self._scales[scalings, x.device], index,
                               None if bias is None else bias.to(dtype), validate=False)
         out = self.base(x)
         delta = torch.zeros_like(out, dtype=dtype)
         for i, adapter in enumerate(present):
-            x_lora = self.lora_dropout[adapter](x) if self._dropout_active(adapter) else x
-            term = self.scaling[adapter] * F.linear(F.linear(x_lora.to(dtype), lora_a[i]), lora_b[i])
-            delta = torch.where((index == i)[..., None], term, delta)
+            delta = torch.where((index == i)[..., None], self._delta(x, adapter, dtype), delta)
         return out + delta
 
     # ---- merge / unmerge ----------------------------------------------------------------------
+
+    def _merge_target(self) -> torch.Tensor:
+        """The weight rows (out, in) that merging writes into (a view for a packed projection)."""
+        return self.base.weight
 
     def check_mergeable(self) -> None:
         weight = getattr(self.base, "weight", None)
@@ -232,7 +251,7 @@ class LoraLinear(nn.Module):
         self.check_mergeable()
         if self._merge is not None:
             raise RuntimeError(f"module {self.module_name} already has adapter {self._merge.name!r} merged")
-        weight = self.base.weight
+        weight = self._merge_target()
         record = _MergeRecord(adapter, self.lora_A[adapter].detach().clone(), self.lora_B[adapter].detach().clone(),
                               self.scaling[adapter], torch.empty(0, dtype=torch.int64, device=weight.device),
                               weight.new_empty(0))
@@ -261,7 +280,7 @@ class LoraLinear(nn.Module):
         record = self._merge
         if record is None:
             return
-        weight = self.base.weight
+        weight = self._merge_target()
         for start in range(0, weight.shape[0], _MERGE_ROWS):
             rows = weight[start:start + _MERGE_ROWS]
             rows.copy_((rows.double() - self._record_delta(record, start, rows.shape[0])).to(weight.dtype))

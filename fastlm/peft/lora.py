@@ -6,8 +6,11 @@
 
 The base model is frozen; only the active adapter's parameters train (when it was created
 here, or loaded with ``is_trainable=True``). The targeted ``nn.Linear`` layers are replaced by
-:class:`~fastlm.peft.layers.LoraLinear` in place (``unload()`` puts them back); the model class
-itself knows nothing of LoRA. The wrapper exposes what ``fastlm.generate`` and
+:class:`~fastlm.peft.layers.LoraLinear` in place (``unload()`` puts them back); a target packed
+in a fused projection (q_proj in attn.qkv_proj, ...) gets a :class:`~fastlm.peft.packed.LoraSlice`
+at its own name and the fused layer becomes a :class:`~fastlm.peft.packed.PackedLoraLinear`
+(one GEMM, each adapter added to its slice of the output). The model class itself knows
+nothing of LoRA. The wrapper exposes what ``fastlm.generate`` and
 ``fastlm.train.Trainer`` use (config, device, new_cache, lm_head, ...); per-row adapters during
 generation come from ``with lora.use_adapters(names): generate(lora, ...)``.
 """
@@ -23,11 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastlm.model import Model
+from fastlm.model import Model, packed_modules
 from fastlm.peft import lora_io, names
 from fastlm.peft.wrapper import ModelWrapper
 from fastlm.peft.config import BASE_ADAPTER, LoraConfig, check_adapter_name, rows_for_batch
 from fastlm.peft.layers import LoraLinear, LoraState, mixed_op
+from fastlm.peft.packed import LoraSlice, PackedLoraLinear
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +80,35 @@ class LoraModel(ModelWrapper):
         return list(self.peft_config)
 
     def lora_modules(self) -> dict[str, LoraLinear]:
-        """fastlm module name -> LoraLinear, for every wrapped layer."""
-        return {name: m for name, m in self.model.named_modules() if isinstance(m, LoraLinear)}
+        """fastlm module name -> LoraLinear (or LoraSlice of a fused projection), for every
+        targeted layer: the modules that hold adapters, by their unfused names."""
+        return {name: m for name, m in self.model.named_modules()
+                if isinstance(m, LoraLinear) and not isinstance(m, PackedLoraLinear)}
 
     def _check_known(self, name: str) -> None:
         if name not in self.peft_config:
             known = ", ".join(repr(n) for n in self.peft_config) or "none"
             raise ValueError(f"unknown adapter {name!r}; this model has: {known}")
 
-    def _base_module(self, name: str) -> nn.Module:
+    def _packed_part(self, name: str) -> tuple[str, int, int] | None:
+        """(fused module name, first row, end row) of a projection packed in a fused layer, else None."""
+        for fused, parts in packed_modules(self.model).items():
+            for part, start, stop in parts:
+                if part == name:
+                    return fused, start, stop
+        return None
+
+    def _target(self, name: str) -> tuple[nn.Module, int, int]:
+        """(base module holding the weight, in_features, out_features) of LoRA target ``name``."""
+        packed = self._packed_part(name)
+        if packed is not None:
+            fused, start, stop = packed
+            module = self.model.get_submodule(fused)
+            base = module.base if isinstance(module, LoraLinear) else module
+            return base, LoraLinear._features(base, fused)[0], stop - start
         module = self.model.get_submodule(name)
-        return module.base if isinstance(module, LoraLinear) else module
+        base = module.base if isinstance(module, LoraLinear) else module
+        return base, *LoraLinear._features(base, name)
 
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
         """Create a new adapter on the modules ``config`` targets (PEFT's init: B = 0, so it
@@ -99,8 +121,7 @@ class LoraModel(ModelWrapper):
                         all(f"layers.{c.layer}.{p}" in chosen_names for p in names.FUSED_QKV)}
         entries: lora_io.Entries = {}
         for cand in chosen:
-            base = self._base_module(cand.name)
-            in_f, out_f = LoraLinear._features(base, cand.name)
+            base, in_f, out_f = self._target(cand.name)
             r, alpha = config.rank_and_alpha(cand.names)
             tied = cand.layer in fused_layers and cand.name.split(".", 2)[-1] in names.FUSED_QKV
             dtype, device = _adapter_dtype(base), _device_of(base)
@@ -133,8 +154,7 @@ class LoraModel(ModelWrapper):
         """Attach ``entries`` (validated for every module before any is changed); tensors shared
         between entries (one lora_A for GPT-2's q/k/v) become one shared Parameter."""
         for name, (lora_a, lora_b, _) in entries.items():
-            base = self._base_module(name)
-            in_f, out_f = LoraLinear._features(base, name)
+            _, in_f, out_f = self._target(name)
             r = lora_a.shape[0] if lora_a.dim() == 2 else 0
             if r < 1:
                 raise ValueError(f"LoRA adapter {adapter_name!r}: rank must be >= 1 for module {name}, "
@@ -163,13 +183,30 @@ class LoraModel(ModelWrapper):
         self._refresh_trainable()
 
     def _wrap(self, name: str) -> LoraLinear:
+        """The LoraLinear of target ``name``: the layer wrapped in place, or for a projection packed
+        in a fused layer a LoraSlice registered at ``name`` (the fused layer wrapped in a
+        PackedLoraLinear)."""
         parent_name, _, child = name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
-        module = getattr(parent, child)
-        if not isinstance(module, LoraLinear):
+        module = getattr(parent, child, None)
+        if isinstance(module, LoraLinear):
+            return module
+        packed = self._packed_part(name)
+        if packed is None:
             module = LoraLinear(module, name, self._state).train(module.training)
             setattr(parent, child, module)
-        return module
+            return module
+        fused_name, start, stop = packed
+        fused_parent, _, fused_child = fused_name.rpartition(".")
+        holder = self.model.get_submodule(fused_parent) if fused_parent else self.model
+        fused = getattr(holder, fused_child)
+        if not isinstance(fused, PackedLoraLinear):
+            fused = PackedLoraLinear(fused, fused_name, self._state).train(fused.training)
+            setattr(holder, fused_child, fused)
+        piece = LoraSlice(fused, name, start, stop, self._state).train(fused.training)
+        fused.add_slice(piece)
+        setattr(parent, child, piece)
+        return piece
 
     def _refresh_trainable(self) -> None:
         """Only the active adapter's parameters train (if that adapter is trainable)."""
@@ -333,10 +370,14 @@ class LoraModel(ModelWrapper):
         return self._unwrap_all()
 
     def _unwrap_all(self) -> Model:
-        for name in self.lora_modules():
+        wrapped = [(n, m) for n, m in self.model.named_modules() if isinstance(m, LoraLinear)]
+        for name, module in wrapped:
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, getattr(parent, child).base)
+            if isinstance(module, LoraSlice):
+                delattr(parent, child)  # its adapters were computed by the fused layer
+            else:
+                setattr(parent, child, module.base)
         self.peft_config.clear()
         self._state.active = self._state.merged = None
         return self.model

@@ -8,13 +8,19 @@ Layout (``save_quantized``):
 
 * ``model.safetensors``: every tensor under its Hugging Face name (fastlm.io's mapping); a
   quantized layer's weight is stored as int8 in the layout of the float weight it replaces
-  (GPT-2: transposed Conv1D, q/k/v fused in ``c_attn``), with ``<weight name>_scale`` (float32,
-  (out,) or (out, in/group_size), rows in the order of the weight's output features) and, for
-  SmoothQuant layers, ``<module name>.input_smooth`` (float32, (in,)).
+  (split into q/k/v, gate/up where Hugging Face stores them apart; GPT-2: transposed Conv1D,
+  q/k/v fused in ``c_attn``), with ``<weight name>_scale`` (float32, (out,) or (out,
+  in/group_size): the rows of the scales that go with that weight's rows) and, for SmoothQuant
+  layers, ``<module name>.input_smooth`` (float32, (in,); the same vector for each projection of
+  a fused layer).
 * ``config.json``: the model's config plus ``"quantization"``::
 
-      {"format": "fastlm-int8", "version": 1, "dtype": "bfloat16",
-       "modules": {"layers.0.attn.q_proj": {"mode": "w8a8", "group_size": null, "smooth": true}, ...}}
+      {"format": "fastlm-int8", "version": 2, "dtype": "bfloat16",
+       "modules": {"layers.0.attn.qkv_proj": {"mode": "w8a8", "group_size": null, "smooth": true}, ...}}
+
+  Version 1 (written before q/k/v and gate/up were fused) named the projections apart
+  (``layers.0.attn.q_proj``, ...); it is still read: the projections of one fused layer must all
+  be listed, quantized the same way.
 
 ``load_quantized`` rebuilds the model with the quantized layers in place and loads the tensors
 as stored (int8 stays int8; no float weight is materialized), so outputs are bit-identical to
@@ -33,23 +39,24 @@ from safetensors.torch import save_file
 
 from fastlm._files import atomic_write, atomic_write_text
 from fastlm.io.checkpoint import INDEX_NAME, WEIGHTS_NAME, read_hf_config, read_safetensors
-from fastlm.io.hf_format import CheckpointError, config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
-from fastlm.model import Model
+from fastlm.io.hf_format import (
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+    hf_parts,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
+from fastlm.model import Model, packed_modules
 from fastlm.quant.layers import QUANTIZED_LAYERS, QUANTIZED_SUFFIXES, QuantizedLinear, W8A8Linear
 from fastlm.quant.quantize import quantized_layers
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "fastlm-int8"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_KEY = "quantization"
-
-
-def _hf_parts(config, names: list[str]) -> dict[str, list[str]]:
-    """HF tensor name -> the fastlm tensors it is made of, in order (several for GPT-2's fused
-    c_attn). Found by running fastlm.io's own conversion on (1, 1) marker tensors."""
-    markers = {n: torch.full((1, 1), float(i), dtype=torch.float64) for i, n in enumerate(names)}
-    return {hf: [names[int(v)] for v in t.flatten().tolist()] for hf, t in state_dict_to_hf(config, markers).items()}
 
 
 def quantization_info(model: Model) -> dict[str, Any]:
@@ -76,27 +83,15 @@ def save_quantized(model: Model, directory: str | Path) -> None:
     info = quantization_info(model)
     state = {n: t.detach() for n, t in model.state_dict().items()}
     main = {n: t for n, t in state.items() if not n.endswith(QUANTIZED_SUFFIXES)}
-    parts = _hf_parts(model.config, list(main))
+    parts = hf_parts(model.config)
     layers = quantized_layers(model)
     tensors: dict[str, torch.Tensor] = {}
-    for hf_name, members in parts.items():
-        modules = [n.removesuffix(".weight") for n in members]
-        quantized = [m in layers for m in modules]
-        if any(quantized) and not (all(quantized) and members[0].endswith(".weight")):
-            raise ValueError(f"save_quantized: {hf_name!r} stores {', '.join(modules)} together; "
-                             "quantize all of them the same way or none")
-        if not any(quantized):
-            continue
-        kinds = {(layers[m].mode, layers[m].group_size) for m in modules}
-        if len(kinds) > 1:
-            raise ValueError(f"save_quantized: {hf_name!r} fuses layers quantized differently: "
-                             f"{sorted(map(str, kinds))}")
-        tensors[hf_name + "_scale"] = torch.cat([state[f"{m}.weight_scale"] for m in modules], dim=0)
-        smooth = [state.get(f"{m}.input_smooth") for m in modules]
-        if smooth[0] is not None:
-            if any(s is None or not torch.equal(s, smooth[0]) for s in smooth):
-                raise ValueError(f"save_quantized: {hf_name!r} fuses layers with different smoothing factors")
-            tensors[hf_name.removesuffix(".weight") + ".input_smooth"] = smooth[0].clone()  # no shared storage
+    for name in layers:
+        scale, smooth = state[f"{name}.weight_scale"], state.get(f"{name}.input_smooth")
+        for hf_name, start, stop in parts[f"{name}.weight"]:
+            tensors[hf_name + "_scale"] = scale[start:stop]
+            if smooth is not None:
+                tensors[hf_name.removesuffix(".weight") + ".input_smooth"] = smooth.clone()  # no shared storage
     tensors.update(state_dict_to_hf(model.config, main))
     tensors = {n: t.cpu().contiguous() for n, t in tensors.items()}
     directory.mkdir(parents=True, exist_ok=True)
@@ -112,9 +107,9 @@ def save_quantized(model: Model, directory: str | Path) -> None:
 def _check_info(info: Any, directory: Path) -> dict[str, dict]:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise CheckpointError(f"{directory}/config.json: '{CONFIG_KEY}' is not a {FORMAT} entry: {info!r}")
-    if info.get("version") != VERSION:
+    if info.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{directory}: {FORMAT} version {info.get('version')!r} is not supported "
-                              f"(expected {VERSION})")
+                              f"(expected one of {READABLE_VERSIONS})")
     modules = info.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise CheckpointError(f"{directory}/config.json: '{CONFIG_KEY}.modules' must name the quantized layers")
@@ -123,6 +118,29 @@ def _check_info(info: Any, directory: Path) -> dict[str, dict]:
             raise CheckpointError(f"{directory}: layer {name!r} has an unknown quantization {spec!r}; "
                                   f"modes are {', '.join(QUANTIZED_LAYERS)}")
     return modules
+
+
+def _fused_specs(modules: dict[str, dict], packed: dict, directory: Path) -> dict[str, dict]:
+    """The "modules" entry with projections named apart (version 1: layers.0.attn.q_proj, ...)
+    replaced by their fused layer; CheckpointError if only some of a fused layer's projections are
+    listed, or listed quantized differently (one fused weight cannot be)."""
+    out = dict(modules)
+    for fused, parts in packed.items():
+        names = [name for name, _, _ in parts]
+        listed = [n for n in names if n in modules]
+        if not listed:
+            continue
+        specs = [modules[n] for n in listed]
+        if len(listed) != len(names) or any(spec != specs[0] for spec in specs):
+            raise CheckpointError(f"{directory}: {', '.join(names)} are one fused layer in fastlm ({fused}); the "
+                                  f"quantization entry must list all of them, quantized the same way, got "
+                                  f"{ {n: modules[n] for n in listed} }")
+        if fused in modules and modules[fused] != specs[0]:
+            raise CheckpointError(f"{directory}: {fused} is listed both fused and as {', '.join(names)}, differently")
+        for n in names:
+            del out[n]
+        out[fused] = specs[0]
+    return out
 
 
 def _placeholder(spec: dict, linear: torch.nn.Linear) -> QuantizedLinear:
@@ -163,6 +181,7 @@ def load_quantized(
 
     with torch.device("meta"):
         model = Model(config)
+    modules = _fused_specs(modules, packed_modules(model), directory)
     for name, spec in modules.items():
         try:
             linear = model.get_submodule(name)
@@ -177,29 +196,31 @@ def load_quantized(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, placeholder)
 
-    parts = _hf_parts(config, [n for n in state if not (config.tie_word_embeddings and n == "lm_head.weight")])
+    parts = hf_parts(config)
     used: set[str] = set()
-    for hf_name, members in parts.items():
-        owners = [n.removesuffix(".weight") for n in members]
-        if not all(o in modules for o in owners):
-            continue
-        sizes = [model.get_submodule(o).out_features for o in owners]
-        key = hf_name + "_scale"
-        if key not in extras:
-            raise CheckpointError(f"{directory}: checkpoint is missing tensor {key!r}")
-        if extras[key].shape[0] != sum(sizes):
-            raise CheckpointError(f"{directory}: tensor {key!r} has shape {tuple(extras[key].shape)}, expected "
-                                  f"{sum(sizes)} rows (one per output feature)")
-        for owner, chunk in zip(owners, extras[key].split(sizes, dim=0)):
-            state[f"{owner}.weight_scale"] = chunk
-        used.add(key)
-        smooth_key = hf_name.removesuffix(".weight") + ".input_smooth"
-        if any(modules[o].get("smooth") for o in owners):
-            if smooth_key not in extras:
-                raise CheckpointError(f"{directory}: checkpoint is missing tensor {smooth_key!r}")
-            for owner in owners:
-                state[f"{owner}.input_smooth"] = extras[smooth_key].clone()
-            used.add(smooth_key)
+    for name, spec in modules.items():
+        scales, smooths = [], []
+        for hf_name, start, stop in parts[f"{name}.weight"]:
+            key = hf_name + "_scale"
+            if key not in extras:
+                raise CheckpointError(f"{directory}: checkpoint is missing tensor {key!r}")
+            if extras[key].shape[0] != stop - start:
+                raise CheckpointError(f"{directory}: tensor {key!r} has shape {tuple(extras[key].shape)}, expected "
+                                      f"{stop - start} rows (one per output feature)")
+            scales.append(extras[key])
+            used.add(key)
+            if spec.get("smooth"):
+                smooth_key = hf_name.removesuffix(".weight") + ".input_smooth"
+                if smooth_key not in extras:
+                    raise CheckpointError(f"{directory}: checkpoint is missing tensor {smooth_key!r}")
+                smooths.append(extras[smooth_key])
+                used.add(smooth_key)
+        state[f"{name}.weight_scale"] = scales[0] if len(scales) == 1 else torch.cat(scales, dim=0)
+        if smooths:
+            if any(t.shape != smooths[0].shape or not torch.equal(t, smooths[0]) for t in smooths[1:]):
+                raise CheckpointError(f"{directory}: the projections of {name!r} are one fused layer but their "
+                                      "input_smooth tensors differ (one set of smoothing factors is needed)")
+            state[f"{name}.input_smooth"] = smooths[0].clone()
     unexpected = sorted(set(extras) - used)
     if unexpected:
         raise CheckpointError(f"{directory}: checkpoint has unexpected tensor(s): {', '.join(unexpected[:5])}")

@@ -10,8 +10,14 @@ recorded on calibration tokens, and each layer's weight maxima w_j = max_o |W[o,
 
     c_j = a_j^α / w_j^(1−α)     (1 where a_j or w_j is 0),   x·Wᵀ = (x / c)·(W·diag(c))ᵀ
 
-which moves activation outliers into the weight before both are quantized. Layers that read
-the same activation (q/k/v, gate/up) share one c, taking w_j over all of them.
+which moves activation outliers into the weight before both are quantized. Projections that
+read the same activation (q/k/v, gate/up) are one fused layer (attn.qkv_proj, mlp.gate_up_proj),
+so they share one c, w_j taken over all their rows.
+
+``skip`` names modules as fastlm does (``layers.*.mlp.down_proj``) and may name a projection
+packed in a fused layer by its Hugging Face name (``layers.0.attn.k_proj``): a fused layer is one
+weight, quantized whole or not at all, so skipping any of its projections keeps the whole fused
+layer in float (logged as a warning naming the projections kept in float with it).
 """
 
 from __future__ import annotations
@@ -29,8 +35,6 @@ from fastlm.quant.layers import Int8WeightOnlyLinear, QuantizationError, Quantiz
 logger = logging.getLogger(__name__)
 
 MODES = ("int8_weight_only", "w8a8")
-# Linear layers that read the same activation (suffixes of module names): one smoothing vector.
-SHARED_INPUT_GROUPS = (("attn.q_proj", "attn.k_proj", "attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 HEAD_NAME = "lm_head"
 
 
@@ -40,7 +44,9 @@ class QuantConfig:
 
     mode: "int8_weight_only" (int8 weights, float activations) or "w8a8" (int8 both).
     group_size: int8_weight_only only — one scale per group of this many inputs (None: per channel).
-    skip: module names (or fnmatch patterns such as "layers.*.mlp.down_proj") left in float.
+    skip: module names (or fnmatch patterns such as "layers.*.mlp.down_proj") left in float; a
+      projection packed in a fused layer (q_proj in attn.qkv_proj) may be named too, which keeps
+      the whole fused layer in float.
     include_head: also quantize the output head (``lm_head``).
     smooth_alpha: SmoothQuant's migration strength α in [0, 1] (used with calibration data).
     """
@@ -76,17 +82,45 @@ def _is_head(name: str) -> bool:
     return HEAD_NAME in name.split(".")
 
 
+def packed_names(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Fused layer name -> the names of the projections packed in it (q_proj, k_proj, v_proj of
+    attn.qkv_proj, ...), also inside wrappers (LoRA: ``model.layers.0.attn.qkv_proj.base``)."""
+    from fastlm.model import packed_modules  # quant sits above the model
+
+    out = {}
+    for fused, parts in packed_modules(model).items():
+        names = tuple(name for name, _, _ in parts)
+        out[fused] = names
+        out[fused + ".base"] = names
+    return out
+
+
+def _skipped(name: str, skip: Sequence[str], packed: dict[str, tuple[str, ...]]) -> list[str]:
+    """The names (the module's, or of projections packed in it) that a skip entry matches."""
+    names = (name, *packed.get(name, ()))
+    return [n for n in names if any(fnmatch.fnmatchcase(n, s) for s in skip)]
+
+
 def target_layers(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
     """The nn.Linear layers :func:`quantize` replaces. Raises QuantizationError if one of them is
-    already quantized, and ValueError for a skip entry that matches no linear layer."""
+    already quantized, and ValueError for a skip entry that matches no linear layer (nor a
+    projection packed in one)."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))}
-    unused = [s for s in config.skip if not any(fnmatch.fnmatchcase(name, s) for name in linears)]
+    packed = packed_names(model)
+    known = [n for name in linears for n in (name, *packed.get(name, ()))]
+    unused = [s for s in config.skip if not any(fnmatch.fnmatchcase(name, s) for name in known)]
     if unused:
         raise ValueError(f"quantize: skip entries match no linear layer: {unused}; layers are named like "
-                         f"{next(iter(linears), 'layers.0.attn.q_proj')!r}")
+                         f"{next(iter(linears), 'layers.0.attn.qkv_proj')!r} (projections packed in a fused "
+                         "layer also by their own names, e.g. 'layers.0.attn.q_proj')")
     targets = {}
     for name, module in linears.items():
-        if any(fnmatch.fnmatchcase(name, s) for s in config.skip) or (_is_head(name) and not config.include_head):
+        skipped = _skipped(name, config.skip, packed)
+        if skipped or (_is_head(name) and not config.include_head):
+            if skipped and name not in skipped and set(skipped) != set(packed[name]):
+                kept = [n for n in packed[name] if n not in skipped]
+                logger.warning("quantize: %s is packed with %s in the fused layer %s, which is one weight: "
+                               "the whole layer stays in float", ", ".join(skipped), ", ".join(kept), name)
             continue
         if isinstance(module, QuantizedLinear):
             raise QuantizationError(f"quantize: layer {name!r} is already quantized ({module.mode}); "
@@ -141,30 +175,17 @@ def activation_maxima(model: nn.Module, calibration, names: Sequence[str]) -> di
     return maxima
 
 
-def _group_key(name: str) -> str:
-    for group in SHARED_INPUT_GROUPS:
-        for member in group:
-            if name == member or name.endswith("." + member):
-                return name[: len(name) - len(member)] + "|".join(group)
-    return name
-
-
 def smoothquant_factors(
     model: nn.Module, layers: dict[str, nn.Linear], calibration, alpha: float = 0.5
 ) -> dict[str, torch.Tensor]:
-    """SmoothQuant factors c (in,) per layer (module docstring), shared within input groups."""
+    """SmoothQuant factors c (in,) per layer (module docstring); a fused layer's w_j is taken over
+    all its rows, so q/k/v (gate/up) share one c."""
     maxima = activation_maxima(model, calibration, list(layers))
-    groups: dict[str, list[str]] = {}
-    for name in layers:
-        groups.setdefault(_group_key(name), []).append(name)
     factors = {}
-    for members in groups.values():
-        act = torch.stack([maxima[n] for n in members]).amax(dim=0)
-        wmax = torch.stack([layers[n].weight.detach().abs().amax(dim=0).float() for n in members]).amax(dim=0)
+    for name, layer in layers.items():
+        act, wmax = maxima[name], layer.weight.detach().abs().amax(dim=0).float()
         c = act.pow(alpha) / wmax.pow(1.0 - alpha)
-        c = torch.where((act > 0) & (wmax > 0) & torch.isfinite(c), c, torch.ones_like(c)).clamp(1e-5, 1e5)
-        for n in members:
-            factors[n] = c
+        factors[name] = torch.where((act > 0) & (wmax > 0) & torch.isfinite(c), c, torch.ones_like(c)).clamp(1e-5, 1e5)
     return factors
 
 
@@ -190,7 +211,7 @@ def quantize(
     ``group_size`` inputs; "w8a8": int8 weights (per channel) and int8 activations (per token,
     dynamic). ``calibration`` (w8a8 only): token ids (B, T), or an iterable of them, from which
     SmoothQuant factors are computed (``smooth_alpha`` = α). ``skip``: module names or fnmatch
-    patterns to keep in float. The output head is kept unless ``include_head``; quantizing the
+    patterns to keep in float (a projection packed in a fused layer keeps that layer in float). The output head is kept unless ``include_head``; quantizing the
     head of a model with tied embeddings unties them (the embedding stays float).
 
     Raises ValueError for an unknown mode or bad option, QuantizationError for a layer that is

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fastlm
+from fastlm.model import packed_modules
 from fastlm.quant import is_2_4, prune_2_4, prune_magnitude, sparsity_report, to_semi_structured
 
 
@@ -18,6 +19,15 @@ def model():
     return fastlm.Model(config).eval()
 
 
+def _weight(model, name):
+    """The weight rows of linear layer ``name``, also of a projection packed in a fused layer."""
+    for fused, parts in packed_modules(model).items():
+        for part, start, stop in parts:
+            if part == name:
+                return model.get_submodule(fused).weight[start:stop]
+    return model.get_submodule(name).weight
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.9])
 def test_magnitude_pruning_reaches_the_target(model, sparsity):
     original = copy.deepcopy(model)
@@ -26,9 +36,9 @@ def test_magnitude_pruning_reaches_the_target(model, sparsity):
     assert report.target == sparsity and abs(report.sparsity - sparsity) < 1e-3
     assert len(report.layers) == 14 and "lm_head" not in report.layers
     for name, fraction in report.layers.items():
-        w = pruned.get_submodule(name).weight
+        w = _weight(pruned, name)  # q/k/v and gate/up each pruned on their own rows of the fused layer
         assert abs(fraction - sparsity) <= 1 / w.numel()
-        before = original.get_submodule(name).weight.abs()
+        before = _weight(original, name).abs()
         kept, removed = before[w != 0], before[w == 0]
         if removed.numel() and kept.numel():
             assert removed.max() <= kept.min()  # the smallest magnitudes went
@@ -40,15 +50,35 @@ def test_2_4_pruning_pattern(model):
     pruned = copy.deepcopy(model)
     report = prune_2_4(pruned, skip=["layers.1.*"])
     assert report.pattern_2_4 and report.sparsity == 0.5 and len(report.layers) == 7
-    w = pruned.layers[0].mlp.up_proj.weight
-    assert is_2_4(w) and not is_2_4(original.layers[0].mlp.up_proj.weight)
-    groups_before = original.layers[0].mlp.up_proj.weight.abs().reshape(w.shape[0], -1, 4)
+    w = _weight(pruned, "layers.0.mlp.up_proj")
+    assert is_2_4(w) and not is_2_4(_weight(original, "layers.0.mlp.up_proj"))
+    groups_before = _weight(original, "layers.0.mlp.up_proj").abs().reshape(w.shape[0], -1, 4)
     kept = (w.reshape(w.shape[0], -1, 4) != 0)
     # the two kept weights of each group are its two largest
     top2 = groups_before.topk(2, dim=-1).indices
     assert torch.equal(kept, torch.zeros_like(kept).scatter_(-1, top2, True))
-    assert not is_2_4(pruned.layers[1].mlp.up_proj.weight)
+    assert not is_2_4(_weight(pruned, "layers.1.mlp.up_proj"))
     assert sparsity_report(pruned, skip=["layers.1.*"]).pattern_2_4
+
+
+def test_pruning_fused_projections_one_by_one(model):
+    """A subset of a fused layer's projections can be pruned or skipped by their Hugging Face names;
+    the result equals pruning separate layers with those weights."""
+    pruned = copy.deepcopy(model)
+    report = prune_magnitude(pruned, 0.5, skip=["layers.*.attn.k_proj", "layers.*.mlp.gate_proj"])
+    assert "layers.0.attn.q_proj" in report.layers and "layers.0.attn.k_proj" not in report.layers
+    assert "layers.0.mlp.up_proj" in report.layers and "layers.0.mlp.gate_proj" not in report.layers
+    for name in ("layers.0.attn.k_proj", "layers.1.mlp.gate_proj"):
+        assert torch.equal(_weight(pruned, name), _weight(model, name))  # skipped rows untouched
+    for name in ("layers.0.attn.q_proj", "layers.0.attn.v_proj", "layers.1.mlp.up_proj"):
+        separate = nn.Sequential(nn.Linear(64, _weight(model, name).shape[0], bias=False))
+        with torch.no_grad():
+            separate[0].weight.copy_(_weight(model, name))
+        prune_magnitude(separate, 0.5)
+        assert torch.equal(_weight(pruned, name), separate[0].weight), name
+    # 2:4 on the fused weight: skipping the whole layer by its own name works too
+    report = prune_2_4(copy.deepcopy(model), skip=["layers.*.attn.qkv_proj"])
+    assert not any(".attn.q_proj" in n for n in report.layers) and "layers.0.attn.o_proj" in report.layers
 
 
 def test_pruning_errors(model):

@@ -58,7 +58,7 @@ def test_quantized_model_is_close_to_the_original(llama, ids, mode, kwargs):
     kwargs = {k: (ids if v == "ids" else v) for k, v in kwargs.items()}
     model = quantize(copy.deepcopy(llama), mode, **kwargs)
     layers = quantized_layers(model)
-    expected = 7 * 2 + (1 if kwargs.get("include_head") else 0)
+    expected = 4 * 2 + (1 if kwargs.get("include_head") else 0)  # qkv, o, gate_up, down per block
     assert len(layers) == expected and all(m.mode == mode for m in layers.values())
     assert isinstance(model.embed, nn.Embedding) and model.embed.weight.dtype == torch.float32
     assert ("lm_head" in layers) == bool(kwargs.get("include_head"))
@@ -66,9 +66,9 @@ def test_quantized_model_is_close_to_the_original(llama, ids, mode, kwargs):
         assert _cosine(model(ids), llama(ids)) >= 0.999
     if kwargs.get("calibration") is not None:
         assert all(m.input_smooth is not None for m in layers.values())
-        # q/k/v (and gate/up) read one activation: one shared set of factors
-        attn = model.layers[0].attn
-        assert torch.equal(attn.q_proj.input_smooth, attn.v_proj.input_smooth)
+        # q/k/v (and gate/up) read one activation: one fused layer, one set of factors
+        assert isinstance(model.layers[0].attn.qkv_proj, W8A8Linear)
+        assert model.layers[0].mlp.gate_up_proj.input_smooth.shape == (64,)
 
 
 def test_quantize_head_of_tied_model_unties(llama):
@@ -96,11 +96,14 @@ def test_scales_stay_float32_when_the_model_is_cast(llama, ids):
         assert model(ids).dtype == torch.bfloat16
 
 
-def test_skip_and_patterns(llama):
-    model = quantize(copy.deepcopy(llama), skip=["layers.*.mlp.down_proj", "layers.0.attn.q_proj"])
+def test_skip_and_patterns(llama, caplog):
+    with caplog.at_level("WARNING", logger="fastlm.quant.quantize"):
+        model = quantize(copy.deepcopy(llama), skip=["layers.*.mlp.down_proj", "layers.0.attn.q_proj"])
     assert type(model.layers[0].mlp.down_proj) is nn.Linear and type(model.layers[1].mlp.down_proj) is nn.Linear
-    assert type(model.layers[0].attn.q_proj) is nn.Linear
-    assert isinstance(model.layers[1].attn.q_proj, Int8WeightOnlyLinear)
+    # q_proj is one weight with k_proj and v_proj: skipping it keeps the fused layer in float, said aloud
+    assert type(model.layers[0].attn.qkv_proj) is nn.Linear
+    assert "layers.0.attn.q_proj is packed with layers.0.attn.k_proj, layers.0.attn.v_proj" in caplog.text
+    assert isinstance(model.layers[1].attn.qkv_proj, Int8WeightOnlyLinear)
     # the skipped layers can be quantized later, the others not twice
     quantize(model, "w8a8", skip=["layers.*.attn.*", "layers.*.mlp.gate_proj", "layers.*.mlp.up_proj"])
     assert isinstance(model.layers[0].mlp.down_proj, W8A8Linear)
@@ -128,7 +131,7 @@ def test_quantize_a_lora_wrapped_model(llama, ids):
         before = peft(ids)
     quantize(peft)
     layers = quantized_layers(peft)
-    assert "model.layers.0.attn.q_proj.base" in layers and not any("lm_head" in n for n in layers)
+    assert "model.layers.0.attn.qkv_proj.base" in layers and not any("lm_head" in n for n in layers)
     with torch.no_grad():
         assert _cosine(peft(ids), before) >= 0.999
 
@@ -174,16 +177,52 @@ def test_checkpoint_errors(tmp_path, llama):
     llama.save_pretrained(tmp_path / "plain")
     with pytest.raises(fastlm.CheckpointError, match="not a quantized checkpoint"):
         load_quantized(tmp_path / "plain")
-    gpt2 = quantize(fastlm.Model(_config("gpt2")), skip=["layers.0.attn.k_proj"])
-    with pytest.raises(ValueError, match="c_attn.*quantize all of them"):
-        save_quantized(gpt2, tmp_path / "mixed")
+    gpt2 = quantize(fastlm.Model(_config("gpt2")), skip=["layers.0.attn.k_proj"])  # c_attn stays float
+    assert type(gpt2.layers[0].attn.qkv_proj) is nn.Linear
+    save_quantized(gpt2, tmp_path / "gpt2")
+    assert type(load_quantized(tmp_path / "gpt2").layers[0].attn.qkv_proj) is nn.Linear
     model = quantize(copy.deepcopy(llama))
     save_quantized(model, tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
-    config["quantization"]["modules"]["layers.0.attn.q_proj"]["group_size"] = 16  # scales are per channel
+    fused = config["quantization"]["modules"].pop("layers.0.attn.qkv_proj")
+    config["quantization"]["modules"]["layers.0.attn.q_proj"] = fused  # k_proj, v_proj not listed
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(fastlm.CheckpointError, match=r"q_proj, layers.0.attn.k_proj, layers.0.attn.v_proj are one "
+                                                     r"fused layer .*must list all of them"):
+        load_quantized(tmp_path / "q")
+    del config["quantization"]["modules"]["layers.0.attn.q_proj"]
+    config["quantization"]["modules"]["layers.0.attn.qkv_proj"] = fused
+    config["quantization"]["modules"]["layers.0.mlp.down_proj"]["group_size"] = 16  # scales are per channel
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
     with pytest.raises(fastlm.CheckpointError, match="weight_scale.*shape"):
         load_quantized(tmp_path / "q")
+
+
+def test_version_1_checkpoint_with_projections_named_apart_loads(tmp_path, ids):
+    """Files written before q/k/v and gate/up were fused list them apart in "modules"."""
+    torch.manual_seed(4)
+    model = quantize(fastlm.Model(_config()).eval(), "w8a8", calibration=ids)
+    save_quantized(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    entry = config["quantization"]
+    assert entry["version"] == 2
+    for i in range(2):
+        for fused, parts in ((f"layers.{i}.attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                             (f"layers.{i}.mlp.gate_up_proj", ("gate_proj", "up_proj"))):
+            spec = entry["modules"].pop(fused)
+            for part in parts:
+                entry["modules"][fused.rsplit(".", 1)[0] + "." + part] = spec
+    entry["version"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_quantized(tmp_path)
+    assert set(quantized_layers(loaded)) == set(quantized_layers(model))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:  # Hugging Face's names, q/k/v apart
+        assert f.get_tensor("model.layers.0.self_attn.k_proj.weight").shape == (32, 64)
+        assert f.get_tensor("model.layers.0.self_attn.k_proj.weight_scale").shape == (32,)
+        assert torch.equal(f.get_tensor("model.layers.0.self_attn.q_proj.input_smooth"),
+                           f.get_tensor("model.layers.0.self_attn.v_proj.input_smooth"))
 
 
 # ---- errors -----------------------------------------------------------------------------------
