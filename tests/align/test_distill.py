@@ -155,7 +155,7 @@ def test_bf16_autocast_runs_teacher_and_student_in_bf16(tmp_path):
         trainer._build()
         trainer.model.train()
         seen = []
-        hook = trainer.teacher.layers[0].attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        hook = trainer.teacher.layers[0].attn.qkv_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         batch = _batch()
         losses[precision] = (trainer._loss_sum(batch, 25) / 25).item()
         hook.remove()

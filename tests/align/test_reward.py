@@ -112,7 +112,8 @@ def test_lora_reward_model_saves_merged(tmp_path):
     assert lora.merged_adapter is None  # saving left the model unmerged
     trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
     assert "head.weight" in trainable and any("lora_A" in n for n in trainable)
-    assert not any(n.endswith("q_proj.base.weight") for n in trainable)
+    assert not any(n.endswith("qkv_proj.base.weight") for n in trainable)
+    assert any(n.endswith("qkv_proj.base.weight") for n, _ in rm.named_parameters())  # the frozen base exists
 
 
 def test_score_texts_matches_forward():
