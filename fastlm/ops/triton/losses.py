@@ -1,4 +1,5 @@
-"""The Triton kernel of ``fastlm::cross_entropy`` (kernels/cross_entropy.py), forward and backward.
+"""Triton adapter of the losses family (fastlm/ops/losses.py): kernels/cross_entropy.py as the
+``triton`` backend of ``cross_entropy`` and ``cross_entropy_backward``.
 
 Forward: one program per row, lse by an online max/sum over vocabulary tiles, loss_i =
 lse_i − z_i[t_i] (0 where t_i = ignore_index), read-only over the logits; the mean divides by
