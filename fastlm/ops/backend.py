@@ -216,16 +216,27 @@ class use_backend(contextlib.AbstractContextManager):
         _forced.name = self._previous
 
 
+# The environment as the cache key sees it: os.environ's own dict on POSIX (bytes keys; kept in
+# sync by os.environ[...] = and monkeypatch.setenv), skipping the str encoding of os.environ.get.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if os.name == "posix" and isinstance(_ENV_DATA, dict):
+    _ENV_BACKEND, _ENV_INTERPRET = b"FASTLM_BACKEND", b"TRITON_INTERPRET"
+    _getenv = _ENV_DATA.get
+else:  # pragma: no cover  (Windows)
+    _ENV_BACKEND, _ENV_INTERPRET = "FASTLM_BACKEND", "TRITON_INTERPRET"
+    _getenv = os.environ.get
+
+
 def select(op: str, device: torch.device) -> str:
     """Name of the backend that runs ``op`` for tensors on ``device``.
 
     The decision is cached per (op, device type, forced backend, $TRITON_INTERPRET): a call
     costs one dict lookup. The cache is dropped when a kernel is registered or the speed table
     changes; a forced backend that cannot run raises on every call (errors are not cached)."""
-    forced, env = _forced.name, os.environ.get("FASTLM_BACKEND")
     if torch.compiler.is_compiling():
         return _select(op, device)
-    key = (op, device.type, forced, env, os.environ.get("TRITON_INTERPRET"))
+    forced, env = _forced.name, _getenv(_ENV_BACKEND)
+    key = (op, device.type, forced, env, _getenv(_ENV_INTERPRET))
     name = _decisions.get(key)
     if name is None:
         name = _select(op, device)

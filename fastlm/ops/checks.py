@@ -30,17 +30,21 @@ def check_dtype(op: str, t: torch.Tensor, dtype: torch.dtype, name: str) -> None
 
 
 def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
-    dtypes = {name: t.dtype for name, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        listed = ", ".join(f"{name}={dtype}" for name, dtype in dtypes.items())
-        raise TypeError(f"{op}: expected one dtype for all inputs, got {listed}")
+    values = iter(tensors.values())
+    dtype = next(values).dtype
+    for t in values:
+        if t.dtype != dtype:
+            listed = ", ".join(f"{name}={t.dtype}" for name, t in tensors.items())
+            raise TypeError(f"{op}: expected one dtype for all inputs, got {listed}")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"{op}: expected all inputs on one device, got {listed}")
+    values = iter(tensors.values())
+    device = next(values).device
+    for t in values:
+        if t.device != device:
+            listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+            raise ValueError(f"{op}: expected all inputs on one device, got {listed}")
 
 
 def check_last_dim(op: str, x: torch.Tensor, **params: torch.Tensor) -> None:
