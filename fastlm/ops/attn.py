@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from fastlm.ops.checks import (
     check_floating,
@@ -134,6 +135,43 @@ def attention_reference(
     return attention_forward(q, k, v, causal, scale, key_lens, window, softcap)[0]
 
 
+def attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    key_lens: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """What the reference backend runs: :func:`attention_reference`'s result through PyTorch's
+    fused ``scaled_dot_product_attention`` (no materialized (Tq, Tk) scores or GQA copies on
+    its fused CPU path), in the same accumulation dtype (float32; float64 for float64).
+
+    Bottom-right causal alignment when Tq != Tk and key_lens padding go in as a boolean mask
+    (SDPA's ``is_causal`` is top-left aligned; it is used only for Tq == Tk without padding);
+    GQA through ``enable_gqa``. A query row that sees no key is given key 0 for SDPA (no NaN
+    in forward or backward) and then set to 0, as the reference. A sliding window or a
+    soft-cap goes to the explicit formula (SDPA has no soft-cap).
+    """
+    if window is not None or softcap is not None:
+        return attention_forward(q, k, v, causal, scale, key_lens, window, softcap)[0]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    tq, tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    qw, kw, vw = wide(q), wide(k), wide(v)
+    if key_lens is None and (not causal or tq == tk):
+        out = F.scaled_dot_product_attention(qw, kw, vw, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return out.to(q.dtype)
+    visible = attention_mask(tq, tk, causal=causal, key_lens=key_lens, device=q.device)  # (B or 1, 1, Tq, Tk)
+    seen = visible.any(dim=-1, keepdim=True)  # (B or 1, 1, Tq, 1)
+    first = torch.arange(tk, device=q.device) == 0
+    out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=visible | (~seen & first), scale=scale,
+                                         enable_gqa=gqa)
+    return torch.where(seen, out, 0.0).to(q.dtype)
+
+
 # ---- backward formula ---------------------------------------------------------------------------
 
 
@@ -187,6 +225,7 @@ define_op(OpSpec(
     auxiliary_outputs=True,
     reference_fn=attention_forward,
     reference_backward_fn=attention_backward,
+    reference_eager=attention_sdpa,
 ))
 
 

@@ -17,7 +17,8 @@ False); the reference backward formula is called as ``formula(grad, *op_args,
 :func:`run` is how a public function calls its op once the inputs are checked. The backend is
 chosen by :func:`fastlm.ops.backend.select` (cached), then:
 
-- ``reference``: the reference function directly (autograd and torch.compile see plain PyTorch);
+- ``reference``: the reference function directly (autograd and torch.compile see plain PyTorch),
+  or the spec's ``reference_eager`` where one computes the same faster;
 - a kernel backend under torch.compile: the custom op ``torch.ops.fastlm.<name>`` (fake,
   autograd registration: what the compiler needs to see);
 - a kernel backend in eager mode: the kernel itself when no gradient is needed, else one
@@ -64,6 +65,10 @@ class OpSpec:
     reference_fn: Callable | None = None
     reference_backward_fn: Callable | None = None
     mutates: tuple[str, ...] = ()
+    # What run() calls on the reference backend, when faster than reference_fn for the same
+    # result (e.g. attention through PyTorch's fused SDPA): returns the op's main output only.
+    # The custom op's reference kernel and the test oracle stay reference_fn.
+    reference_eager: Callable | None = None
 
     @property
     def num_args(self) -> int:
@@ -89,10 +94,13 @@ class OpSpec:
 class _Op:
     """What :func:`run` needs of a defined op, resolved once at definition."""
 
-    __slots__ = ("spec", "name", "reference", "custom_op", "differentiable", "auxiliary", "backward_name")
+    __slots__ = ("spec", "name", "reference", "reference_aux", "custom_op", "differentiable", "auxiliary",
+                 "backward_name")
 
     def __init__(self, spec: OpSpec, reference: Callable, custom_op) -> None:
-        self.spec, self.name, self.reference, self.custom_op = spec, spec.name, reference, custom_op
+        self.spec, self.name, self.custom_op = spec, spec.name, custom_op
+        self.reference = spec.reference_eager or reference
+        self.reference_aux = spec.auxiliary_outputs and spec.reference_eager is None
         self.differentiable = spec.differentiable
         self.auxiliary = spec.auxiliary_outputs
         self.backward_name = f"{spec.name}_backward"
@@ -128,7 +136,8 @@ def run(op: str, device: torch.device, *args):
     backend = select(op, device)
     if backend == "reference":
         out = entry.reference(*args)
-    elif torch.compiler.is_compiling():
+        return out[0] if entry.reference_aux else out
+    if torch.compiler.is_compiling():
         out = entry.custom_op(*args, backend)
     elif _needs_grad(entry, args):
         out = _KernelFunction.apply(entry, backend, *args)
