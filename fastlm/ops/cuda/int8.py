@@ -5,8 +5,6 @@ JIT-built when needed) on the first call."""
 
 from __future__ import annotations
 
-import torch
-
 from fastlm.ops.backend import register_kernel
 from fastlm.ops.triton.int8 import check_kernel_dtype
 

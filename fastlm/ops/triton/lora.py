@@ -4,8 +4,6 @@ unless it requires one), kernels/lora_sgmv.py as that of ``lora_linear_mixed`` a
 
 from __future__ import annotations
 
-import torch
-
 from fastlm.ops.backend import kernel_module, register_kernel
 from fastlm.ops.common import or_empty
 
