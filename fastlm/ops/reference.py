@@ -46,3 +46,13 @@ __all__ = [
     "rotate_half", "sample", "softcap_scores", "swiglu", "w8a8_linear", "wide",
 ]
 _ = (_attention_core, _inv_freq, CROSS_ENTROPY_CHUNK)  # re-exported for tests that use them
+
+
+def __getattr__(name: str):
+    """fastlm.ops.reference.<op> for an op defined with define_op and not listed above: its
+    spec's reference (so a new op needs no line here)."""
+    from fastlm.ops.registry import _DEFINED
+
+    if name in _DEFINED:
+        return _DEFINED[name].spec.reference
+    raise AttributeError(f"module 'fastlm.ops.reference' has no attribute {name!r}")

@@ -2,4 +2,10 @@
 extension's entry points as the ``cuda`` backend of its family's ops. Importing these modules
 never builds or loads the extension: that happens on the first call."""
 
-from fastlm.ops.cuda import int8, sampling  # noqa: F401
+import importlib
+import pkgutil
+
+# Every adapter module of this package, imported (registered) when fastlm.ops is: a new
+# family's adapter needs no line here.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

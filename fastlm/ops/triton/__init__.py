@@ -2,4 +2,10 @@
 (kernels/ in a checkout) as the ``triton`` backend of its family's ops. Importing these modules
 never imports triton: a kernel module is loaded on its first call."""
 
-from fastlm.ops.triton import activations, attn, decode, int8, lora, losses, norms, rotary, sampling  # noqa: F401
+import importlib
+import pkgutil
+
+# Every adapter module of this package, imported (registered) when fastlm.ops is: a new
+# family's adapter needs no line here.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
