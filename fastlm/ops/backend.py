@@ -32,9 +32,26 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 _AUTO_ORDER = ("cuda", "triton", "reference")
 
-# (op name, backend) -> implementation. The reference backend is filled in by fastlm.ops;
-# kernel modules add theirs with @register_kernel.
-_KERNELS: dict[tuple[str, str], Callable] = {}
+class _KernelTable(dict):
+    """(op name, backend) -> implementation. Any change (register_kernel, or a test's
+    monkeypatch.setitem) drops the cached backend decisions."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        _decisions.clear()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        _decisions.clear()
+
+
+# (op, device type, use_backend's name, $FASTLM_BACKEND, $TRITON_INTERPRET) -> backend name.
+_decisions: dict[tuple, str] = {}
+# The reference backend is filled in by fastlm.ops.registry.define_op; kernel adapters add
+# theirs with @register_kernel.
+_KERNELS: dict[tuple[str, str], Callable] = _KernelTable()
+
+
 class _Forced:
     """The backend forced by use_backend (a plain attribute: torch.compile traces it)."""
 
@@ -141,6 +158,7 @@ def set_speed_table(table: dict[str, dict[str, float]] | None) -> None:
                 if not (isinstance(value, (int, float)) and value > 0):
                     raise ValueError(f"speed table: {op}/{name} must be a time > 0, got {value!r}")
     _speed, _speed_loaded = table, True
+    _decisions.clear()
 
 
 def load_speed_table(path: str | os.PathLike | None = None) -> dict[str, dict[str, float]] | None:
@@ -198,8 +216,38 @@ class use_backend(contextlib.AbstractContextManager):
         _forced.name = self._previous
 
 
+# The environment as the cache key sees it: os.environ's own dict on POSIX (bytes keys; kept in
+# sync by os.environ[...] = and monkeypatch.setenv), skipping the str encoding of os.environ.get.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if os.name == "posix" and isinstance(_ENV_DATA, dict):
+    _ENV_BACKEND, _ENV_INTERPRET = b"FASTLM_BACKEND", b"TRITON_INTERPRET"
+    _getenv = _ENV_DATA.get
+else:  # pragma: no cover  (Windows)
+    _ENV_BACKEND, _ENV_INTERPRET = "FASTLM_BACKEND", "TRITON_INTERPRET"
+    _getenv = os.environ.get
+
+
 def select(op: str, device: torch.device) -> str:
-    """Name of the backend that runs ``op`` for tensors on ``device``."""
+    """Name of the backend that runs ``op`` for tensors on ``device``.
+
+    The decision is cached per (op, device type, forced backend, $TRITON_INTERPRET): a call
+    costs one dict lookup. The cache is dropped when a kernel is registered or the speed table
+    changes; a forced backend that cannot run raises on every call (errors are not cached)."""
+    if torch.compiler.is_compiling():
+        return _select(op, device)
+    forced, env = _forced.name, _getenv(_ENV_BACKEND)
+    key = (op, device.type, forced, env, _getenv(_ENV_INTERPRET))
+    name = _decisions.get(key)
+    if name is None:
+        name = _select(op, device)
+        # Auto selection on CUDA takes the cuda backend once the extension is built: while an
+        # op has a cuda kernel that is not ready yet, decide again on the next call.
+        if forced or env or device.type != "cuda" or name == "cuda" or not has_kernel(op, "cuda"):
+            _decisions[key] = name
+    return name
+
+
+def _select(op: str, device: torch.device) -> str:
     name = forced_backend()
     if name is None and device.type != "cuda":
         return "reference"  # kernels run automatically only on CUDA (the interpreter is for tests)

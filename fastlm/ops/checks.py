@@ -30,17 +30,21 @@ def check_dtype(op: str, t: torch.Tensor, dtype: torch.dtype, name: str) -> None
 
 
 def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
-    dtypes = {name: t.dtype for name, t in tensors.items()}
-    if len(set(dtypes.values())) > 1:
-        listed = ", ".join(f"{name}={dtype}" for name, dtype in dtypes.items())
-        raise TypeError(f"{op}: expected one dtype for all inputs, got {listed}")
+    values = iter(tensors.values())
+    dtype = next(values).dtype
+    for t in values:
+        if t.dtype != dtype:
+            listed = ", ".join(f"{name}={t.dtype}" for name, t in tensors.items())
+            raise TypeError(f"{op}: expected one dtype for all inputs, got {listed}")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
-        raise ValueError(f"{op}: expected all inputs on one device, got {listed}")
+    values = iter(tensors.values())
+    device = next(values).device
+    for t in values:
+        if t.device != device:
+            listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+            raise ValueError(f"{op}: expected all inputs on one device, got {listed}")
 
 
 def check_last_dim(op: str, x: torch.Tensor, **params: torch.Tensor) -> None:
@@ -67,3 +71,28 @@ def check_window_softcap(op: str, window, softcap, causal: bool = True) -> tuple
                              f"or None, got {softcap!r}")
         softcap = float(softcap)
     return window, softcap
+
+
+def check_heads(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q (B, H, Tq, D) against k and v (B, Hkv, Tk, D): equal k/v shapes, batch and head dim,
+    H a multiple of Hkv (GQA)."""
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{op}: batch sizes differ: q has {q.shape[0]}, k/v have {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: head dims differ: q has D={q.shape[-1]}, k/v have D={k.shape[-1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"{op}: the {q.shape[1]} query heads must be a multiple of the {k.shape[1]} key/value heads (GQA)"
+        )
+
+
+def check_lengths(op: str, lens: torch.Tensor, batch: int, device: torch.device) -> None:
+    """One int32/int64 length per sequence, on ``device``."""
+    if lens.shape != (batch,):
+        raise ValueError(f"{op}: expected shape ({batch},) (one length per sequence), got {tuple(lens.shape)}")
+    if lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: expected int32 or int64 lengths, got {lens.dtype}")
+    if lens.device != device:
+        raise ValueError(f"{op}: expected lengths on {device}, got {lens.device}")

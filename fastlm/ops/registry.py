@@ -1,16 +1,29 @@
-"""torch.library registration of every fastlm op as ``fastlm::<name>``.
+"""The one registration mechanism of fastlm ops: :class:`OpSpec`, :func:`define_op`, :func:`run`.
 
-Each op is a custom op whose last argument names the backend; its implementation is the kernel
-registered for that backend (see :mod:`fastlm.ops.backend`). A fake implementation gives output
-shapes to torch.compile, and differentiable ops get autograd through a companion
-``fastlm::<name>_backward`` op that dispatches by backend the same way. The reference backend's
-backward is the plain-PyTorch formula in :mod:`fastlm.ops.reference_backward`, so every op
-trains through its custom op even before a kernel backward exists; a kernel backend registers its own
-``<name>_backward`` kernel.
+An op family file (``fastlm/ops/<family>.py``) declares each op with an :class:`OpSpec` —
+schema, fake (output shapes for torch.compile), differentiable arguments, reference and
+reference backward — and calls ``define_op(spec)``. That declares the custom op
+``fastlm::<name>(<args>, str backend)`` (and ``fastlm::<name>_backward`` for differentiable ops)
+whose implementation is the kernel registered for the backend (:func:`register_kernel`), and
+registers the reference as the ``reference`` kernel. Kernel adapters
+(``fastlm/ops/triton/<family>.py``, ``fastlm/ops/cuda/<family>.py``) register
+``<name>`` and ``<name>_backward`` for their backend with ``@register_kernel``.
 
-:func:`run` is how the public ops call them: the custom op for kernel backends, and the
-reference function directly for the reference backend (autograd and torch.compile understand
-plain PyTorch without the custom op).
+A backward kernel is called as ``bwd(grad, *op_args, *forward_outputs_if_kept, needs)`` and
+returns one tensor per present differentiable argument (an empty tensor where ``needs`` is
+False); the reference backward formula is called as ``formula(grad, *op_args,
+*forward_outputs_if_kept)`` and returns one gradient (or None) per differentiable argument.
+
+:func:`run` is how a public function calls its op once the inputs are checked. The backend is
+chosen by :func:`fastlm.ops.backend.select` (cached), then:
+
+- ``reference``: the reference function directly (autograd and torch.compile see plain PyTorch),
+  or the spec's ``reference_eager`` where one computes the same faster;
+- a kernel backend under torch.compile: the custom op ``torch.ops.fastlm.<name>`` (fake,
+  autograd registration: what the compiler needs to see);
+- a kernel backend in eager mode: the kernel itself when no gradient is needed, else one
+  ``torch.autograd.Function`` whose backward calls the ``<name>_backward`` kernel — the same
+  kernels and the same backward contract as the custom op, without its per-call cost.
 """
 
 from __future__ import annotations
@@ -20,144 +33,117 @@ from dataclasses import dataclass
 
 import torch
 
-from fastlm.ops import reference, reference_backward
-from fastlm.ops.backend import kernel_for, register_kernel, select
+from fastlm.ops.backend import _KERNELS, kernel_for, register_kernel, select
+
+__all__ = ["OpSpec", "define_op", "defined_ops", "run", "spec_of"]
 
 
 @dataclass(frozen=True)
 class OpSpec:
     """How ``fastlm::<name>`` is declared.
 
+    ``args``: the schema of the op's arguments (without the trailing backend argument);
+    ``returns``: the schema of its outputs; ``fake(*args)``: empty outputs of the right shapes
+    and dtypes. ``differentiable``: positions of the tensor arguments that take gradients.
     With ``auxiliary_outputs``, the first output is the op's result and the others (e.g.
-    attention's logsumexp) are kept for backward and take no gradient. With ``outputs_to_backward`` (schema of the outputs, e.g.
-    ``"Tensor out, Tensor lse"``) the backward op receives the forward outputs after the op's
-    arguments, so a kernel backward need not recompute them.
+    attention's logsumexp) are kept for backward, take no gradient and are dropped by
+    :func:`run`. With ``outputs_to_backward`` (schema of the outputs, e.g. ``"Tensor out, Tensor
+    lse"``) the backward receives the forward outputs after the op's arguments.
+    ``mutates``: names of arguments written in place (their schema type is ``Tensor(a!)``).
+    ``reference_fn`` / ``reference_backward_fn``: the plain-PyTorch forward and backward formula
+    (required for a new op; the defaults, ``fastlm.ops.reference.<name>`` and
+    ``fastlm.ops.reference_backward.<name>_backward``, are kept for ops declared outside this package).
     """
 
     name: str
-    args: str  # schema of the op's arguments, without the trailing backend argument
+    args: str
     returns: str
     fake: Callable
-    differentiable: tuple[int, ...] = ()  # positions of the tensor arguments that take gradients
+    differentiable: tuple[int, ...] = ()
     outputs_to_backward: str = ""
-    auxiliary_outputs: bool = False  # outputs after the first are for backward only, not returned by fastlm.ops
-    # The reference kernels; default: fastlm.ops.reference.<name> and reference_backward.<name>_backward.
+    auxiliary_outputs: bool = False
     reference_fn: Callable | None = None
     reference_backward_fn: Callable | None = None
+    mutates: tuple[str, ...] = ()
+    # What run() calls on the reference backend, when faster than reference_fn for the same
+    # result (e.g. attention through PyTorch's fused SDPA): returns the op's main output only.
+    # The custom op's reference kernel and the test oracle stay reference_fn.
+    reference_eager: Callable | None = None
 
     @property
     def num_args(self) -> int:
         return len(self.args.split(","))
 
+    @property
+    def reference(self) -> Callable:
+        if self.reference_fn is not None:
+            return self.reference_fn
+        from fastlm.ops import reference
 
-def _promoted(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+        return getattr(reference, self.name)
 
+    @property
+    def reference_backward(self) -> Callable:
+        if self.reference_backward_fn is not None:
+            return self.reference_backward_fn
+        from fastlm.ops import reference_backward
 
-def _linear_fake(x: torch.Tensor, out_features: int) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-SPECS: tuple[OpSpec, ...] = (
-    OpSpec(
-        "attention",
-        "Tensor q, Tensor k, Tensor v, bool causal, float? scale, Tensor? key_lens, int? window, float? softcap",
-        "(Tensor, Tensor)",  # out (B, H, Tq, D), logsumexp (B, H, Tq) float32
-        lambda q, k, v, causal, scale, key_lens, window, softcap: (
-            torch.empty_like(q),
-            q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32)),
-        ),
-        differentiable=(0, 1, 2),
-        outputs_to_backward="Tensor out, Tensor lse",
-        auxiliary_outputs=True,
-        reference_fn=reference.attention_forward,
-    ),
-    OpSpec(
-        "decode_attention",
-        "Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lens, float? scale, int? window, float? softcap",
-        "Tensor",
-        lambda q, k, v, lens, scale, window, softcap: torch.empty_like(q),
-    ),
-    OpSpec(
-        "rms_norm",
-        "Tensor x, Tensor weight, float eps",
-        "Tensor",
-        lambda x, w, eps: torch.empty_like(x, dtype=_promoted(x, w)),
-        differentiable=(0, 1),
-    ),
-    OpSpec(
-        "layer_norm",
-        "Tensor x, Tensor weight, Tensor bias, float eps",
-        "Tensor",
-        lambda x, w, b, eps: torch.empty_like(x),
-        differentiable=(0, 1, 2),
-    ),
-    OpSpec(
-        "rope",
-        "Tensor x, Tensor positions, float theta",
-        "Tensor",
-        lambda x, positions, theta: torch.empty_like(x),
-        differentiable=(0,),
-    ),
-    OpSpec(
-        "swiglu",
-        "Tensor gate, Tensor up",
-        "Tensor",
-        lambda gate, up: torch.empty_like(gate, dtype=_promoted(gate, up)),
-        differentiable=(0, 1),
-    ),
-    OpSpec("gelu", "Tensor x", "Tensor", lambda x: torch.empty_like(x), differentiable=(0,)),
-    OpSpec(
-        "lora_linear",
-        "Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor? bias",
-        "Tensor",
-        lambda x, w, a, b, scale, bias: _linear_fake(x, w.shape[0]),
-        differentiable=(0, 1, 2, 3, 5),
-    ),
-    OpSpec(
-        "quantize_int8",
-        "Tensor weight",
-        "(Tensor, Tensor)",
-        lambda w: (
-            torch.empty_like(w, dtype=torch.int8),
-            w.new_empty((w.shape[0],), dtype=torch.float32),
-        ),
-    ),
-    OpSpec(
-        "int8_linear",
-        "Tensor x, Tensor qweight, Tensor scales, Tensor? bias",
-        "Tensor",
-        lambda x, q, scales, bias: _linear_fake(x, q.shape[0]),
-        differentiable=(0, 3),
-    ),
-    # "sample" is defined by fastlm/ops/sampling.py (per-row parameters, min-p, status).
-    OpSpec(
-        "cross_entropy",
-        "Tensor logits, Tensor targets, int ignore_index",
-        "Tensor",
-        lambda logits, targets, ignore_index: logits.new_empty(
-            (), dtype=torch.promote_types(logits.dtype, torch.float32)
-        ),
-        differentiable=(0,),
-    ),
-)
+        return getattr(reference_backward, f"{self.name}_backward")
 
 
-def _reference_backward(spec: OpSpec) -> Callable:
-    """The reference backward kernel: the op's formula in fastlm.ops.reference_backward, called
-    as formula(grad, *op_args, *forward_outputs_if_any)."""
-    formula = spec.reference_backward_fn or getattr(reference_backward, f"{spec.name}_backward")
-    num_args = spec.num_args
+class _Op:
+    """What :func:`run` needs of a defined op, resolved once at definition."""
 
-    def backward(grad: torch.Tensor, *args_outputs_needs) -> list[torch.Tensor]:
-        *args_outputs, needs = args_outputs_needs
-        grads = dict(zip(spec.differentiable, formula(grad, *args_outputs)))
-        return _grad_list(spec, args_outputs[:num_args], needs, grads)
+    __slots__ = ("spec", "name", "reference", "reference_aux", "custom_op", "differentiable", "auxiliary",
+                 "backward_name")
 
-    return backward
+    def __init__(self, spec: OpSpec, reference: Callable, custom_op) -> None:
+        self.spec, self.name, self.custom_op = spec, spec.name, custom_op
+        self.reference = spec.reference_eager or reference
+        self.reference_aux = spec.auxiliary_outputs and spec.reference_eager is None
+        self.differentiable = spec.differentiable
+        self.auxiliary = spec.auxiliary_outputs
+        self.backward_name = f"{spec.name}_backward"
+
+
+_DEFINED: dict[str, _Op] = {}
+_SAVED = object()  # marks a tensor input kept with ctx.save_for_backward
+
+
+def defined_ops() -> dict[str, OpSpec]:
+    """Every op declared with :func:`define_op`, by name (what tests/ops/test_every_op.py walks)."""
+    return {name: op.spec for name, op in _DEFINED.items()}
+
+
+def spec_of(name: str) -> OpSpec:
+    return _DEFINED[name].spec
+
+
+def _needs_grad(op: _Op, args: tuple) -> bool:
+    if not op.differentiable or not torch.is_grad_enabled():
+        return False
+    for i in op.differentiable:
+        a = args[i]
+        if a is not None and a.requires_grad:
+            return True
+    return False
+
+
+def run(op: str, device: torch.device, *args):
+    """Run ``op`` on checked arguments, on the backend selected for ``device`` (module
+    docstring). Auxiliary outputs (attention's logsumexp) are dropped."""
+    entry = _DEFINED[op]
+    backend = select(op, device)
+    if backend == "reference":
+        out = entry.reference(*args)
+        return out[0] if entry.reference_aux else out
+    if torch.compiler.is_compiling():
+        out = entry.custom_op(*args, backend)
+    elif _needs_grad(entry, args):
+        out = _KernelFunction.apply(entry, backend, *args)
+    else:
+        out = kernel_for(op, backend)(*args)
+    return out[0] if entry.auxiliary else out
 
 
 def _grad_list(spec: OpSpec, args: Sequence, needs: Sequence[bool], grads: dict) -> list[torch.Tensor]:
@@ -170,27 +156,73 @@ def _grad_list(spec: OpSpec, args: Sequence, needs: Sequence[bool], grads: dict)
     return out
 
 
-_SAVED = object()  # marks a tensor input kept with ctx.save_for_backward
-_DEFINED: dict[str, OpSpec] = {}
+def _reference_backward_kernel(spec: OpSpec) -> Callable:
+    """The reference backward kernel: the op's formula called as formula(grad, *op_args,
+    *forward_outputs_if_any), its gradients put in the backward kernel's list form."""
+    formula = spec.reference_backward
+    num_args = spec.num_args
+
+    def backward(grad: torch.Tensor, *args_outputs_needs) -> list[torch.Tensor]:
+        *args_outputs, needs = args_outputs_needs
+        grads = dict(zip(spec.differentiable, formula(grad, *args_outputs)))
+        return _grad_list(spec, args_outputs[:num_args], needs, grads)
+
+    return backward
 
 
-def run(op: str, device: torch.device, *args):
-    """Run ``op`` on the backend selected for ``device``: the reference function directly
-    (autograd and torch.compile see plain PyTorch), or the custom op ``fastlm::<op>`` that
-    calls the backend's kernel. Auxiliary outputs (attention's logsumexp) are dropped."""
-    spec = _DEFINED[op]
-    backend = select(op, device)
-    if backend == "reference":
-        out = (spec.reference_fn or getattr(reference, op))(*args)
-    else:
-        out = getattr(torch.ops.fastlm, op)(*args, backend)
-    return out[0] if spec.auxiliary_outputs else out
+def _save(ctx, spec: OpSpec, inputs: Sequence, output) -> None:
+    """Keep the tensor inputs (and the forward outputs when the backward takes them)."""
+    saved_outputs = tuple(output) if spec.outputs_to_backward else ()
+    if spec.auxiliary_outputs:
+        ctx.mark_non_differentiable(*output[1:])
+    ctx.num_saved_outputs = len(saved_outputs)
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)), *saved_outputs)
+    ctx.inputs = tuple(_SAVED if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+def _saved(ctx) -> tuple[list, list]:
+    saved = list(ctx.saved_tensors)
+    split = len(saved) - ctx.num_saved_outputs
+    tensors = iter(saved[:split])
+    return [next(tensors) if slot is _SAVED else slot for slot in ctx.inputs], saved[split:]
+
+
+def _gradients(spec: OpSpec, op_args: Sequence, needs: Sequence[bool], grads) -> list[torch.Tensor | None]:
+    """The backward kernel's list spread over the op's arguments (None where not needed)."""
+    grads = iter(grads)
+    result: list[torch.Tensor | None] = [None] * len(op_args)
+    for i, need in zip(spec.differentiable, needs):
+        if op_args[i] is None:
+            continue
+        g = next(grads)
+        result[i] = g if need else None
+    return result
+
+
+class _KernelFunction(torch.autograd.Function):
+    """Eager autograd of a kernel backend: the forward and backward kernels, called directly."""
+
+    @staticmethod
+    def forward(ctx, entry: _Op, backend: str, *args):
+        out = kernel_for(entry.name, backend)(*args)
+        ctx.entry, ctx.backend = entry, backend
+        _save(ctx, entry.spec, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, *aux_grads):
+        entry = ctx.entry
+        op_args, saved_outputs = _saved(ctx)
+        needs = [bool(ctx.needs_input_grad[i + 2]) and op_args[i] is not None for i in entry.differentiable]
+        grads = kernel_for(entry.backward_name, ctx.backend)(grad, *op_args, *saved_outputs, needs)
+        return (None, None, *_gradients(entry.spec, op_args, needs, grads))
 
 
 def define_op(spec: OpSpec) -> None:
-    """Declare ``fastlm::<spec.name>`` (and its backward op when differentiable) and register
-    its reference kernels. Op families outside this file call it for their own specs."""
-    _DEFINED[spec.name] = spec
+    """Declare ``fastlm::<spec.name>`` (and its backward op when differentiable), register the
+    reference kernels, and make the op available to :func:`run`."""
+    if spec.name in _DEFINED:
+        raise ValueError(f"fastlm op '{spec.name}' is already defined")
     qualname = f"fastlm::{spec.name}"
     schema = f"({spec.args}, str backend) -> {spec.returns}"
 
@@ -198,9 +230,11 @@ def define_op(spec: OpSpec) -> None:
         *op_args, backend = args
         return kernel_for(spec.name, backend)(*op_args)
 
-    op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=schema)
+    op = torch.library.custom_op(qualname, impl, mutates_args=spec.mutates, schema=schema)
     op.register_fake(lambda *args: spec.fake(*args[:-1]))
-    register_kernel(spec.name, "reference")(spec.reference_fn or getattr(reference, spec.name))
+    reference = spec.reference
+    register_kernel(spec.name, "reference")(reference)
+    _DEFINED[spec.name] = _Op(spec, reference, getattr(torch.ops.fastlm, spec.name))
     if not spec.differentiable:
         return
 
@@ -220,34 +254,21 @@ def define_op(spec: OpSpec) -> None:
 
     bwd_op = torch.library.custom_op(f"fastlm::{bwd_name}", bwd_impl, mutates_args=(), schema=bwd_schema)
     bwd_op.register_fake(bwd_fake)
-    register_kernel(bwd_name, "reference")(_reference_backward(spec))
+    register_kernel(bwd_name, "reference")(_reference_backward_kernel(spec))
 
     def setup_context(ctx, inputs, output):
-        saved_outputs = tuple(output) if spec.outputs_to_backward else ()
-        if spec.auxiliary_outputs:
-            ctx.mark_non_differentiable(*output[1:])
-        ctx.num_saved_outputs = len(saved_outputs)
-        ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)), *saved_outputs)
-        ctx.inputs = tuple(_SAVED if isinstance(t, torch.Tensor) else t for t in inputs)
+        _save(ctx, spec, inputs, output)
 
     def backward(ctx, grad, *aux_grads):  # auxiliary outputs take no gradient
-        saved = list(ctx.saved_tensors)
-        saved_outputs = saved[len(saved) - ctx.num_saved_outputs :]
-        saved = iter(saved[: len(saved) - ctx.num_saved_outputs])
-        inputs = [next(saved) if slot is _SAVED else slot for slot in ctx.inputs]
+        inputs, saved_outputs = _saved(ctx)
         *op_args, backend = inputs
         needs = [bool(ctx.needs_input_grad[i]) and op_args[i] is not None for i in spec.differentiable]
-        grads = iter(bwd_op(grad, *op_args, *saved_outputs, needs, backend))
-        result: list[torch.Tensor | None] = [None] * len(inputs)
-        for i, need in zip(spec.differentiable, needs):
-            if op_args[i] is None:
-                continue
-            g = next(grads)
-            result[i] = g if need else None
-        return tuple(result)
+        grads = bwd_op(grad, *op_args, *saved_outputs, needs, backend)
+        return (*_gradients(spec, op_args, needs, grads), None)
 
     op.register_autograd(backward, setup_context=setup_context)
 
 
-for _spec in SPECS:
-    define_op(_spec)
+def registered_kernels() -> dict[tuple[str, str], Callable]:
+    """(op, backend) -> kernel, for every registered kernel (a copy)."""
+    return dict(_KERNELS)

@@ -1,4 +1,4 @@
-"""Variable-length (packed) attention: fastlm.ops.attention_triton.attention_varlen.
+"""Variable-length (packed) attention: fastlm.ops.attention_varlen.
 
 Packed sequences (cu_seqlens offsets as flash-attn's varlen API) must give exactly what
 attention gives on each sequence alone: no attention across documents, causal alignment per
@@ -16,22 +16,12 @@ from fastlm import ops
 from fastlm.ops import backend, reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_KEYS = [(op, "triton") for op in
-               ("attention", "attention_backward", "attention_varlen", "attention_varlen_backward")]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def attention_triton():
-    """Register the triton attention kernels for these tests only (see test_attention_triton)."""
-    saved = {key: backend._KERNELS.get(key) for key in TRITON_KEYS}
-    module = importlib.import_module("fastlm.ops.attention_triton")
-    module.register_kernels()
-    yield module
-    for key, fn in saved.items():
-        if fn is None:
-            backend._KERNELS.pop(key, None)
-        else:
-            backend._KERNELS[key] = fn
+    """The triton adapters of the attention family (registered when fastlm.ops is imported)."""
+    return importlib.import_module("fastlm.ops.triton.attn")
 
 
 def packed(q_lens, k_lens, h, hkv, d, dtype=torch.float32, device=DEVICE, seed=0):
@@ -48,7 +38,7 @@ def packed(q_lens, k_lens, h, hkv, d, dtype=torch.float32, device=DEVICE, seed=0
 
 def run_varlen(name, q, k, v, do, cu_q, cu_k, q_lens, k_lens, causal, scale=None):
     """(out, dq, dk, dv) of attention_varlen on a forced backend, via autograd."""
-    from fastlm.ops.attention_triton import attention_varlen
+    from fastlm.ops.attn import attention_varlen
 
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     with fastlm.use_backend(name):
@@ -107,7 +97,7 @@ def test_varlen_lse_layout_and_empty_rows():
 
 def test_no_attention_across_documents():
     """Changing one document's keys and values leaves every other document's outputs unchanged."""
-    from fastlm.ops.attention_triton import attention_varlen
+    from fastlm.ops.attn import attention_varlen
 
     lens = [9, 14, 6]
     q, k, v, _, cu, _ = packed(lens, lens, 2, 1, 32)
@@ -214,7 +204,7 @@ def test_torch_compile_traces_the_varlen_op():
 
 
 def _call(q=None, k=None, v=None, cu_q=None, cu_k=None, max_q=4, max_k=4):
-    from fastlm.ops.attention_triton import attention_varlen
+    from fastlm.ops.attn import attention_varlen
 
     q = torch.randn(6, 4, 8) if q is None else q
     k = torch.randn(6, 2, 8) if k is None else k
@@ -246,7 +236,7 @@ def test_varlen_input_errors(call, error, match):
 
 
 def test_varlen_triton_limits():
-    from fastlm.ops.attention_triton import attention_varlen
+    from fastlm.ops.attn import attention_varlen
 
     q = torch.randn(4, 2, 300, device=DEVICE)
     cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
@@ -284,7 +274,7 @@ def test_gpu_varlen_within_twice_torch_error(dtype, d, h, hkv):
 @pytest.mark.gpu
 def test_gpu_varlen_equals_padded_dense_with_key_lens():
     """Packed documents vs the same documents right-padded into a dense batch with key_lens."""
-    from fastlm.ops.attention_triton import attention_varlen
+    from fastlm.ops.attn import attention_varlen
 
     lens = [300, 1024, 17, 640]
     q, k, v, _, cu, _ = packed(lens, lens, 8, 2, 128, dtype=torch.bfloat16, device="cuda")

@@ -15,8 +15,8 @@ from transformers.models.gemma2 import modeling_gemma2
 import fastlm
 from fastlm import ops
 from fastlm.ops import reference, reference_backward
-from fastlm.ops.attention_triton import attention_varlen_reference
-from fastlm.ops.paged import gather_pages
+from fastlm.ops.attn import attention_varlen_reference
+from fastlm.ops.decode import gather_pages
 
 
 def _qkv(b, h, hkv, tq, tk, d, seed=0, dtype=torch.float64):

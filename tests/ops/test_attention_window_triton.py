@@ -15,21 +15,12 @@ from fastlm import ops
 from fastlm.ops import backend, reference, reference_backward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_KEYS = [(op, "triton") for op in
-               ("attention", "attention_backward", "attention_varlen", "attention_varlen_backward")]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def attention_triton():
-    saved = {key: backend._KERNELS.get(key) for key in TRITON_KEYS}
-    module = importlib.import_module("fastlm.ops.attention_triton")
-    module.register_kernels()
-    yield module
-    for key, fn in saved.items():
-        if fn is None:
-            backend._KERNELS.pop(key, None)
-        else:
-            backend._KERNELS[key] = fn
+    """The triton adapters of the attention family (registered when fastlm.ops is imported)."""
+    return importlib.import_module("fastlm.ops.triton.attn")
 
 
 def make_inputs(b, h, hkv, tq, tk, d, dtype=torch.float32, seed=0, q_scale=2.0):

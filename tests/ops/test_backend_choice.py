@@ -19,6 +19,7 @@ def gpu_like(monkeypatch):
     monkeypatch.setattr(backend, "_triton_installed", lambda: True)
     monkeypatch.setattr(backend, "_speed", None)
     monkeypatch.setattr(backend, "_speed_loaded", True)
+    monkeypatch.setattr(backend, "_decisions", {})  # decisions cached under other test doubles
     monkeypatch.delenv("FASTLM_BACKEND", raising=False)
     monkeypatch.setattr(_extension, "_probe_status", lambda: (True, "JIT build from csrc with nvcc at /x/bin/nvcc"))
     builds = []

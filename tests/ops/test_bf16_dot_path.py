@@ -22,7 +22,7 @@ import fastlm
 from fastlm import ops
 from fastlm.ops.backend import kernel_module
 from tests.ops.interp_bf16 import hardware_bf16, interpreter_bf16_is_broken
-from fastlm.ops import int8_triton
+from fastlm.ops import int8 as int8_ops
 from fastlm.ops.int8_triton import dequantize_int8
 from tests.ops.test_int8_triton import _check as check_int8, _w8a8_formula, _weights
 from tests.ops.test_lora_triton import check as check_lora, lora_inputs, mixed_inputs
@@ -99,7 +99,7 @@ def test_w8a8_real_path(bf16_hw, dtype, rows, fused):
     x = torch.randn(rows, 96).to(dtype)
     b = torch.randn(48).to(dtype)
     out = kernel_module("int8").w8a8_linear_forward(x, q, ws, b, c, fused=fused)
-    ref = int8_triton.w8a8_linear_reference(x, q, ws, b, c)
+    ref = int8_ops.w8a8_linear_reference(x, q, ws, b, c)
     truth = _w8a8_formula(x, q, ws, b, c)
     torch_err = (ref.double() - truth).abs().max().item()
     atol = 1e-6 * truth.abs().max().item()  # fp32 epilogue (scales, bias) before the final rounding
@@ -120,7 +120,7 @@ def test_lora_linear_real_dot(bf16_hw, dtype, rows, r):
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_lora_linear_mixed_real_dot(bf16_hw, dtype):
-    from fastlm.ops import lora_triton
+    from fastlm.ops import lora as lora_ops
 
     inputs = mixed_inputs(17, 40, 24, 8, 3, dtype, bias=True, seed=5)
-    check_lora("lora_linear_mixed", lora_triton.lora_linear_mixed, inputs, torch.randn(17, 24).to(dtype))
+    check_lora("lora_linear_mixed", lora_ops.lora_linear_mixed, inputs, torch.randn(17, 24).to(dtype))

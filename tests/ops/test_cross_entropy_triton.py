@@ -83,9 +83,9 @@ def test_reference_never_copies_all_logits_to_float32(monkeypatch):
     """The reference's float32 work is chunked: no float32 tensor of N·V elements appears."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fastlm.ops import reference
+    from fastlm.ops import losses, reference
 
-    monkeypatch.setattr(reference, "CROSS_ENTROPY_CHUNK", 64 * 10)  # 10 rows of V = 64 per chunk
+    monkeypatch.setattr(losses, "CROSS_ENTROPY_CHUNK", 64 * 10)  # 10 rows of V = 64 per chunk
     logits, targets = _case(40, 64, torch.bfloat16, ignore_every=3)
     sizes = []
 

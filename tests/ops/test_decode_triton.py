@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastlm
 from fastlm import ops
 from fastlm.ops.backend import kernel_module
-from fastlm.ops.paged import gather_pages
+from fastlm.ops.decode import gather_pages
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,7 +11,7 @@ import torch
 
 import fastlm
 from fastlm import ops
-from fastlm.ops import int8_triton, reference
+from fastlm.ops import int8 as int8_ops, reference
 from fastlm.ops.backend import kernel_module
 from fastlm.ops.int8_triton import dequantize_int8, quantize_per_token, w8a8_linear
 
@@ -121,7 +121,7 @@ def test_quantize_per_token_triton_is_exact(dtype, smooth):
     x = (torch.randn(17, K) * torch.logspace(-2, 1, 17)[:, None]).to(dtype)
     x[4] = 0.0  # zero row: scale 1, all zeros
     c = torch.rand(K) + 0.5 if smooth else None
-    expected_q, expected_s = int8_triton.quantize_per_token_reference(x, c)
+    expected_q, expected_s = int8_ops.quantize_per_token_reference(x, c)
     with fastlm.use_backend("triton"):
         got_q, got_s = quantize_per_token(x, c)
     assert torch.equal(got_q, expected_q) and torch.equal(got_s, expected_s)
@@ -131,7 +131,7 @@ def test_quantize_per_token_triton_is_exact(dtype, smooth):
 
 
 def _w8a8_formula(x, q, ws, bias, smooth):
-    xq, sx = int8_triton.quantize_per_token_reference(x, smooth)
+    xq, sx = int8_ops.quantize_per_token_reference(x, smooth)
     y = (xq.double() @ q.double().T) * sx.double()[:, None] * ws.double()[None, :]
     return y if bias is None else y + bias.double()
 
@@ -145,7 +145,7 @@ def test_w8a8_triton_matches_reference(rows, dtype, fused):
     x = torch.randn(rows, K).to(dtype)
     b = torch.randn(N).to(dtype)
     out = kernel_module("int8").w8a8_linear_forward(x, q, ws, b, c, fused=fused)
-    ref = int8_triton.w8a8_linear_reference(x, q, ws, b, c)
+    ref = int8_ops.w8a8_linear_reference(x, q, ws, b, c)
     truth = _w8a8_formula(x, q, ws, b, c)
     # The int32 accumulators are identical; only the float epilogue's rounding may differ.
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -170,7 +170,7 @@ def test_w8a8_dispatch_through_the_op():
 def test_int_mm_is_exact(m, k, n):
     a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-    assert torch.equal(int8_triton.int_mm(a, b), a.long() @ b.long().T)
+    assert torch.equal(int8_ops.int_mm(a, b), a.long() @ b.long().T)
 
 
 @pytest.mark.parametrize("name,args", [
@@ -255,7 +255,7 @@ def test_w8a8_gpu(backend, rows, k, n):
     with fastlm.use_backend(backend):
         out = w8a8_linear(x, q, ws, b, c)
         xq, sx = quantize_per_token(x, c)
-    ref_q, ref_s = int8_triton.quantize_per_token_reference(x, c)
+    ref_q, ref_s = int8_ops.quantize_per_token_reference(x, c)
     assert torch.equal(sx, ref_s)
     assert (xq.int() - ref_q.int()).abs().max() <= 1 and (xq != ref_q).float().mean() < 1e-4
     truth = _w8a8_formula(x, q, ws, b, c)

@@ -117,7 +117,7 @@ def test_rope_append_into_stacked_layer(compiled, theta):
     """rope_append_kv_layer = rope_append_kv on the layer's view; compiled (the index_put_ form
     the compiler keeps in place) it writes the same values into the same buffers, in place,
     and leaves the other layers alone."""
-    from fastlm.ops.kv_append import rope_append_kv_layer
+    from fastlm.ops.rotary import rope_append_kv_layer
 
     q, k, v, positions, _ = _inputs(3, 4, 2, 2, 7, 16, torch.float32)
     g = torch.Generator().manual_seed(1)

@@ -7,7 +7,7 @@ flash-attention's rule: max|kernel − truth| ≤ 2·max|PyTorch same dtype − 
 being the float64 reference. The forward and every gradient (x, A, B, bias; W when it asks for
 one) are checked.
 
-fastlm.ops.lora_triton is imported inside the tests, not at collection: importing it registers
+fastlm.ops.lora is imported inside the tests, not at collection: importing it registers
 the triton lora_linear kernel, which tests/ops/test_dispatch.py uses as its "op without a triton
 kernel" until fastlm.ops imports this module for good.
 """
@@ -28,9 +28,9 @@ ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 @pytest.fixture(scope="module")
 def lora_triton():
-    from fastlm.ops import lora_triton
+    from fastlm.ops import lora as lora_ops
 
-    return lora_triton
+    return lora_ops
 
 
 def assert_within_rule(name, out, truth, torch_out):

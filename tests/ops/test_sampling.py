@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from fastlm import ops
-from fastlm.ops import sampling_reference as R
+from fastlm.ops import sampling as R
 from fastlm.ops.backend import kernel_module
 from fastlm.ops.sampling import DeferredChecks
 
@@ -336,14 +336,14 @@ def _assert_matches_reference(out, ref, *, min_agreement=1.0):
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # T = 1e-40
 def test_triton_matches_reference():
     args = _random_case(36, 150, seed=0)
-    _assert_matches_reference(_op("triton", *args), R.sample(*args))
+    _assert_matches_reference(_op("triton", *args), R.sample_reference(*args))
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # T = 1e-40
 def test_triton_several_blocks_match_reference():
     args = _random_case(8, 300, seed=1)
     out = kernel_module("sampling").sample(*args, block=64)
-    _assert_matches_reference(out, R.sample(*args))
+    _assert_matches_reference(out, R.sample_reference(*args))
 
 
 def test_triton_stratified_draws_follow_the_filtered_distribution():
@@ -422,7 +422,7 @@ def _run_emulated(exe, logits, uniform, temperature, top_k, top_p, min_p):
 
 def test_cuda_kernel_on_cpu_emulation_matches_reference(cuda_emulator):
     args = _random_case(30, 700, seed=3)  # 700 logits: two scan tiles of 64 threads x 8
-    _assert_matches_reference(_run_emulated(cuda_emulator, *args), R.sample(*args))
+    _assert_matches_reference(_run_emulated(cuda_emulator, *args), R.sample_reference(*args))
 
 
 # --- on a GPU --------------------------------------------------------------------------------
@@ -435,7 +435,7 @@ GPU_BACKENDS = ("triton", "cuda")
 def test_gpu_matches_reference(backend):
     args = _random_case(256, 3000, seed=4, device="cuda")
     # GPU exp2/sum rounding may move a draw across a CDF boundary in rare rows.
-    _assert_matches_reference(_op(backend, *args), R.sample(*(a.cpu() for a in args)), min_agreement=0.98)
+    _assert_matches_reference(_op(backend, *args), R.sample_reference(*(a.cpu() for a in args)), min_agreement=0.98)
 
 
 @pytest.mark.gpu
@@ -456,7 +456,7 @@ def test_gpu_draws_follow_the_filtered_distribution(backend, kwargs):
 def test_gpu_low_precision_logits(backend, dtype):
     args = list(_random_case(64, 5000, seed=6, device="cuda"))
     args[0] = args[0].to(dtype)
-    _assert_matches_reference(_op(backend, *args), R.sample(*(a.cpu() for a in args)), min_agreement=0.98)
+    _assert_matches_reference(_op(backend, *args), R.sample_reference(*(a.cpu() for a in args)), min_agreement=0.98)
 
 
 @pytest.mark.gpu
