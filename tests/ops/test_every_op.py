@@ -102,6 +102,13 @@ CASES = {
     "sample": _sample_cases,
     "fused_linear_cross_entropy": lambda: [(_d(3, 4), _d(5, 4, seed=1), torch.tensor([1, -100, 4]), -100, 2,
                                             True, True)],
+    "linear_logprobs": lambda: [(_d(3, 4), _d(5, 4, seed=1), torch.tensor([1, -100, 4]), 0.7, -100, True, 2),
+                                (_d(3, 4), _d(5, 4, seed=1), torch.tensor([0, 2, 4]), 1.0, -100, False, 8)],
+    "linear_distillation_loss": lambda: [
+        (_d(3, 4), _d(5, 4, seed=1), _d(3, 6, seed=2), _d(5, 6, seed=3), torch.tensor([1, -100, 4]), 2.0,
+         divergence, 0.3, 0.6, -100, 2, True, True) for divergence in ("forward_kl", "reverse_kl", "jsd")
+    ] + [(_d(3, 4), _d(5, 4, seed=1), _d(3, 6, seed=2), _d(5, 6, seed=3), None, 1.0, "forward_kl", 0.5, 0.5, -100,
+          8, True, True)],
 }
 
 
@@ -221,6 +228,38 @@ def f_lora_mixed(x, w, a, b, scales, index, bias):
     return torch.stack(rows)
 
 
+def f_linear_logprobs(h, w, tokens, temperature, ignore, with_entropy, chunk):
+    """log softmax(h·Wᵀ/T)[token] and the entropy of that distribution, 0 on ignored rows."""
+    logp = torch.log_softmax(h.double() @ w.double().t() / temperature, dim=-1)
+    valid = tokens != ignore
+    picked = logp.gather(-1, torch.where(valid, tokens, 0)[:, None]).squeeze(-1) * valid
+    entropy = -(logp.exp() * logp).sum(-1) * valid
+    return torch.stack((picked, entropy)) if with_entropy else picked[None]
+
+
+def f_linear_distillation_loss(hs, ws, ht, wt, labels, temperature, divergence, beta, alpha, ignore, *_):
+    """mean over kept tokens of α·T²·D(p_t, p_s) + (1 − α)·CE, p = softmax(h·Wᵀ/T); without labels
+    α·T²·D over every token (the public function passes α = 1 then)."""
+    zs, zt = hs.double() @ ws.double().t(), ht.double() @ wt.double().t()
+    ps, pt = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
+
+    def kl(p, q):
+        return (p * (p.log() - q.log())).sum(-1)
+
+    if divergence == "forward_kl":
+        d = kl(pt, ps)
+    elif divergence == "reverse_kl":
+        d = kl(ps, pt)
+    else:
+        m = beta * pt + (1 - beta) * ps
+        d = beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+    if labels is None:
+        return (alpha * temperature ** 2 * d).mean()
+    keep = labels != ignore
+    ce = F.cross_entropy(zs, torch.where(keep, labels, 0), reduction="none")
+    return ((alpha * temperature ** 2 * d + (1 - alpha) * ce) * keep).sum() / keep.sum()
+
+
 FORMULAS = {
     "attention": f_attention,
     "attention_varlen": f_attention_varlen,
@@ -243,6 +282,8 @@ FORMULAS = {
     "sample": f_sample,
     "fused_linear_cross_entropy": lambda h, w, t, ignore, chunk, need_dh, need_dw: F.cross_entropy(
         h @ w.t(), t, ignore_index=ignore),
+    "linear_logprobs": f_linear_logprobs,
+    "linear_distillation_loss": f_linear_distillation_loss,
 }
 
 PARAMS = [(name, i) for name in sorted(DEFINED) for i in range(len(CASES.get(name, lambda: [None])()))]
@@ -366,8 +407,11 @@ def test_kernel_matches_reference(name, backend_name):
     if not ok:
         pytest.skip(f"the {backend_name} backend cannot run here: {why}")
     spec = DEFINED[name]
-    if name == "fused_linear_cross_entropy":  # always goes through the custom op
-        pytest.skip("covered by tests/ops/test_fused_loss.py (its own dispatch)")
+    own_tests = {"fused_linear_cross_entropy": "tests/ops/test_fused_loss.py",
+                 "linear_distillation_loss": "tests/ops/test_logprobs_triton.py",
+                 "linear_logprobs": "tests/ops/test_logprobs_triton.py"}
+    if name in own_tests:  # chunked ops whose public function always calls the custom op, not run()
+        pytest.skip(f"covered by {own_tests[name]} (its own dispatch)")
     oracle_args, args32, ref32_args = _args(name, 0, grad=True), _args(name, 0, grad=True, dtype=torch.float32), \
         _args(name, 0, grad=True, dtype=torch.float32)
     oracle = spec.reference(*oracle_args)
