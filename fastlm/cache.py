@@ -196,6 +196,7 @@ class PagedKVCache(nn.Module):
         self.seq_blocks: list[list[int]] = [[] for _ in range(batch_size)]
         self.reserved = [0] * batch_size  # positions each sequence has blocks for (host side)
         self.released = [False] * batch_size
+        self.refs: dict[int, int] = {}  # block -> how many sequences hold it (shared after a reorder)
         self.filled = 0
 
     @classmethod
@@ -217,7 +218,23 @@ class PagedKVCache(nn.Module):
 
     @property
     def blocks_in_use(self) -> int:
-        return sum(map(len, self.seq_blocks))
+        return len(self.refs)
+
+    def _take_block(self) -> int:
+        if not self.free_blocks:
+            raise RuntimeError(
+                f"PagedKVCache: out of blocks ({self.blocks_in_use} in use); free finished sequences "
+                "or create the cache with more num_blocks"
+            )
+        block = self.free_blocks.pop()
+        self.refs[block] = 1
+        return block
+
+    def _drop(self, block: int) -> None:
+        self.refs[block] -= 1
+        if not self.refs[block]:
+            del self.refs[block]
+            self.free_blocks.append(block)
 
     def positions(self, num_new: int) -> torch.Tensor:
         """Positions of the next ``num_new`` tokens (B, num_new), allocating blocks for them."""
@@ -228,12 +245,7 @@ class PagedKVCache(nn.Module):
         needed = self.filled + num_new
         for seq in range(self.batch_size):
             while not self.released[seq] and self.reserved[seq] < needed:
-                if not self.free_blocks:
-                    raise RuntimeError(
-                        f"PagedKVCache: out of blocks ({self.blocks_in_use} in use); free finished sequences "
-                        "or create the cache with more num_blocks"
-                    )
-                block = self.free_blocks.pop()
+                block = self._take_block()
                 self.block_table[seq, len(self.seq_blocks[seq])] = block
                 self.seq_blocks[seq].append(block)
                 self.reserved[seq] += self.block_size
@@ -261,8 +273,51 @@ class PagedKVCache(nn.Module):
         self.filled += num_new
 
     def free(self, seq: int) -> None:
-        """Return the blocks of finished sequence ``seq`` to the free list."""
-        self.free_blocks.extend(reversed(self.seq_blocks[seq]))
+        """Return the blocks of finished sequence ``seq`` to the free list (those no other
+        sequence shares)."""
+        for block in reversed(self.seq_blocks[seq]):
+            self._drop(block)
         self.seq_blocks[seq] = []
         self.block_table[seq] = -1
         self.released[seq] = True
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep sequence index[i] as sequence i (beam and contrastive search): index (B,) int64.
+        The block tables are permuted and blocks shared (reference-counted), no page is copied
+        except copy on write: a sequence kept more than once gets private copies of its blocks
+        at or after its length (the partly filled block its next tokens are written to, and
+        the reserved ones after it). Reads index and lens on the host (one read), where the
+        block ownership lives."""
+        if index.shape != (self.batch_size,):
+            raise ValueError(f"PagedKVCache.reorder: index must have shape ({self.batch_size},), got {tuple(index.shape)}")
+        order, lens = torch.stack((index.to(self.lens), self.lens)).tolist()
+        if any(not 0 <= src < self.batch_size for src in order):
+            raise ValueError(f"PagedKVCache.reorder: index must hold sequence numbers in [0, {self.batch_size}), "
+                             f"got {order}")
+        blocks = [list(self.seq_blocks[src]) for src in order]
+        for row in blocks:
+            for block in row:
+                self.refs[block] += 1
+        for row in self.seq_blocks:
+            for block in row:
+                self._drop(block)
+        src, dst = [], []
+        for i, row in enumerate(blocks):
+            for j in range(lens[order[i]] // self.block_size, len(row)):
+                if self.refs[row[j]] > 1:  # written next by more than one sequence: a private copy
+                    self.refs[row[j]] -= 1
+                    src.append(row[j])
+                    row[j] = self._take_block()
+                    dst.append(row[j])
+        if src:
+            src_t, dst_t = (torch.tensor(x, device=self.k.device) for x in (src, dst))
+            for pages in (self.k, self.v):  # (L, num_blocks, Hkv, block_size, D)
+                pages.index_copy_(1, dst_t, pages.index_select(1, src_t))
+        self.seq_blocks = blocks
+        self.reserved = [self.reserved[s] for s in order]
+        self.released = [self.released[s] for s in order]
+        table = torch.full(tuple(self.block_table.shape), -1, dtype=self.block_table.dtype)
+        for i, row in enumerate(blocks):
+            table[i, : len(row)] = torch.tensor(row, dtype=table.dtype)
+        self.block_table.copy_(table)
+        self.lens.copy_(self.lens.index_select(0, index.to(self.lens.device)))

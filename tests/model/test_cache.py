@@ -115,6 +115,32 @@ def test_reorder_then_decode_equals_decoding_the_reordered_prompts(model):
     torch.testing.assert_close(model(token, cache=cache), model(token, cache=fresh), atol=1e-6, rtol=0)
 
 
+@torch.no_grad()
+def test_paged_reorder_permutes_block_tables(model):
+    """Paged reorder = static reorder on the logits that follow; full blocks are shared, only the
+    partly filled block of a sequence kept twice is copied; freeing returns every block."""
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(6))
+    index = torch.tensor([1, 1, 0])
+    static, paged = model.new_cache(3, 24), model.new_cache(3, 24, paged=True, block_size=4)
+    for cache in (static, paged):
+        model(ids, cache=cache)  # 6 positions: one full block and one partly filled per sequence
+    free_before = len(paged.free_blocks)
+    with CopiedBytes() as copied:
+        paged.reorder(index)
+        static.reorder(index)
+    assert paged.seq_blocks[0][0] == paged.seq_blocks[1][0]  # the full block of sequence 1, shared
+    assert paged.seq_blocks[0][1] != paged.seq_blocks[1][1]  # its partly filled block, copied once
+    assert len(paged.free_blocks) == free_before + 2 - 1  # sequence 2's blocks freed, one copy taken
+    page_bytes = paged.k[:, 0].numel() * paged.k.element_size()  # one block of every layer
+    assert sum(op[2] for op in copied.ops if op[1][:2] == (2, 1)) <= 4 * page_bytes  # k and v: read + write
+    for _ in range(4):
+        token = torch.randint(0, 64, (3, 1))
+        torch.testing.assert_close(model(token, cache=paged), model(token, cache=static), atol=1e-5, rtol=1e-5)
+    for seq in range(3):
+        paged.free(seq)
+    assert paged.blocks_in_use == 0 and len(paged.free_blocks) == paged.k.shape[1] - 1
+
+
 def _copy(model):
     clone = fastlm.Model(model.config).eval()
     clone.load_state_dict(model.state_dict())
