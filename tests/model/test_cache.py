@@ -63,8 +63,9 @@ def test_paged_update_returns_pages_and_block_table(model):
     q_rot, view = cache.update(0, q, k, v, positions, theta=10000.0)
     assert view.k.data_ptr() == cache.k[0].data_ptr() and view.block_table is cache.block_table
     assert view.lens.tolist() == [6, 6]
-    from fastlm.ops.paged import gather_pages
-    torch.testing.assert_close(gather_pages(view.k, view.block_table)[:, :, :6], ops.rope(k, positions, theta=10000.0))
+    # the pages in sequence order: (B, max_blocks, Hkv, block_size, D) -> (B, Hkv, max_blocks·block_size, D)
+    gathered = view.k[view.block_table.long().clamp(min=0)].permute(0, 2, 1, 3, 4).flatten(2, 3)
+    torch.testing.assert_close(gathered[:, :, :6], ops.rope(k, positions, theta=10000.0))
     torch.testing.assert_close(q_rot, ops.rope(q, positions, theta=10000.0))
 
 
