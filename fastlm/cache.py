@@ -289,7 +289,8 @@ class PagedKVCache(nn.Module):
         the reserved ones after it). Reads index and lens on the host (one read), where the
         block ownership lives."""
         if index.shape != (self.batch_size,):
-            raise ValueError(f"PagedKVCache.reorder: index must have shape ({self.batch_size},), got {tuple(index.shape)}")
+            raise ValueError(f"PagedKVCache.reorder: index must have shape ({self.batch_size},), "
+                             f"got {tuple(index.shape)}")
         order, lens = torch.stack((index.to(self.lens), self.lens)).tolist()
         if any(not 0 <= src < self.batch_size for src in order):
             raise ValueError(f"PagedKVCache.reorder: index must hold sequence numbers in [0, {self.batch_size}), "
