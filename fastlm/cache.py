@@ -1,6 +1,42 @@
-"""KV cache: preallocated key/value buffers updated in place (gpt-fast's static cache)."""
+"""KV caches: preallocated per-sequence buffers updated in place (:class:`KVCache`, gpt-fast's
+static cache) or fixed-size blocks shared by all sequences (:class:`PagedKVCache`, vLLM's).
+
+The contract (all the model calls; the model owns RoPE and attention):
+
+    positions(T) -> (B, T) int64      positions of the next T tokens of each sequence (the paged
+                                      cache allocates their blocks; both raise when they do not fit)
+    update(layer, q, k, v, positions, *, theta=None, length=None) -> (q, KVView)
+                                      write k, v (B, Hkv, T, D) of ``layer`` at ``positions``; with
+                                      ``theta`` (plain RoPE) k and q (B, H, T, D) are rotated first
+    advance(T, lens=None)             after every layer wrote: lens += T (or += lens, ragged prefill)
+
+:class:`KVView` (k, v, lens, block_table) is what attention reads after the write, lens (B,)
+being each sequence's valid length *including* the T new tokens:
+
+- static: k, v (B, Hkv, L, D) = the layer's buffers over positions [0, L), L = ``length`` (a
+  host bound on every length after the write) or max_len when None (one static shape: what a
+  compiled decode step uses); block_table None. Attention: ``ops.decode_attention(q, k, v, lens)``,
+  or on the prefill of an empty cache, whose positions [0, T) are exactly the new tokens,
+  ``ops.attention(q, k, v, causal=True, key_lens=...)`` (the prefill kernel, ragged prompts).
+- paged: k, v (num_blocks, Hkv, block_size, D) = the layer's pages and block_table
+  (B, max_blocks) int32, exactly the arguments of ``ops.decode_attention_paged``, so the paged
+  decode kernel reads the blocks in place (no gather); the prefill goes through it too.
+
+Who rotates: the cache, given the un-rotated q, k and the model's RoPE base (the model decides:
+theta None when it rotated q, k itself — scaled or partial RoPE — or has no RoPE). The storage
+layout decides which write can fuse the rotation: the static cache's update is one launch of
+the fused RoPE+append kernel (``ops.rope_append_kv``: rotate q and k, scatter k and v into the
+buffers), the decode step's fast path; the paged cache rotates with ``ops.rope`` and scatters
+into its pages. The model thus never sees the layout, and calls one attention op on the view.
+
+Bookkeeping around the contract: ``filled`` (a host-side upper bound of lens: capacity checks
+need no device read), ``truncate`` (roll back, e.g. rejected speculative tokens), ``reorder``
+(beam and contrastive search: in place, over the filled positions only) and ``reset``.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -10,9 +46,16 @@ from fastlm.config import ModelConfig
 from fastlm.ops.kv_append import rope_append_kv_layer
 
 
-def _options(scale: float | None, window: int | None, softcap: float | None) -> dict:
-    """The attention options that are set (the ops' defaults otherwise)."""
-    return {k: v for k, v in (("scale", scale), ("window", window), ("softcap", softcap)) if v is not None}
+class KVView(NamedTuple):
+    """What attention reads after :meth:`KVCache.update` / :meth:`PagedKVCache.update` (see the
+    module docstring): k, v buffers (static, (B, Hkv, L, D)) or pages (paged, (num_blocks, Hkv,
+    block_size, D)); lens (B,) int64 valid lengths including the new tokens; block_table
+    (B, max_blocks) int32 for the paged cache, else None."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lens: torch.Tensor
+    block_table: torch.Tensor | None = None
 
 
 class KVCache(nn.Module):
@@ -73,49 +116,18 @@ class KVCache(nn.Module):
             )
         return self.lens[:, None] + torch.arange(num_new, device=self.lens.device)
 
-    def attend(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k_new: torch.Tensor,
-        v_new: torch.Tensor,
-        positions: torch.Tensor,
-        key_lens: torch.Tensor | None = None,
-        rope_theta: float | None = None,
-        *,
-        scale: float | None = None,
-        window: int | None = None,
-        softcap: float | None = None,
-    ) -> torch.Tensor:
-        """Store the new keys/values (B, Hkv, T, D) of ``layer`` at ``positions`` (B, T) and
-        attend the queries (B, H, T, D) over each sequence's cached ones. With ``rope_theta``, q
-        and k are first rotated by RoPE at their positions (fused with the cache write, see
-        :func:`fastlm.ops.rope_append_kv`). The prefill of an empty cache attends over the new
-        tokens only (``key_lens``: right-padded ragged prompts). ``scale``, ``window`` (sliding
-        window: the full cache is kept, older keys are masked) and ``softcap`` are the layer's
-        attention options (see :func:`fastlm.ops.attention`)."""
-        options = _options(scale, window, softcap)
-        if self.filled:
-            return self.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.filled + q.shape[2],
-                                      **options)
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        q = ops.rope_append_kv(q, k_new, v_new, positions, k_cache, v_cache, theta=rope_theta)
-        t = q.shape[2]  # prefill: positions 0 ... T-1 of every sequence
-        k, v = k_cache[:, :, :t].to(q.dtype), v_cache[:, :, :t].to(q.dtype)
-        return ops.attention(q, k, v, causal=True, key_lens=key_lens, **options)
-
-    def attend_cached(self, layer, q, k_new, v_new, positions, rope_theta=None, length: int | None = None, *,
-                      scale: float | None = None, window: int | None = None, softcap: float | None = None
-                      ) -> torch.Tensor:
-        """:meth:`attend` for a cache that already holds each sequence's earlier tokens: no
-        host-side state is read, so a decode step through it can be compiled or graph-captured.
-        ``length`` (a host bound on every sequence's length after this step, e.g. filled + T)
-        limits attention to the first ``length`` positions instead of all max_len."""
-        q = rope_append_kv_layer(q, k_new, v_new, positions, self.k, self.v, layer, theta=rope_theta)
-        k_cache, v_cache = self.k[layer], self.v[layer]
+    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+               theta: float | None = None, length: int | None = None) -> tuple[torch.Tensor, KVView]:
+        """Write k, v (B, Hkv, T, D) of ``layer`` at ``positions`` (B, T); with ``theta``, q
+        (B, H, T, D) and k are rotated by RoPE first, in the same launch
+        (:func:`fastlm.ops.rope_append_kv`). Returns (q, rotated or as given; the :class:`KVView`
+        over positions [0, length) — None: all max_len —, with lens + T). Reads no host-side
+        state, so a decode step through it can be compiled or graph-captured."""
+        q = rope_append_kv_layer(q, k, v, positions, self.k, self.v, layer, theta=theta)
+        k_view, v_view = self.k[layer], self.v[layer]
         if length is not None:
-            k_cache, v_cache = k_cache[:, :, :length], v_cache[:, :, :length]
-        return ops.decode_attention(q, k_cache, v_cache, self.lens + q.shape[2], **_options(scale, window, softcap))
+            k_view, v_view = k_view[:, :, :length], v_view[:, :, :length]
+        return q, KVView(k_view, v_view, self.lens + k.shape[2])
 
     def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:
         """Mark ``num_new`` more positions of every sequence as valid (after all layers wrote);
@@ -130,10 +142,16 @@ class KVCache(nn.Module):
         self.filled = filled
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep sequence index[i] as sequence i (beam search): index (B,) int64."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
-        self.lens = self.lens.index_select(0, index)
+        """Keep sequence index[i] as sequence i (beam and contrastive search): index (B,) int64.
+        In place and over the filled positions only: per buffer, (L, B, Hkv, filled, D) is
+        gathered along B and written back — never the whole buffer up to max_len, and the
+        buffers keep their addresses (a captured graph stays valid)."""
+        n = self.filled
+        if n:
+            for buffer in (self.k, self.v):
+                part = buffer[:, :, :, :n]  # (L, B, Hkv, filled, D)
+                part.copy_(part.index_select(1, index))
+        self.lens.copy_(self.lens.index_select(0, index))
 
     def reset(self) -> None:
         self.lens.zero_()
@@ -178,6 +196,7 @@ class PagedKVCache(nn.Module):
         self.seq_blocks: list[list[int]] = [[] for _ in range(batch_size)]
         self.reserved = [0] * batch_size  # positions each sequence has blocks for (host side)
         self.released = [False] * batch_size
+        self.refs: dict[int, int] = {}  # block -> how many sequences hold it (shared after a reorder)
         self.filled = 0
 
     @classmethod
@@ -199,7 +218,23 @@ class PagedKVCache(nn.Module):
 
     @property
     def blocks_in_use(self) -> int:
-        return sum(map(len, self.seq_blocks))
+        return len(self.refs)
+
+    def _take_block(self) -> int:
+        if not self.free_blocks:
+            raise RuntimeError(
+                f"PagedKVCache: out of blocks ({self.blocks_in_use} in use); free finished sequences "
+                "or create the cache with more num_blocks"
+            )
+        block = self.free_blocks.pop()
+        self.refs[block] = 1
+        return block
+
+    def _drop(self, block: int) -> None:
+        self.refs[block] -= 1
+        if not self.refs[block]:
+            del self.refs[block]
+            self.free_blocks.append(block)
 
     def positions(self, num_new: int) -> torch.Tensor:
         """Positions of the next ``num_new`` tokens (B, num_new), allocating blocks for them."""
@@ -210,46 +245,80 @@ class PagedKVCache(nn.Module):
         needed = self.filled + num_new
         for seq in range(self.batch_size):
             while not self.released[seq] and self.reserved[seq] < needed:
-                if not self.free_blocks:
-                    raise RuntimeError(
-                        f"PagedKVCache: out of blocks ({self.blocks_in_use} in use); free finished sequences "
-                        "or create the cache with more num_blocks"
-                    )
-                block = self.free_blocks.pop()
+                block = self._take_block()
                 self.block_table[seq, len(self.seq_blocks[seq])] = block
                 self.seq_blocks[seq].append(block)
                 self.reserved[seq] += self.block_size
         return self.lens[:, None] + torch.arange(num_new, device=self.lens.device)
 
-    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
-        """Write k_new/v_new (B, Hkv, T, D) at ``positions`` (B, T) of each sequence."""
+    def update(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, *,
+               theta: float | None = None, length: int | None = None) -> tuple[torch.Tensor, KVView]:
+        """As :meth:`KVCache.update`: k, v (B, Hkv, T, D) written at ``positions`` (B, T) of each
+        sequence (q and k rotated by RoPE first with ``theta``); the view is the layer's pages
+        with the block table, as :func:`fastlm.ops.decode_attention_paged` takes them
+        (``length`` is not needed: the block table bounds what is read)."""
+        if theta is not None:
+            q, k = ops.rope(q, positions, theta=theta), ops.rope(k, positions, theta=theta)
         table = self.block_table.long()
         slot = torch.gather(table, 1, (positions // self.block_size).clamp(max=table.shape[1] - 1))
         block = slot.clamp(min=0)  # released sequences (-1) write to the scratch block 0
         offset = positions % self.block_size
-        # pages[layer][block, :, offset, :] = k_new[b, :, t, :]
-        self.k[layer][block, :, offset] = k_new.permute(0, 2, 1, 3).to(self.k.dtype)
-        self.v[layer][block, :, offset] = v_new.permute(0, 2, 1, 3).to(self.v.dtype)
-
-    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None, *,
-               scale: float | None = None, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-        """As :meth:`KVCache.attend`, through :func:`fastlm.ops.decode_attention_paged`."""
-        if rope_theta is not None:
-            q, k_new = ops.rope(q, positions, theta=rope_theta), ops.rope(k_new, positions, theta=rope_theta)
-        self.update(layer, k_new, v_new, positions)
-        options = _options(scale, window, softcap)
-        if self.filled == 0:
-            return ops.attention(q, k_new, v_new, causal=True, key_lens=key_lens, **options)
-        return ops.decode_attention_paged(q, self.k[layer], self.v[layer], self.block_table, self.lens + q.shape[2],
-                                          **options)
+        # pages[layer][block, :, offset, :] = k[b, :, t, :]
+        self.k[layer][block, :, offset] = k.permute(0, 2, 1, 3).to(self.k.dtype)
+        self.v[layer][block, :, offset] = v.permute(0, 2, 1, 3).to(self.v.dtype)
+        return q, KVView(self.k[layer], self.v[layer], self.lens + k.shape[2], self.block_table)
 
     def advance(self, num_new: int, lens: torch.Tensor | None = None) -> None:
         self.lens += num_new if lens is None else lens.to(self.lens)
         self.filled += num_new
 
     def free(self, seq: int) -> None:
-        """Return the blocks of finished sequence ``seq`` to the free list."""
-        self.free_blocks.extend(reversed(self.seq_blocks[seq]))
+        """Return the blocks of finished sequence ``seq`` to the free list (those no other
+        sequence shares)."""
+        for block in reversed(self.seq_blocks[seq]):
+            self._drop(block)
         self.seq_blocks[seq] = []
         self.block_table[seq] = -1
         self.released[seq] = True
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep sequence index[i] as sequence i (beam and contrastive search): index (B,) int64.
+        The block tables are permuted and blocks shared (reference-counted), no page is copied
+        except copy on write: a sequence kept more than once gets private copies of its blocks
+        at or after its length (the partly filled block its next tokens are written to, and
+        the reserved ones after it). Reads index and lens on the host (one read), where the
+        block ownership lives."""
+        if index.shape != (self.batch_size,):
+            raise ValueError(f"PagedKVCache.reorder: index must have shape ({self.batch_size},), "
+                             f"got {tuple(index.shape)}")
+        order, lens = torch.stack((index.to(self.lens), self.lens)).tolist()
+        if any(not 0 <= src < self.batch_size for src in order):
+            raise ValueError(f"PagedKVCache.reorder: index must hold sequence numbers in [0, {self.batch_size}), "
+                             f"got {order}")
+        blocks = [list(self.seq_blocks[src]) for src in order]
+        for row in blocks:
+            for block in row:
+                self.refs[block] += 1
+        for row in self.seq_blocks:
+            for block in row:
+                self._drop(block)
+        src, dst = [], []
+        for i, row in enumerate(blocks):
+            for j in range(lens[order[i]] // self.block_size, len(row)):
+                if self.refs[row[j]] > 1:  # written next by more than one sequence: a private copy
+                    self.refs[row[j]] -= 1
+                    src.append(row[j])
+                    row[j] = self._take_block()
+                    dst.append(row[j])
+        if src:
+            src_t, dst_t = (torch.tensor(x, device=self.k.device) for x in (src, dst))
+            for pages in (self.k, self.v):  # (L, num_blocks, Hkv, block_size, D)
+                pages.index_copy_(1, dst_t, pages.index_select(1, src_t))
+        self.seq_blocks = blocks
+        self.reserved = [self.reserved[s] for s in order]
+        self.released = [self.released[s] for s in order]
+        table = torch.full(tuple(self.block_table.shape), -1, dtype=self.block_table.dtype)
+        for i, row in enumerate(blocks):
+            table[i, : len(row)] = torch.tensor(row, dtype=table.dtype)
+        self.block_table.copy_(table)
+        self.lens.copy_(self.lens.index_select(0, index.to(self.lens.device)))

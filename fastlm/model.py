@@ -114,8 +114,16 @@ class Attention(nn.Module):
         theta = None if self.rotary is None else self.rotary.fused_theta
         if self.rotary is not None and theta is None:  # scaled or partial RoPE: rotated here
             q, k = self.rotary.apply(q, k, positions)
-        if cache is not None:  # the cache rotates q/k (plain RoPE), stores k/v and attends over everything cached
-            o = cache.attend(self.layer_index, q, k, v, positions, layout.key_lens, rope_theta=theta, **self.options)
+        if cache is not None:  # the cache stores k/v (rotating q/k by plain RoPE on the way); attend over its view
+            length = None if layout.cached is None else layout.cached + t
+            q, kv = cache.update(self.layer_index, q, k, v, positions, theta=theta, length=length)
+            if kv.block_table is not None:  # paged: the blocks in place
+                o = ops.decode_attention_paged(q, kv.k, kv.v, kv.block_table, kv.lens, **self.options)
+            elif layout.cached == 0:  # prefill of an empty cache: its positions [0, T) are the new tokens
+                o = ops.attention(q, kv.k.to(q.dtype), kv.v.to(q.dtype), causal=True, key_lens=layout.key_lens,
+                                  **self.options)
+            else:
+                o = ops.decode_attention(q, kv.k, kv.v, kv.lens, **self.options)
             return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         if theta is not None:
             q, k = ops.rope(q, positions, theta=theta), ops.rope(k, positions, theta=theta)
@@ -225,12 +233,16 @@ class BatchLayout:
     cu_seqlens (num_docs + 1,) int32 with max_seqlen: documents packed into the rows, as
     offsets into the flattened B·T tokens; no token sees another document, and positions
     restart at 0 in each document.
+    cached: with a KV cache, a host bound on the positions every sequence held before this
+    forward (0: the prefill of an empty cache); attention reads the cache's first cached + T
+    positions. None: the whole cache (a static shape, for a compiled decode step; never a prefill).
     """
 
     causal: bool = True
     key_lens: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    cached: int | None = None
 
 
 def packed_positions(cu_seqlens: torch.Tensor, b: int, t: int) -> torch.Tensor:
@@ -243,7 +255,7 @@ def packed_positions(cu_seqlens: torch.Tensor, b: int, t: int) -> torch.Tensor:
 class Model(HFModelMixin, nn.Module):
     """``model(input_ids)`` -> logits (B, T, vocab_size).
 
-    With ``cache`` (a :class:`KVCache`), the tokens continue each cached sequence and their
+    With ``cache`` (a :class:`KVCache` or :class:`PagedKVCache`), the tokens continue each cached sequence and their
     keys/values are appended. ``key_lens`` (B,) marks right padding: tokens at or beyond
     key_lens[b] are not attended to (their own logits are meaningless); on the prefill of an
     empty cache it sets each sequence's cached length (ragged prompts). ``cu_seqlens`` packs
@@ -327,7 +339,7 @@ class Model(HFModelMixin, nn.Module):
             input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.int64, device=inputs_embeds.device)
         self._check_input(input_ids, cache, key_lens, cu_seqlens, max_seqlen, causal, validate)
         b, t = input_ids.shape
-        layout = BatchLayout(causal, key_lens, cu_seqlens, max_seqlen or 0)
+        layout = BatchLayout(causal, key_lens, cu_seqlens, max_seqlen or 0, None if cache is None else cache.filled)
         if cache is not None:
             positions = cache.positions(t)  # (B, T)
         elif cu_seqlens is not None:

@@ -24,24 +24,15 @@ from fastlm.decoding.common import hits_eos
 from fastlm.model import BatchLayout, Model
 
 
-class _CachedOnly:
-    """A KVCache as one decode step sees it: attention always reads the cache (no prefill),
-    over its first ``length`` positions (None: all of them, a static shape for compilation)."""
-
-    def __init__(self, cache: KVCache, length: int | None) -> None:
-        self.cache, self.length = cache, length
-
-    def attend(self, layer, q, k_new, v_new, positions, key_lens=None, rope_theta=None, **options):
-        return self.cache.attend_cached(layer, q, k_new, v_new, positions, rope_theta, length=self.length, **options)
-
-
 def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """tokens (B,) int64 at positions cache.lens -> float32 logits (B, vocab); the tokens'
     keys/values are appended and cache.lens advances by one (all on the device). ``length``: a
-    host bound on every sequence's length after the step (eager: attention reads no further)."""
+    host bound on every sequence's length after the step (eager: attention reads no further;
+    None: the whole cache, one static shape for compilation). Attention always reads the cache
+    (the prompt is in it): the model's cache path with ``BatchLayout.cached`` >= 1 or None."""
     positions = cache.lens[:, None]  # (B, 1)
-    view = _CachedOnly(cache, length)
-    logits = model.forward_embeddings(model.embed(tokens[:, None]), positions, view, BatchLayout())
+    layout = BatchLayout(cached=None if length is None else length - 1)
+    logits = model.forward_embeddings(model.embed(tokens[:, None]), positions, cache, layout)
     cache.lens.add_(1)  # in place: no module attribute is set (fewer guards when compiled)
     return logits[:, -1].float()
 
