@@ -86,6 +86,26 @@ def _fused_linear_cross_entropy(dtype):
     return (hidden, weight), lambda h, w: ops.fused_linear_cross_entropy(h, w, targets.to(h.device))
 
 
+def _linear_logprobs(dtype):
+    g = _g()
+    hidden, weight = torch.randn(37, 96, generator=g), torch.randn(1000, 96, generator=g) * 0.2
+    tokens = torch.randint(0, 1000, (37,), generator=g)
+    tokens[::5] = -100
+    return (hidden, weight), lambda h, w: torch.stack(ops.linear_logprobs(
+        h, w, tokens.to(h.device), temperature=0.8, return_entropy=True))  # (2, N): log-probs and entropy
+
+
+def _linear_distillation_loss(dtype):
+    g = _g()
+    hidden, weight = torch.randn(37, 96, generator=g), torch.randn(1000, 96, generator=g) * 0.2
+    teacher_hidden, teacher_weight = torch.randn(37, 64, generator=g), torch.randn(1000, 64, generator=g) * 0.3
+    labels = torch.randint(0, 1000, (37,), generator=g)
+    labels[::5] = -100
+    return (hidden, weight), lambda h, w: ops.linear_distillation_loss(
+        h, w, teacher_hidden.to(h), teacher_weight.to(h), labels.to(h.device), temperature=2.0, divergence="jsd",
+        jsd_beta=0.3, alpha=0.7)  # the teacher in the student's dtype, no gradient
+
+
 def _rms_norm(dtype):
     g = _g()
     return (torch.randn(5, 123, generator=g), torch.randn(123, generator=g)), lambda x, w: ops.rms_norm(x, w)
@@ -176,7 +196,8 @@ def _sample(dtype):
 CASES = {
     "attention": _attention, "attention_varlen": _attention_varlen, "decode_attention": _decode_attention,
     "decode_attention_paged": _decode_attention_paged, "cross_entropy": _cross_entropy,
-    "fused_linear_cross_entropy": _fused_linear_cross_entropy, "rms_norm": _rms_norm, "layer_norm": _layer_norm,
+    "fused_linear_cross_entropy": _fused_linear_cross_entropy, "linear_logprobs": _linear_logprobs,
+    "linear_distillation_loss": _linear_distillation_loss, "rms_norm": _rms_norm, "layer_norm": _layer_norm,
     "rope": _rope, "swiglu": _swiglu, "gelu": _gelu, "lora_linear": _lora_linear,
     "lora_linear_mixed": _lora_linear_mixed, "int8_linear": _int8_linear, "w8a8_linear": _w8a8_linear,
     "rope_append_kv": _rope_append_kv, "quantize_int8": _quantize_int8, "quantize_per_token": _quantize_per_token,
