@@ -294,16 +294,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-PLAIN = "plain"  # a 5th table field: the config spills in the window/soft-cap kernels, use it only without
-
+# a 5th table field: PLAIN, the config spills in the window/soft-cap kernels (use it only without them);
+PLAIN, HEAVY = "plain", "heavy"  # HEAVY: only for them (it spills in the plain kernel)
 
 def _configs(table: dict[int, list[tuple]], head_dim: int, heavy: bool = False) -> list[triton.Config]:
     """Configs of the first table entry whose head-dim bound covers ``head_dim``; ``heavy``
-    (window or soft-cap kernels, more registers) leaves out the entries marked PLAIN."""
+    (window or soft-cap kernels, more registers) leaves out the entries marked PLAIN, else HEAVY ones."""
     for bound in sorted(table):
         if head_dim <= bound:
             return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                    for bm, bn, w, s, *flags in table[bound] if not (heavy and PLAIN in flags)]
+                    for bm, bn, w, s, *flags in table[bound] if (PLAIN if heavy else HEAVY) not in flags]
     raise ValueError(f"head dim {head_dim} > {MAX_HEAD_DIM}")
 
 
@@ -324,9 +324,9 @@ _FWD_TABLES = {
         256: [(64, 64, 8, 2)],
     },
     0: {  # older GPUs and fp32 inputs: small tiles
-        64: [(32, 32, 4, 2)],
+        64: [(32, 32, 4, 2, PLAIN), (16, 32, 4, 2), (32, 32, 8, 2)],  # 32×32/4 spills with window/soft-cap (sm_80)
         128: [(16, 32, 4, 2, PLAIN), (16, 32, 8, 2)],  # 16×32 on 4 warps spills on sm_80 with window/soft-cap
-        256: [(16, 16, 4, 2), (16, 32, 8, 1), (16, 16, 8, 1)],
+        256: [(16, 16, 4, 2), (16, 32, 8, 1, PLAIN), (16, 16, 8, 1)],  # 16×32/8 spills with window/soft-cap
     },
 }
 # Tiles under the interpreter: small (the interpreter is slow), BLOCK_M != BLOCK_N on purpose so

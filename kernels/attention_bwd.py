@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .attention import (
-    PLAIN,
+    HEAVY, PLAIN,
     Problem,
     _configs,
     _key_ranges,
@@ -364,9 +364,9 @@ _DKDV_TABLES = {
         256: [(32, 32, 8, 2, PLAIN), (16, 32, 8, 2)],
     },
     0: {
-        64: [(16, 32, 4, 2), (16, 16, 4, 2)],
+        64: [(16, 32, 4, 2, PLAIN), (16, 16, 4, 2)],  # 16×32 spills with window/soft-cap (sm_80)
         128: [(16, 16, 8, 1)],
-        256: [(16, 16, 8, 1)],
+        256: [(16, 16, 8, 1, PLAIN), (16, 16, 4, 1, HEAVY)],  # 8 warps spill with window/soft-cap (sm_80), 4 without
     },
 }
 _DQ_TABLES = {

@@ -99,7 +99,7 @@ def attention_variants() -> Iterator[Variant]:
                                                                            deterministic=False)
     for d in (128, 256):
         yield "attention", f"varlen bf16 D={d} causal=True", _attention_varlen(8, 32, 8, 512, d, bf16, True, True)
-    for name, dtype, d in [("bf16", bf16, d) for d in HEAD_DIMS] + [("fp32", fp32, 128)]:  # Mistral/Gemma 2
+    for name, dtype, d in [(n, t, d) for n, t in (("bf16", bf16), ("fp32", fp32)) for d in HEAD_DIMS]:  # Mistral/Gemma 2
         yield "attention", f"dense {name} D={d} window=4096 softcap=50", _attention(
             2, 32, 8, 1024, 1024, d, dtype, True, False, True, window=4096, softcap=50.0)
 
