@@ -380,11 +380,8 @@ def prepare_pairs(config, *, data: str, model_dir: str, template: str | None, se
     model, as :func:`fastlm.train.recipes.prepare_finetune` does for SFT: check the arguments,
     read and encode the pairs (reporting bad rows), hold out ``val_fraction`` of the rows (unless
     ``val_data``), prepare ``config.out`` and record or compare the run's settings."""
-    from fastlm.data import load_tokenizer
-    from fastlm.io import load_config
-    from fastlm.io.validate import check_model_dir
     from fastlm.train import distributed, rundir
-    from fastlm.train.recipes import _trainer_settings
+    from fastlm.train.recipes import _trainer_settings, check_jsonl_run
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"{shown('seq_len')} must be an integer >= 2, got {seq_len!r}")
@@ -392,18 +389,7 @@ def prepare_pairs(config, *, data: str, model_dir: str, template: str | None, se
         raise ValueError(f"{shown('val_fraction')} must be in (0, 1), got {val_fraction!r}")
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ValueError(f"{shown('on_bad_row')} must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
-    check_model_dir(model_dir, shown("model_dir"))
-    context = load_config(model_dir).max_position_embeddings
-    if seq_len > context:
-        raise ValueError(f"{shown('seq_len')} {seq_len} exceeds the model's context of {context}")
-    for name, path in (("data", data), ("val_data", val_data)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{shown(name)} {path}: no such file" if not Path(path).is_dir()
-                                    else f"{shown(name)} {path} is a directory; expected a jsonl file")
-    tokenizer = load_tokenizer(model_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
+    tokenizer, pad = check_jsonl_run(model_dir, seq_len, data, val_data)
     template = resolve_template(tokenizer, template, tuple(TEMPLATES))
     examples, report = load_pairs(data, tokenizer, template=template, max_len=seq_len, on_bad_row=on_bad_row)
     if val_data is not None:

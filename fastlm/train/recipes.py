@@ -202,6 +202,26 @@ class PreparedFinetune:
     extra_files: Callable[[Path], None]
 
 
+def check_jsonl_run(model_dir: str, seq_len: int, data: str, val_data: str | None, reserved: int = 0):
+    """The checks of a run on jsonl rows and a model directory, before any work: the directory
+    holds a model whose context (less ``reserved`` positions) fits ``seq_len``, the data files
+    exist, the tokenizer can pad. Returns (tokenizer, pad id: pad, else end-of-sequence)."""
+    check_model_dir(model_dir, shown("model_dir"))
+    context = load_config(model_dir).max_position_embeddings - reserved
+    if seq_len > context:
+        extra = f" (after {reserved} virtual tokens)" if reserved else ""
+        raise ValueError(f"{shown('seq_len')} {seq_len} exceeds the model's context of {context}{extra}")
+    for name, path in (("data", data), ("val_data", val_data)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{shown(name)} {path}: no such file" if not Path(path).is_dir()
+                                    else f"{shown(name)} {path} is a directory; expected a jsonl file")
+    tokenizer = load_tokenizer(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
+    return tokenizer, pad
+
+
 def prepare_finetune(config: TrainerConfig, *, data: str, model_dir: str, template: str, seq_len: int,
                      val_data: str | None, val_fraction: float, resume: bool, overwrite: bool, truncation: str,
                      settings: dict, reserved: int = 0) -> PreparedFinetune:
@@ -217,19 +237,7 @@ def prepare_finetune(config: TrainerConfig, *, data: str, model_dir: str, templa
         raise ValueError(f"{shown('truncation')} must be one of {TRUNCATION_SIDES}, got {truncation!r}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"{shown('val_fraction')} must be in (0, 1), got {val_fraction!r}")
-    check_model_dir(model_dir, shown("model_dir"))
-    context = load_config(model_dir).max_position_embeddings - reserved
-    if seq_len > context:
-        extra = f" (after {reserved} virtual tokens)" if reserved else ""
-        raise ValueError(f"{shown('seq_len')} {seq_len} exceeds the model's context of {context}{extra}")
-    for name, path in (("data", data), ("val_data", val_data)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{shown(name)} {path}: no such file" if not Path(path).is_dir()
-                                    else f"{shown(name)} {path} is a directory; expected a jsonl file")
-    tokenizer = load_tokenizer(model_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
+    tokenizer, pad = check_jsonl_run(model_dir, seq_len, data, val_data, reserved)
     template = resolve_template(tokenizer, template, tuple(TEMPLATES))  # None: chat if the tokenizer has one
     pairs = read_prompt_completions(data)
     if val_data is not None:
