@@ -107,12 +107,17 @@ def _ref_logprobs_grad_(z, tokens, lse, entropy, g, e, temperature, ignore_index
     acc = log_p.dtype
     valid, safe = _safe(tokens, ignore_index)
     g = g.to(acc)[:, None]
+    if e is None:  # (g/T)·(onehot − p) on valid rows, p written over z when z has the accumulation dtype
+        row = g * (valid.to(acc)[:, None] / temperature)  # (C, 1)
+        ds = log_p.exp_().mul_(-row)
+        ds.scatter_add_(-1, safe, row)
+        if ds is not z:
+            z.copy_(ds)
+        return
     ds = log_p.exp()  # p: the one (C, V) temporary
-    if e is not None:  # e·p·(log p + H), accumulated over log p
-        log_p.add_(entropy.to(acc)[:, None]).mul_(ds).mul_(e.to(acc)[:, None])
-        ds.mul_(g).add_(log_p).neg_()
-    else:
-        ds.mul_(-g)
+    # e·p·(log p + H), accumulated over log p
+    log_p.add_(entropy.to(acc)[:, None]).mul_(ds).mul_(e.to(acc)[:, None])
+    ds.mul_(g).add_(log_p).neg_()
     ds.scatter_add_(-1, safe, g)  # g·(onehot − p) − e·p·(log p + H)
     ds.mul_(valid.to(acc)[:, None] / temperature)
     z.copy_(ds)
