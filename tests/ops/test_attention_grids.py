@@ -72,14 +72,18 @@ def test_decode_grids_within_cuda_limits(b, hkv, group, tq, splits):
 
 def test_configs_marked_plain_are_left_out_of_window_softcap_kernels():
     """Configs that compile clean for the plain kernel but spill with the window/soft-cap code
-    (measured ahead of time for sm_90) are not autotuned for those variants."""
+    (measured ahead of time for sm_80/sm_90) are not autotuned for those variants (PLAIN), and
+    those that spill only in the plain kernel are used only for them (HEAVY)."""
     fwd, bwd = kernel_module("attention"), kernel_module("attention_bwd")
     for tables in (fwd._FWD_TABLES, bwd._DKDV_TABLES, bwd._DQ_TABLES):
         for table in tables.values():
             for bound, entries in table.items():
                 plain = [fwd._configs(table, bound), fwd._configs(table, bound, heavy=True)]
-                marked = sum(fwd.PLAIN in e[4:] for e in entries)
-                assert len(plain[0]) == len(entries) and len(plain[1]) == len(entries) - marked
+                only_plain = sum(fwd.PLAIN in e[4:] for e in entries)
+                only_heavy = sum(fwd.HEAVY in e[4:] for e in entries)
+                assert len(plain[0]) == len(entries) - only_heavy and len(plain[1]) == len(entries) - only_plain
+                assert plain[0], f"no config left for the plain kernels at D <= {bound}"
                 assert plain[1], f"no config left for the window/soft-cap kernels at D <= {bound}"
+    assert any(fwd.HEAVY in e[4:] for table in bwd._DKDV_TABLES.values() for e in table.get(256, []))
     assert fwd.Problem(1, 1, 1, 64, 1, 1, True, 1.0, False, window=4).heavy
     assert not fwd.Problem(1, 1, 1, 64, 1, 1, True, 1.0, False).heavy
