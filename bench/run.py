@@ -1,7 +1,9 @@
 """Run the benchmark suite: ``python -m bench.run [--device cpu|cuda] [--quick] [--out DIR]``.
 
 Discovers ``bench/bench_*.py`` modules, calls each one's ``run(device, quick)``, writes
-``<out>/<module>.json|.md`` and ``<out>/summary.md``. A module that raises, or records a row
+``<out>/<module>.json|.md`` and ``<out>/summary.md``; a pytest-benchmark module (no ``run``) runs
+in its own ``pytest --benchmark-only`` process and leaves ``<out>/<module>.json`` (pytest-benchmark's
+JSON) and its log. A module that raises, or records a row
 with ``status == "error"``, is reported as failed; the run then exits 1 after finishing all.
 """
 
@@ -11,7 +13,9 @@ import argparse
 import datetime
 import importlib
 import logging
+import os
 import pkgutil
+import subprocess
 import sys
 import time
 import traceback
@@ -35,8 +39,37 @@ def discover(only: list[str] | None = None) -> list[str]:
     return names
 
 
+def is_pytest_benchmark(name: str) -> bool:
+    """Whether bench/<name>.py is a pytest-benchmark module (no ``run(device, quick)``): it runs
+    in its own pytest process (such a module may re-register kernels or set TRITON_INTERPRET)."""
+    text = (BENCH_DIR / f"{name}.py").read_text(encoding="utf-8")
+    return "\ndef run(" not in text and "\ndef test_" in text
+
+
+def run_pytest_module(name: str, quick: bool, out: Path) -> dict:
+    """``pytest bench/<name>.py --benchmark-only --benchmark-json=<out>/<name>.json`` in a child
+    process (quick: ``BENCH_QUICK=1`` and ``BENCH_ALIGN_QUICK=1`` for the modules that read them)."""
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR.parent), os.environ.get("PYTHONPATH")]))}
+    if quick:
+        env.update(BENCH_QUICK="1", BENCH_ALIGN_QUICK="1")
+    command = [sys.executable, "-m", "pytest", str(BENCH_DIR / f"{name}.py"), "-q", "-p", "no:cacheprovider",
+               "--benchmark-only", f"--benchmark-json={out / (name + '.json')}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=BENCH_DIR.parent)
+    (out / f"{name}.log").write_text(result.stdout + result.stderr, encoding="utf-8")
+    row = {"module": name, "status": "ok" if result.returncode == 0 else "failed",
+           "error": None if result.returncode == 0 else f"pytest exit {result.returncode} (see {name}.log)",
+           "files": f"{name}.json, {name}.log", "seconds": time.perf_counter() - start}
+    if result.returncode:
+        logger.error("%s failed:\n%s", name, (result.stdout + result.stderr)[-3000:])
+    return row
+
+
 def run_module(name: str, device: str, quick: bool, out: Path, env: dict) -> dict:
     """Run one module; returns its summary row (never raises for the module's own failures)."""
+    if is_pytest_benchmark(name):
+        return run_pytest_module(name, quick, out)
     start = time.perf_counter()
     row: dict = {"module": name}
     try:
