@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fastlm._naming import shown
+from fastlm.align.data import read_prompts
 from fastlm.align.gae import GROUP_SCALINGS, KL_ESTIMATORS
 from fastlm.align import rollout as R
 from fastlm.align.ppo import RLConfig, check_steps
@@ -31,26 +32,6 @@ from fastlm.train.trainer import TrainerConfig, TrainResult
 logger = logging.getLogger(__name__)
 
 METHODS = ("full", "lora")
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """The ``"prompt"`` of each jsonl line; a bad line is refused with its number."""
-    path = Path(path)
-    prompts = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                raise ValueError(f'{path}:{n}: expected {{"prompt": "<non-empty text>"}}, got {line.strip()[:80]}')
-            prompts.append(row["prompt"])
-    if not prompts:
-        raise ValueError(f"{path}: no prompt (expected one jsonl row per prompt)")
-    return prompts
 
 
 @dataclass

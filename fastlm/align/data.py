@@ -184,6 +184,38 @@ def read_preference_rows(path: str | Path) -> list[tuple[str, object]]:
 # ---- encoding ----------------------------------------------------------------------------------
 
 
+def read_prompts(path: str | Path) -> list[str | list[dict]]:
+    """Prompts of a jsonl file: a ``"prompt"`` string per row (a ``"completion"`` is ignored: the
+    model writes its own), or ``"messages"`` (a chat, as TRL's conversational prompts; a final
+    assistant turn is dropped and regenerated). Used by sequence-level distillation and by the
+    RL rollouts. Raises ValueError naming ``file:line``."""
+    path = Path(path)
+    prompts: list[str | list[dict]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+            continue
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                               for m in messages)):
+            raise ValueError(f'{path}:{number}: expected {{"prompt": str}} or {{"messages": [{{"role": ..., '
+                             '"content": ...}, ...]}}')
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise ValueError(f"{path}:{number}: the chat has no turn before its assistant answer")
+        prompts.append(messages)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
 def encode_completion(tokenizer: Tokenizer, prompt, completion, template: str, max_len: int
                       ) -> tuple[list[int], list[int], bool]:
     """(ids, loss_mask, cut) of prompt + completion as SFT encodes them, at most ``max_len`` tokens
@@ -192,6 +224,8 @@ def encode_completion(tokenizer: Tokenizer, prompt, completion, template: str, m
     if isinstance(prompt, list) or isinstance(completion, list):
         if template != "chat":
             raise ValueError(f"conversational rows need the chat template (got template {template!r})")
+        if isinstance(completion, str):  # a generated answer to a chat prompt: the assistant's turn
+            completion = [{"role": "assistant", "content": completion}]
         row = list(prompt) + list(completion)
     else:
         row = (prompt, completion)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from fastlm import ops
+from fastlm.align.data import read_prompts
 from fastlm._files import atomic_write_text
 from fastlm._naming import shown
 from fastlm.config import PRESETS, preset
@@ -228,37 +229,6 @@ class DistillTrainer(Trainer):
 
 
 # ---- sequence-level: the teacher's completions ---------------------------------------------------
-
-
-def read_prompts(path: str | Path) -> list[str | list[dict]]:
-    """Prompts of a jsonl file: a ``"prompt"`` string per row (a ``"completion"`` is ignored: the
-    teacher writes its own), or ``"messages"`` (a chat; a final assistant turn is dropped and
-    regenerated). Raises ValueError naming ``file:line``."""
-    path = Path(path)
-    prompts: list[str | list[dict]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            prompts.append(row["prompt"])
-            continue
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                               for m in messages)):
-            raise ValueError(f'{path}:{number}: expected {{"prompt": str}} or {{"messages": [{{"role": ..., '
-                             '"content": ...}, ...]}} for sequence-level distillation')
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        if not messages:
-            raise ValueError(f"{path}:{number}: the chat has no turn before its assistant answer")
-        prompts.append(messages)
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
 
 
 def _prompt_ids(tokenizer: Tokenizer, prompt: str | list[dict], template: str) -> list[int]:

@@ -137,17 +137,25 @@ def stop_ids(tokenizer, settings: GenerationSettings) -> list[int]:
     return ids + [i for i in settings.stop_token_ids if i not in ids]
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], *, max_len: int) -> list[list[int]]:
-    """Token ids of each prompt as fastlm's SFT encodes a plain prompt (bos first when the tokenizer
-    has one); a prompt longer than ``max_len`` tokens is refused, naming it."""
+def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]], *, max_len: int) -> list[list[int]]:
+    """Token ids of each prompt as fastlm's SFT encodes it: a plain prompt as text (bos first when
+    the tokenizer has one), a chat (a list of ``{"role", "content"}`` messages, TRL's
+    conversational prompt) through the tokenizer's chat template with the generation prompt. A
+    prompt longer than ``max_len`` tokens is refused, naming it."""
     rows = []
     for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"prompt {i}: expected a non-empty string, got {prompt!r}")
-        ids = tokenizer.encode(prompt, add_bos=tokenizer.bos_token_id is not None)
+        if isinstance(prompt, list) and prompt:
+            if tokenizer.chat_template is None:
+                raise ValueError(f"prompt {i} is a chat (messages) but the tokenizer has no chat template; "
+                                 'give {"prompt": "<text>"} rows or a tokenizer with one')
+            ids = list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+        elif isinstance(prompt, str) and prompt:
+            ids = tokenizer.encode(prompt, add_bos=tokenizer.bos_token_id is not None)
+        else:
+            raise ValueError(f"prompt {i}: expected a non-empty string or list of messages, got {prompt!r}")
         if len(ids) > max_len:
-            raise ValueError(f"prompt {i} ({prompt[:40]!r}...) has {len(ids)} tokens; at most {max_len} fit before "
-                             "the completion (the model's context minus max_new_tokens)")
+            raise ValueError(f"prompt {i} ({str(prompt)[:40]!r}...) has {len(ids)} tokens; at most {max_len} fit "
+                             "before the completion (the model's context minus max_new_tokens)")
         rows.append(ids)
     return rows
 

@@ -130,3 +130,37 @@ def test_two_processes_resume_exactly_in_the_middle_of_a_rollout(checkpoint, pro
     a = load_file(str(out / "checkpoints" / "step-00000004" / "model.safetensors"))
     b = load_file(str(again / "checkpoints" / "step-00000004" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_on_chat_prompts(tmp_path):
+    """TRL's conversational prompts: "messages" rows are rendered by the tokenizer's chat template
+    and the reward function receives them as message lists (as TRL passes them)."""
+    from fastlm.config import preset
+    from fastlm.data import load_tokenizer
+    from fastlm.model import Model
+    from tests.data.hf_styles import build
+
+    tok_dir = build("chatml", tmp_path / "tok")
+    tok = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    model = Model(preset("tiny", vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                         intermediate_size=64, max_position_embeddings=128))
+    model.save_pretrained(tmp_path / "policy")
+    tok.save(tmp_path / "policy")
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Pick {i}"}]}) + "\n"
+                               for i in range(4)))
+    out = tmp_path / "grpo"
+    args = ["--prompts", str(prompts), "--model", str(tmp_path / "policy"), "--reward-fn",
+            "tests.align.test_cli_rl:chat_reward", "--out", str(out), "--max-new-tokens", "3", "--no-progress",
+            "--device", "cpu", "--group-size", "2", "--batch-size", "4", "--max-steps", "1"]
+    assert main(["grpo", *args]) == 0
+    assert SEEN and all(isinstance(p, list) and p[0]["role"] == "user" for p in SEEN)
+
+
+SEEN: list = []
+
+
+def chat_reward(prompts, completions):
+    SEEN.extend(prompts)
+    return [float(len(c)) for c in completions]

@@ -127,3 +127,13 @@ def test_pair_source_batches_and_row_split(tmp_path):
         assert batch["loss_mask"][b + i, :len(e.rejected_ids)].tolist() == e.rejected_mask
     assert torch.equal(source.batch(1)["input_ids"], batch["input_ids"])  # deterministic
     assert torch.equal(source.batch(1, rank=1, world_size=2)["index"], batch["index"][2:])
+
+
+def test_a_generated_answer_to_a_chat_prompt_is_the_assistant_turn(tmp_path):
+    """What RL rollouts score: a chat prompt and a decoded string completion encode as the chat
+    with the completion as the assistant's message (not as a list of characters)."""
+    tok = load_tokenizer(build("chatml", tmp_path / "tok"))
+    prompt = [{"role": "user", "content": "Pick a number"}]
+    as_text = encode_completion(tok, prompt, "Two", "chat", 64)
+    as_turn = encode_completion(tok, prompt, [{"role": "assistant", "content": "Two"}], "chat", 64)
+    assert as_text == as_turn and sum(as_text[1]) > 0

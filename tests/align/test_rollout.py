@@ -1,5 +1,7 @@
 """fastlm.align.rollout: generation, padding and masks, log-probs (policy, reference), rewards."""
 
+import json
+
 import pytest
 import torch
 
@@ -171,3 +173,32 @@ def test_settings_and_prompts_are_checked():
         R.GenerationSettings(temperature=0)
     with pytest.raises(ValueError, match="prompt 1"):
         R.encode_prompts(TOK, ["ok", "x" * 50], max_len=20)
+
+
+def test_chat_prompts_go_through_the_chat_template(tmp_path):
+    """TRL's conversational prompts: message lists are rendered by the tokenizer's chat template
+    with the generation prompt (the ids SFT trained on), plain prompts as text; a chat prompt with
+    a tokenizer that has no template is refused."""
+    from fastlm.data import load_tokenizer
+    from tests.data.hf_styles import build
+
+    tok = load_tokenizer(build("chatml", tmp_path / "tok"))
+    chat = [{"role": "user", "content": "Pick a number"}]
+    ids = R.encode_prompts(tok, [chat, "plain text"], max_len=64)
+    assert ids[0] == list(tok.apply_chat_template(chat, add_generation_prompt=True))
+    assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
+    assert ids[1] == tok.encode("plain text", add_bos=tok.bos_token_id is not None)
+    with pytest.raises(ValueError, match="prompt 0 is a chat"):
+        R.encode_prompts(ByteTokenizer(), [chat], max_len=64)
+    with pytest.raises(ValueError, match="prompt 1: expected a non-empty string or list of messages"):
+        R.encode_prompts(tok, ["a", []], max_len=64)
+
+
+def test_read_prompts_takes_plain_and_chat_rows(tmp_path):
+    from fastlm.align.data import read_prompts
+
+    chat = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "hi"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ({"prompt": "a"}, {"messages": chat},
+                                                        {"messages": chat + [{"role": "assistant", "content": "x"}]})))
+    assert read_prompts(path) == ["a", chat, chat]  # a final assistant turn is dropped
