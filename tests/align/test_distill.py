@@ -14,6 +14,7 @@ from fastlm.align.distill import DistillConfig, DistillTrainer, check_compatible
 from fastlm.data import HFTokenizer
 from fastlm.train import PackedSource, TrainerConfig
 from fastlm.train.data import IGNORE_INDEX
+from tests.ops.test_every_op import kd_from_logits
 
 V = 40
 TEACHER = ModelConfig(vocab_size=V, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -51,23 +52,7 @@ def _hand_loss(teacher, student, input_ids, labels, *, temperature, alpha, diver
     """The formula on full float64 logits: mean over labelled tokens of α·T²·D + (1−α)·CE."""
     zt = teacher(input_ids).double().flatten(0, 1)
     zs = student(input_ids).double().flatten(0, 1)
-    labels = labels.flatten()
-    keep = labels != IGNORE_INDEX
-    pt, ps = F.softmax(zt / temperature, -1), F.softmax(zs / temperature, -1)
-
-    def kl(p, q):
-        return (p * (p.log() - q.log())).sum(-1)
-
-    if divergence == "forward_kl":
-        d = kl(pt, ps)
-    elif divergence == "reverse_kl":
-        d = kl(ps, pt)
-    else:
-        m = beta * pt + (1 - beta) * ps
-        d = beta * kl(pt, m) + (1 - beta) * kl(ps, m)
-    ce = F.cross_entropy(zs, labels.clamp(min=0), reduction="none")
-    per_token = alpha * temperature**2 * d + (1 - alpha) * ce
-    return per_token[keep].mean()
+    return kd_from_logits(zs, zt, labels.flatten(), temperature, divergence, beta, alpha, IGNORE_INDEX)
 
 
 def _batch(seed=3):

@@ -237,10 +237,11 @@ def f_linear_logprobs(h, w, tokens, temperature, ignore, with_entropy, chunk):
     return torch.stack((picked, entropy)) if with_entropy else picked[None]
 
 
-def f_linear_distillation_loss(hs, ws, ht, wt, labels, temperature, divergence, beta, alpha, ignore, *_):
-    """mean over kept tokens of α·T²·D(p_t, p_s) + (1 − α)·CE, p = softmax(h·Wᵀ/T); without labels
-    α·T²·D over every token (the public function passes α = 1 then)."""
-    zs, zt = hs.double() @ ws.double().t(), ht.double() @ wt.double().t()
+def kd_from_logits(zs, zt, labels, temperature, divergence, beta, alpha, ignore=-100):
+    """Distillation loss on full float64 logits, student zs and teacher zt (N, V): mean over kept
+    tokens of α·T²·D(p_t, p_s) + (1 − α)·CE, p = softmax(z/T); without labels α·T²·D over every
+    token. D: forward_kl KL(p_t‖p_s), reverse_kl KL(p_s‖p_t), jsd β·KL(p_t‖m) + (1−β)·KL(p_s‖m)."""
+    zs, zt = zs.double(), zt.double()
     ps, pt = torch.softmax(zs / temperature, -1), torch.softmax(zt / temperature, -1)
 
     def kl(p, q):
@@ -258,6 +259,12 @@ def f_linear_distillation_loss(hs, ws, ht, wt, labels, temperature, divergence, 
     keep = labels != ignore
     ce = F.cross_entropy(zs, torch.where(keep, labels, 0), reduction="none")
     return ((alpha * temperature ** 2 * d + (1 - alpha) * ce) * keep).sum() / keep.sum()
+
+
+def f_linear_distillation_loss(hs, ws, ht, wt, labels, temperature, divergence, beta, alpha, ignore, *_):
+    """kd_from_logits on h·Wᵀ (the public function passes α = 1 when there are no labels)."""
+    return kd_from_logits(hs.double() @ ws.double().t(), ht.double() @ wt.double().t(), labels, temperature,
+                          divergence, beta, alpha, ignore)
 
 
 FORMULAS = {
