@@ -14,7 +14,9 @@
 # usage: bash bench/gpu.sh [--dry-run]
 #   --dry-run: print each part's command instead of running it (works on any machine; the
 #              report step still runs, so the plumbing is exercised: tests/bench/test_gpu_script.py)
-# env: OUT (results folder), PYTHON (default python3), GPU_SH_BUDGETS="install=200 tests=240 ..."
+# env: OUT (results folder), PYTHON (default python3), GPU_SH_BUDGETS="install=200 tests=240 ...",
+#      GPU_SH_WORKERS (pytest-xdist processes for the GPU tests, default 12: they are bound by
+#      Triton's compiles on the CPU), GPU_SH_BENCH="bench_decode bench_hf" (only these modules)
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -71,8 +73,18 @@ run_part nvidia-smi nvidia-smi
 run_part install "$PYTHON" -m pip install -v -e . --no-deps --no-build-isolation --no-index
 run_part extension-status "$PYTHON" -c 'import fastlm._extension as e; print(e.extension_status()); print(e.extension_ready())'
 run_part build-ext "$PYTHON" -m fastlm build-ext
-run_part tests "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --timeout=90 --junitxml="$WORK/pytest-gpu.xml" tests
-run_part bench "$PYTHON" -m bench.run --device cuda --quick --out "$WORK/bench"
+WORKERS="${GPU_SH_WORKERS:-12}"
+XDIST=()
+if [[ "$WORKERS" != 0 ]] && "$PYTHON" -c 'import xdist' 2>/dev/null; then
+  XDIST=(-n "$WORKERS")
+fi
+run_part tests "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --timeout=90 --durations=25 "${XDIST[@]}" \
+  --junitxml="$WORK/pytest-gpu.xml" tests
+ONLY=()
+if [[ -n "${GPU_SH_BENCH:-}" ]]; then
+  read -ra ONLY <<< "--only $GPU_SH_BENCH"
+fi
+run_part bench "$PYTHON" -m bench.run --device cuda --quick --out "$WORK/bench" "${ONLY[@]}"
 run_part report "$PYTHON" -m bench.gpu_report --work "$WORK" --out "$OUT_DIR" --dry-run "$DRY_RUN"
 if [[ $DRY_RUN -eq 1 ]]; then  # the report is the plumbing under test: run it for real
   "$PYTHON" -m bench.gpu_report --work "$WORK" --out "$OUT_DIR" --dry-run 1 || exit 1

@@ -49,6 +49,9 @@ NUM_PIVOTS = 16  # search arity: 4 bits of the 32-bit key per pass
 MAX_BLOCK = 1024  # logits per block of a pass
 MAX_BLOCKS = 4096  # blocks per row (their sums are held in registers for the draw)
 LOG2E = tl.constexpr(1.4426950408889634)
+# The smallest normal float32 (2^-126): the temperature clamp. A subnormal constant would be typed
+# float64 by Triton <= 3.6 (and the GPU's division flushes subnormal divisors to zero).
+FP32_TINY = tl.constexpr(1.1754943508222875e-38)
 
 # Row status bits (the same as fastlm.ops.sampling_reference.STATUS_*).
 _NAN = tl.constexpr(1)
@@ -215,8 +218,9 @@ def _sample_kernel(
     status |= tl.where((min_p >= 0) & (min_p <= 1), 0, _BAD_MIN_P)
     valid = status == 0
     sampled = valid & (temperature > 0)
-    # w = exp2((x - x_max) * scale); the clamp keeps 0 · scale = 0 for subnormal temperatures.
-    scale = LOG2E / tl.maximum(tl.where(sampled, temperature, 1.0), LOG2E / 3.0e38)
+    # w = exp2((x - x_max) * scale); the clamp keeps scale finite (0 · scale = 0) for subnormal
+    # temperatures, which are greedy in effect.
+    scale = LOG2E / tl.maximum(tl.where(sampled, temperature, 1.0), FP32_TINY)
     key_min = _order_key(x_min).to(tl.int64)
     key_max = _order_key(x_max).to(tl.int64)
 

@@ -34,6 +34,13 @@ __all__ = ["dequantize_int8", "int8_linear", "int_mm", "quantize_int8", "quantiz
 # ---- references ---------------------------------------------------------------------------------
 
 
+def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """amax / 127 correctly rounded (1 where amax = 0), the same on every device: a tensor
+    divisor, because CUDA torch divides by a Python scalar as a multiply by its reciprocal,
+    which can differ in the last bit (the kernels divide with round-to-nearest)."""
+    return torch.where(amax > 0, amax / torch.full_like(amax, 127.0), torch.ones_like(amax))
+
+
 def quantize_int8_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: scale = max|W_row| / 127, q = round(W / scale).
 
@@ -42,7 +49,7 @@ def quantize_int8_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """
     w = weight.float()
     amax = w.abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scales = _scale_from_amax(amax)
     qweight = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return qweight, scales
 
@@ -72,7 +79,7 @@ def quantize_per_token_reference(x: torch.Tensor, smooth: torch.Tensor | None) -
     if smooth is not None:
         xs = xs / smooth.float()
     amax = xs.abs().amax(dim=-1)
-    sx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    sx = _scale_from_amax(amax)
     xq = torch.round(xs / sx[..., None]).clamp_(-127, 127).to(torch.int8)
     return xq, sx
 
