@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+from bench import report
 from bench.common import atomic_write_text, environment, markdown_table, write_results
 
 logger = logging.getLogger("bench.run")
@@ -58,9 +59,12 @@ def run_pytest_module(name: str, quick: bool, out: Path) -> dict:
                "--benchmark-only", f"--benchmark-json={out / (name + '.json')}"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=BENCH_DIR.parent)
     (out / f"{name}.log").write_text(result.stdout + result.stderr, encoding="utf-8")
+    files = [f"{name}.json", f"{name}.log"]
+    if (out / f"{name}.json").is_file():  # the tables and plot, also after a partial failure
+        files += [p.name for p in report.write(out / f"{name}.json")]
     row = {"module": name, "status": "ok" if result.returncode == 0 else "failed",
            "error": None if result.returncode == 0 else f"pytest exit {result.returncode} (see {name}.log)",
-           "files": f"{name}.json, {name}.log", "seconds": time.perf_counter() - start}
+           "files": ", ".join(files), "seconds": time.perf_counter() - start}
     if result.returncode:
         logger.error("%s failed:\n%s", name, (result.stdout + result.stderr)[-3000:])
     return row
