@@ -33,8 +33,10 @@ the engine's loss, lr, grad_norm, tokens_per_s. Host reads: a rollout reads its 
 them for the reward) and its statistics once; a training step reads the engine's one summary and
 the RL statistics once (nothing to assemble a minibatch).
 
-Rollouts under DDP are each process's own (the advantages are whitened / group-normalised per
-process); the rollout statistics are summed over processes.
+Rollouts under DDP are each process's own; PPO's advantages are whitened with the mean and
+variance over every process's rollout (GRPO's are normalised within each prompt's group, which
+lives in one process; its ``scale_rewards="batch"`` std is each process's batch); the rollout
+statistics are summed over processes.
 """
 
 from __future__ import annotations
@@ -431,8 +433,9 @@ class PPOTrainer(OnlineRLTrainer):
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # each row's last completion token
         rewards = rewards.scatter_add(1, last[:, None], buffer["scores"][:, None])
         advantages, returns = gae(rewards, buffer["values"], gamma=rl.gamma, lam=rl.lam, mask=mask)
-        if rl.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        if rl.whiten_advantages:  # over every process's rollout under DDP
+            reduce = (lambda t: distributed.all_reduce_sum(t, self.info.device)) if dist.is_initialized() else None
+            advantages = masked_whiten(advantages, mask, reduce=reduce)
         buffer["advantages"], buffer["returns"] = advantages, returns
         return {}
 
