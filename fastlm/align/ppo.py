@@ -327,7 +327,8 @@ class OnlineRLTrainer(Trainer):
                 hidden, values = self.model(seqs.input_ids, key_lens=key_lens)
                 self.model.train(was)
                 logprobs = R.policy_logprobs(hidden, R.head_weight(self.policy), seqs.input_ids, seqs.target_mask,
-                                             temperature=rl.generation.temperature, return_entropy=False)
+                                             temperature=rl.generation.temperature, return_entropy=False,
+                                             softcap=R.head_softcap(self.policy))
                 logprobs = logprobs * seqs.target_mask
                 ref = R.reference_logprobs(self.policy, self.reference, seqs, temperature=rl.generation.temperature)
         buffer = {"input_ids": seqs.input_ids, "attention_mask": seqs.attention_mask,
@@ -387,7 +388,8 @@ class OnlineRLTrainer(Trainer):
         with self._autocast():
             hidden, values = self.forward(batch["input_ids"], key_lens=batch["attention_mask"].sum(1))
             logprobs, entropy = R.policy_logprobs(hidden, R.head_weight(self.policy), batch["input_ids"], mask,
-                                                  temperature=self.rl.generation.temperature)
+                                                  temperature=self.rl.generation.temperature,
+                                                  softcap=R.head_softcap(self.policy))
         values = None if values is None else values[:, :-1]
         per_token, clipped, value_loss = self._token_loss(batch, logprobs, entropy, values)
         if self.model.training:  # statistics of the training step, summed on the device
