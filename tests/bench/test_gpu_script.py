@@ -78,7 +78,8 @@ def _bench_ops_json():
         _bench("rms_norm", "F.rms_norm", "N8 D4", 0.1e-3),  # torch's peer: not a backend
         _bench("rms_norm", "reference", "N16 D4", 4e-3), _bench("rms_norm", "triton", "N16 D4", 1e-3),
         _bench("rms_norm", "reference", "N32 D4", 9e-3),  # triton skipped or failed there: no record
-        _bench("sample", "reference", "B8 V32 T1", 3e-3, "float32"), _bench("sample", "cuda", "B8 V32 T1", 1e-3, "float32"),
+        _bench("sample", "reference", "B8 V32 T1", 3e-3, "float32"),
+        _bench("sample", "cuda", "B8 V32 T1", 1e-3, "float32"),
         _bench("sample", "triton", "B8 V32 T1", 2e-3, "float32"),
         _bench("gelu", "reference", "N8", 1e-3),  # one backend: nothing to choose
         {"group": "other", "name": "test_x", "extra_info": {"impl": "triton"}, "stats": {"median": 1.0}},  # no op
@@ -93,7 +94,8 @@ def test_speed_table_from_bench_ops_pytest_benchmark_json():
     table = speed_table(records)
     assert table.keys() == {"rms_norm", "sample"}
     assert table["rms_norm"] == {"reference": pytest.approx(6.0), "triton": pytest.approx(1.5)}
-    assert table["sample"] == {"cuda": pytest.approx(1.0), "reference": pytest.approx(3.0), "triton": pytest.approx(2.0)}
+    assert table["sample"] == {"cuda": pytest.approx(1.0), "reference": pytest.approx(3.0),
+                               "triton": pytest.approx(2.0)}
     with pytest.raises(ValueError, match="benchmarks"):
         speed_records({"machine_info": {}})
 
