@@ -184,6 +184,8 @@ def write_table(json_path: str, md_path: str, note: str = "") -> str:
     data = json.loads(open(json_path).read())
     med: dict[tuple[str, bool, str], float] = {}
     for b in data["benchmarks"]:
+        if "bench_dispatch.py::" not in b.get("fullname", "bench_dispatch.py::"):
+            continue  # a JSON of several modules: this module's cases only
         info = b["extra_info"]
         med[(info["op"], info["grad"], info.get("impl") or info["path"])] = b["stats"]["min"] * 1e6  # "path": older JSON
     lines = [
