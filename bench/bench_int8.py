@@ -28,9 +28,9 @@ bf16: GB/s):
 
 Backends: ``reference``, ``triton``, ``cuda`` where available; on CPU only ``reference`` runs (the
 Triton interpreter is not a performance measurement). fastlm cases record ``max_abs_diff`` from
-the reference backend's output (``w8a8_matmul``: from the float64 product of its int8 operands). Issue targets on an H100: int8 weight-only batch-1 decode ≥ 1.8×
-bf16; W8A8 ≥ 1.5× bf16 TFLOP/s at M ≥ 2048. Figures are whatever a run measures, on the device
-named in its JSON.
+the reference backend's output (``w8a8_matmul``: from the float64 product of its int8
+operands). Issue targets on an H100: int8 weight-only batch-1 decode ≥ 1.8× bf16; W8A8 ≥ 1.5×
+bf16 TFLOP/s at M ≥ 2048. Figures are whatever a run measures, on the device named in its JSON.
 """
 
 from __future__ import annotations
