@@ -187,7 +187,8 @@ def write_table(json_path: str, md_path: str, note: str = "") -> str:
         if "bench_dispatch.py::" not in b.get("fullname", "bench_dispatch.py::"):
             continue  # a JSON of several modules: this module's cases only
         info = b["extra_info"]
-        med[(info["op"], info["grad"], info.get("impl") or info["path"])] = b["stats"]["min"] * 1e6  # "path": older JSON
+        path = info.get("impl") or info["path"]  # "path": JSON written before the measure fixture
+        med[(info["op"], info["grad"], path)] = b["stats"]["min"] * 1e6
     lines = [
         "# Dispatch overhead per call (CPU, tiny tensors)",
         "",
@@ -196,7 +197,8 @@ def write_table(json_path: str, md_path: str, note: str = "") -> str:
         "µs per call: the minimum over the rounds (pytest-benchmark through bench/conftest.py's `measure`: up to 200 "
         "rounds of one call; on a shared machine the minimum is",
         "the least disturbed estimate). `added` = path − reference in the same run. `—`: not applicable.",
-        "`kernel-path`: triton forced with the reference as a no-op-cost kernel (what a GPU kernel call pays on the host).",
+        "`kernel-path`: triton forced with the reference as a no-op-cost kernel "
+        "(what a GPU kernel call pays on the host).",
         "",
         "| op | reference | public (added) | kernel path (added) | reference fwd+bwd | public fwd+bwd (added) "
         "| kernel path fwd+bwd (added) |",

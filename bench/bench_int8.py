@@ -122,8 +122,8 @@ def test_decode(measure, preset, variant, batch, prompt_len, new):
     assert tuple(out.shape) == (batch, prompt_len + new), f"generate returned {tuple(out.shape)}"
     try:
         measure(decode, group=f"decode {preset} b{batch} prompt{prompt_len} new{new} {DTYPE_NAME}", impl=variant,
-                peer="dense", warmup=0, tokens=batch * new, weight_mb=round(model_bytes(model) / 2**20, 2), model=preset,
-                batch=batch, dtype=DTYPE_NAME)
+                peer="dense", warmup=0, tokens=batch * new, weight_mb=round(model_bytes(model) / 2**20, 2),
+                model=preset, batch=batch, dtype=DTYPE_NAME)
     except torch.OutOfMemoryError as err:
         pytest.skip(f"{preset} {variant} batch {batch} does not fit: {str(err).splitlines()[0]}")
 

@@ -19,9 +19,10 @@ F.cross_entropy, as transformers' Llama does; the peer) against ``fastlm.ops
 .fused_linear_cross_entropy`` (chunked, never forming the (N, V) logits) on the ``triton`` (CUDA
 only) and ``reference`` backends. ``flops`` = the three matmuls, 6·N·H·V; ``peak_mb`` from the
 fixture (memory allocated during one fwd+bwd above the inputs) and ``mem_vs_unfused`` (this peak
-/ the unfused peak of the same run). Fused cases record ``max_abs_diff``: the largest difference of the loss and both
-gradients from the unfused ones (accuracy is tested in tests/ops, by the 2× rule). Shapes: CUDA bf16 (N, H, V) = (8192, 4096, 128256),
-(16384, 4096, 128256), (8192, 4096, 32000) (quick: the first); CPU fp32 (512, 128, 4096).
+/ the unfused peak of the same run). Fused cases record ``max_abs_diff``: the largest difference
+of the loss and both gradients from the unfused ones (accuracy is tested in tests/ops, by the 2×
+rule). Shapes: CUDA bf16 (N, H, V) = (8192, 4096, 128256), (16384, 4096, 128256),
+(8192, 4096, 32000) (quick: the first); CPU fp32 (512, 128, 4096).
 
 On CPU the Triton interpreter is not a performance measurement: ``triton`` cases skip.
 """
@@ -94,7 +95,8 @@ def _randn(*shape, grad=True):
 def rms_norm_case(n: int, d: int) -> Case:
     x, w = _randn(n, d), _randn(d)
     io, wb = n * d * DTYPE.itemsize, d * DTYPE.itemsize
-    impls = {"triton": lambda x, w: ops.rms_norm(x, w, 1e-6), "torch.eager": lambda x, w: reference.rms_norm(x, w, 1e-6)}
+    impls = {"triton": lambda x, w: ops.rms_norm(x, w, 1e-6),
+             "torch.eager": lambda x, w: reference.rms_norm(x, w, 1e-6)}
     if hasattr(F, "rms_norm"):
         impls["F.rms_norm"] = lambda x, w: F.rms_norm(x, (d,), w, 1e-6)
     return Case("rms_norm", f"N{n} D{d}", [x, w], torch.randn_like(x), impls,
@@ -105,7 +107,8 @@ def rope_case(b: int, h: int, t: int, d: int) -> Case:
     x = _randn(b, t, h, d, grad=False).transpose(1, 2).requires_grad_()  # (B, H, T, D) view of (B, T, H, D)
     pos = torch.arange(t, device=DEVICE)
     io = b * h * t * d * DTYPE.itemsize
-    impls = {"triton": lambda x: ops.rope(x, pos, theta=500000.0), "torch.eager": lambda x: reference.rope(x, pos, 500000.0)}
+    impls = {"triton": lambda x: ops.rope(x, pos, theta=500000.0),
+             "torch.eager": lambda x: reference.rope(x, pos, 500000.0)}
     return Case("rope", f"B{b} H{h} T{t} D{d}", [x], torch.randn_like(x), impls, bytes_fwd=2 * io, bytes_fwd_bwd=4 * io)
 
 

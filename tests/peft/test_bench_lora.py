@@ -23,8 +23,8 @@ def quick_json(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench_lora") / "bench_lora.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_QUICK": "1", "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # as bench.run runs it: the triton cases skip on CPU
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "bench" / "bench_lora.py"),
-                             "--benchmark-only", f"--benchmark-json={out}"],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(REPO / "bench" / "bench_lora.py"), "--benchmark-only", f"--benchmark-json={out}"],
                             env=env, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
