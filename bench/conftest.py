@@ -16,8 +16,10 @@ Timing: CPU — wall clock (``time.perf_counter``) of each call. CUDA — each c
 round is launch-to-completion time on a cold cache. Rounds: enough to fill ``budget_s`` (at
 least 3, at most ``max_rounds``), after ``warmup`` untimed calls (compiles, autotuning).
 
-``BENCH_QUICK=1`` (``python -m bench.run --quick``) asks modules for their smallest shapes; the
-machine's device and versions are added to the JSON's ``machine_info`` (``fastlm_env``).
+``BENCH_QUICK=1`` (``python -m bench.run --quick``) asks modules for their smallest shapes;
+``BENCH_THREADS=N`` sets torch's CPU threads (1 on a shared machine: two threads fighting other
+processes time the scheduler, not the code); the machine's device and versions are added to the
+JSON's ``machine_info`` (``fastlm_env``, which records the thread count).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from bench.common import environment
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+if os.environ.get("BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 _L2_FLUSH_BYTES = 256 * 2**20
 
 
