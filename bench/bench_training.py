@@ -11,7 +11,8 @@ per model (same weights, same batch), one case per implementation:
   with the head weight (V, H), which never builds the (B·T, V) logits (its point: peak memory
   at large vocabularies);
 - ``transformers``: ``AutoModelForCausalLM`` loaded from the fastlm model's saved checkpoint
-  (identical weights), logits + ``F.cross_entropy`` in fp32 — the peer of every case.
+  (identical weights, dropout set to 0 as fastlm has none: GPT-2's config defaults to 0.1),
+  logits + ``F.cross_entropy`` in fp32 — the peer of every case.
 
 Shapes: CPU — ``tiny`` (Llama-style) and ``tiny-gpt2`` presets, batch 4 × 64 tokens (quick:
 ``tiny`` only; one intra-op thread, see below); CUDA — ``gpt2`` (124M) batch 8 × 1024 and ``llama-1b`` batch 2 × 2048 (quick:
@@ -49,6 +50,7 @@ else:
 SHAPES = SHAPES[:1] if QUICK else SHAPES
 IMPLS = ("fastlm", "fastlm-fused", "transformers")
 PEER = "transformers"
+DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout")
 LOSSES = {"fastlm": "logits + cross_entropy", "fastlm-fused": "fused linear + cross_entropy",
           "transformers": "logits + F.cross_entropy"}
 
@@ -67,7 +69,11 @@ class Group:
         self.model = fastlm.Model(fastlm.preset(preset)).to(DEVICE).train()
         with tempfile.TemporaryDirectory() as tmp:
             self.model.save_pretrained(tmp)
-            self.hf = transformers.AutoModelForCausalLM.from_pretrained(tmp).to(DEVICE).train()
+            config = transformers.AutoConfig.from_pretrained(tmp)
+            for name in DROPOUTS:  # fastlm trains without dropout; GPT-2's config defaults to 0.1
+                if hasattr(config, name):
+                    setattr(config, name, 0.0)
+            self.hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, config=config).to(DEVICE).train()
         ids = torch.randint(0, self.model.config.vocab_size, (batch, seq_len + 1), device=DEVICE)
         self.inputs, self.targets = ids[:, :-1], ids[:, 1:].flatten()
         tokens = batch * seq_len
