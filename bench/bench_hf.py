@@ -1,6 +1,6 @@
 """fastlm inside a Hugging Face transformers model: one training step, four ways (pytest-benchmark).
 
-    python -m bench.run --device cpu --only bench_hf          # or: python -m bench.bench_hf [--size S]
+    python -m bench.run --device cpu --only bench_hf   # or: python -m bench.bench_hf [--size S] [--gpu] [--layers N]
 
 One group: the same Llama-shaped ``transformers.LlamaForCausalLM`` (random weights, seed 0), one
 case per variant, ``transformers`` the peer of every case:
@@ -199,9 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="model size (default: gpu on CUDA, cpu otherwise)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the size's)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/<device>)")
+    parser.add_argument("--gpu", action="store_true", help="shorthand for --size gpu (needs CUDA; default: off)")
     args = parser.parse_args(argv)
     if args.layers is not None and args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
+    if args.gpu:
+        if DEVICE != "cuda":
+            parser.error("--gpu needs CUDA, and torch.cuda.is_available() is False")
+        args.size = "gpu"
     from bench import report
 
     out = args.out or Path("bench/results") / DEVICE

@@ -21,6 +21,10 @@ Shapes: CPU — ``tiny`` (Llama-style) and ``tiny-gpt2`` presets, batch 4 × 64 
 Work per call: ``tokens`` = batch · seq_len (tokens/s) and ``flops`` = tokens ·
 ``fastlm.train.trainer.flops_per_token`` (6·N + 12·layers·hidden·seq_len: TFLOP/s); ``mfu`` =
 achieved FLOP/s / the GPU's dense bf16 peak, on GPUs whose peak fastlm knows (none on CPU).
+Timed in turns as well (bench_decode's scheme): before the cases, every implementation runs one
+step per turn, ``TURNS`` turns; ``speedup_in_turns`` = the median over the turns of
+(transformers' time / this case's time in the same turn), robust to a shared machine whose speed
+drifts between the cases (the table's ``vs_peer`` is the ratio of the cases' medians).
 Correctness first: before any step, the fastlm loss, the fused loss and transformers' loss on
 the batch agree (fp32: |Δ| ≤ 1e-4·loss; recorded as ``loss_diff`` on every device).
 
@@ -31,12 +35,14 @@ the shared 2-core machine two threads per process made a step 3–10× slower an
 from __future__ import annotations
 
 import contextlib
+import statistics
 import tempfile
 
 import pytest
 import torch
 
 import fastlm
+from bench.bench_decode import in_turns
 from bench.conftest import DEVICE, QUICK
 from fastlm import ops
 from fastlm.train.trainer import flops_per_token, peak_flops
@@ -50,6 +56,7 @@ else:
 SHAPES = SHAPES[:1] if QUICK else SHAPES
 IMPLS = ("fastlm", "fastlm-fused", "transformers")
 PEER = "transformers"
+TURNS = 3 if QUICK else 7
 DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout")
 LOSSES = {"fastlm": "logits + cross_entropy", "fastlm-fused": "fused linear + cross_entropy",
           "transformers": "logits + F.cross_entropy"}
@@ -88,6 +95,12 @@ class Group:
         if DEVICE == "cpu":  # fp32: the same weights give the same loss
             for name, diff in self.loss_diff.items():
                 assert diff <= 1e-4 * abs(first[PEER]), f"{name} loss {first[name]} vs transformers {first[PEER]}"
+        steps = {impl: self.step_fn(impl) for impl in IMPLS}
+        for step in steps.values():  # warm-up
+            step()
+        seconds, _ = in_turns(steps, TURNS)
+        self.speedup_in_turns = {impl: statistics.median(p / t for p, t in zip(seconds[PEER], seconds[impl]))
+                                 for impl in IMPLS}
 
     def _fastlm_loss(self):
         return ops.cross_entropy(self.model(self.inputs).flatten(0, 1), self.targets)
@@ -133,7 +146,8 @@ def _group(shape: tuple) -> Group:
 def test_training_step(measure, shape, impl):
     group = _group(shape)
     measure(group.step_fn(impl), group=f"train step {shape[0]} {shape[1]}x{shape[2]}", impl=impl, peer=PEER,
-            loss=LOSSES[impl], loss_diff=float(f"{group.loss_diff[impl]:.3g}"), **group.info)
+            loss=LOSSES[impl], loss_diff=float(f"{group.loss_diff[impl]:.3g}"),
+            speedup_in_turns=round(group.speedup_in_turns[impl], 4), **group.info)
     peak = peak_flops(torch.device(DEVICE))
     if peak is not None:
         achieved = group.info["flops"] / measure.benchmark.stats.stats.median

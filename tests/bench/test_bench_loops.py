@@ -43,6 +43,7 @@ def test_decode_cases_have_the_transformers_peer():
 def test_training_group_losses_agree_and_a_step_trains(preset):
     group = bench_training.Group(preset, 2, 8)  # asserts the fp32 loss agreement itself
     assert set(group.loss_diff) == set(bench_training.IMPLS) and max(group.loss_diff.values()) < 1e-3
+    assert group.speedup_in_turns["transformers"] == 1.0 and min(group.speedup_in_turns.values()) > 0
     assert group.info["tokens"] == 16 and group.info["flops"] == 16 * group.flops_per_token > 0
     for impl in bench_training.IMPLS:
         model = group.hf if impl == "transformers" else group.model
