@@ -33,7 +33,9 @@ import torch
 
 from bench.common import environment
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")  # bench.run --device
+if DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"BENCH_DEVICE must be cpu or cuda, got {DEVICE!r}")
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 if os.environ.get("BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
