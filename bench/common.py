@@ -135,28 +135,32 @@ def write_results(
 
 def _plot(name: str, records: Sequence[dict], path: Path) -> Path | None:
     """Horizontal bar chart of median_ms per record; skipped without matplotlib."""
+    timed = [r for r in records if isinstance(r.get("median_ms"), (int, float))]
+    labels = [" ".join(str(r[k]) for k in ("op", "shape", "dtype", "backend") if r.get(k) is not None)
+              for r in timed]
+    return bar_plot(name, labels, [r["median_ms"] for r in timed], path)
+
+
+def bar_plot(title: str, labels: Sequence[str], median_ms: Sequence[float], path: Path) -> Path | None:
+    """One horizontal bar per label: median ms on a log scale, written atomically to ``path``;
+    None without matplotlib or without values."""
+    if not median_ms:
+        return None
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.info("matplotlib not importable: no plot for %s", name)
+        logger.info("matplotlib not importable: no plot for %s", title)
         return None
-    timed = [r for r in records if isinstance(r.get("median_ms"), (int, float))]
-    if not timed:
-        return None
-    labels = [
-        " ".join(str(r[k]) for k in ("op", "shape", "dtype", "backend") if r.get(k) is not None)
-        for r in timed
-    ]
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(timed) + 1.5))
-    ax.barh(range(len(timed)), [r["median_ms"] for r in timed])
-    ax.set_yticks(range(len(timed)), labels, fontsize=7)
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(median_ms) + 1.5))
+    ax.barh(range(len(median_ms)), list(median_ms))
+    ax.set_yticks(range(len(median_ms)), list(labels), fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("median time (ms, log scale)")
-    ax.set_title(name)
+    ax.set_title(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

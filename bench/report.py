@@ -17,8 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from bench.common import _fmt, atomic_write_text
-from fastlm._files import atomic_write
+from bench.common import _fmt, atomic_write_text, bar_plot
 
 _RATES = (("flops", "tflops", 1e12), ("bytes", "gbps", 1e9), ("tokens", "tokens_per_s", 1.0))
 _HIDDEN = {"impl", "peer", "device", "peak_mb", "flops", "bytes", "tokens"}
@@ -100,28 +99,8 @@ def markdown(data: dict, title: str) -> str:
 
 def plot(data: dict, title: str, path: Path) -> Path | None:
     """Horizontal bars of median ms per case (log scale); None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     records = rows(data)
-    if not records:
-        return None
-    labels = [f"{r['group']} · {r['impl']}" for r in records]
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(records) + 1.5))
-    ax.barh(range(len(records)), [r["median_ms"] for r in records])
-    ax.set_yticks(range(len(records)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("median time (ms, log scale)")
-    ax.set_title(title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return bar_plot(title, [f"{r['group']} · {r['impl']}" for r in records], [r["median_ms"] for r in records], path)
 
 
 def write(json_path: Path, md_path: Path | None = None, *, title: str | None = None,
