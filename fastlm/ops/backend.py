@@ -247,10 +247,6 @@ def select(op: str, device: torch.device) -> str:
     return name
 
 
-# Under torch.compile the decision is made once, in Python, and baked into the graph as a
-# constant: Dynamo does not trace the status probes (importlib, the extension's loader), which
-# some torch versions refuse to trace (torch 2.11: importlib.util.find_spec is skipped).
-@torch.compiler.assume_constant_result
 def _select(op: str, device: torch.device) -> str:
     name = forced_backend()
     if name is None and device.type != "cuda":
@@ -268,6 +264,15 @@ def _select(op: str, device: torch.device) -> str:
         if timed:
             return min(timed, key=measured.__getitem__)
     return candidates[0] if candidates else "reference"
+
+
+# Under torch.compile the decision is made once, in Python, and baked into the graph as a
+# constant: Dynamo does not trace the status probes (importlib, the extension's loader), which
+# some torch versions refuse to trace (torch 2.11: importlib.util.find_spec is skipped). This is
+# torch.compiler.assume_constant_result(_select), which only sets this attribute, without
+# importing torch._dynamo (and with it triton) when fastlm is imported;
+# tests/ops/test_backend_choice.py fails if the marking stops working.
+_select._dynamo_marked_constant = True
 
 
 _FASTLM_DIR = Path(__file__).resolve().parents[1]
