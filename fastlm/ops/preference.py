@@ -7,6 +7,7 @@ One ``fastlm::linear_preference_loss`` custom op (:mod:`fastlm.ops.registry`). I
 (2P, T) and a completion mask (2P, T). The chunk driver (here) takes K pairs at a time, i.e. the
 2K·T rows of their chosen and rejected sequences:
 
+    h_c   = [chosen rows; rejected rows]    (2K·T, H), gathered (a small copy) so each GEMM is one call
     z     = h_c · Wᵀ                        (2K·T, V) logits in the input dtype (GEMM 1; one reused buffer)
     row step (backend):  logp_i = s_i[t_i] − lse(s_i),  s = z / temperature   (0 where t_i = ignore_index)
     π_q   = Σ_{i ∈ q} w_i·logp_i,  w_i = mask_i·[t_i ≠ ignore_index]          (per sequence q)
@@ -14,7 +15,7 @@ One ``fastlm::linear_preference_loss`` custom op (:mod:`fastlm.ops.registry`). I
     loss_p, dL/dπ_c, dL/dπ_r                per pair p (closed form, below)
     grad step (backend): z ← g_i·(onehot(t_i) − softmax(s_i)) / temperature,   g_i = dL/dπ_{q(i)}·w_i (/count)
     dh_c  = z · W                           (2K·T, H)  (GEMM 2)
-    dW   += zᵀ · h_c                        (V, H), accumulated in float32    (GEMM 3)
+    dW   += zᵀ · h_c                        (V, H), accumulated in float32    (GEMM 3: one pass over dW per chunk)
 
 so the forward computes the loss and both gradients (for an incoming grad of 1) in 3 GEMMs of
 2K·T·V·H each — the unfused path also needs 3, a forward+recompute-backward chunked path 4 —
@@ -88,18 +89,17 @@ class PairSteps:
 
 
 def _ref_logprobs_(z, tokens, logp, stat, temperature, ignore_index):
-    """float32/float64 z: z ← softmax(z/T) in place and stat ← 1 (so the grad step is a multiply);
+    """float32/float64 z: z ← exp(z/T − max) in place and stat ← Σ of that row (so the grad step is
+    one multiply by −g/(T·stat) and a scatter: softmax is never normalised in a separate pass);
     lower precision: z is kept (the probabilities are recomputed in float32) and stat ← lse."""
     s = _scaled_logits(z, temperature)  # (C, V); z itself for float32/float64 (scaled in place)
     valid, safe = _safe(tokens, ignore_index)
     m = s.amax(-1, keepdim=True)  # (C, 1)
     picked = s.gather(-1, safe)  # (C, 1) s[t]
-    if s is z:  # three passes over the chunk: shift, exp, sum; then one to normalise
-        e = s.sub_(m).exp_()
-        total = e.sum(-1, keepdim=True)
+    if s is z:  # passes over the chunk: max, shift, exp, sum
+        total = s.sub_(m).exp_().sum(-1, keepdim=True)  # (C, 1) Σ exp(s − m)
         lse = m + total.log()
-        e.div_(total)
-        stat.fill_(1.0)
+        stat.copy_(total.squeeze(-1))
     else:
         lse = m + (s - m).exp_().sum(-1, keepdim=True).log()
         stat.copy_(lse.squeeze(-1))
@@ -110,8 +110,8 @@ def _ref_grad_(z, tokens, stat, g, temperature, ignore_index):
     acc = _acc_dtype(z.dtype)
     _, safe = _safe(tokens, ignore_index)
     row = (g.to(acc) / temperature)[:, None]  # (C, 1) g/T
-    if z.dtype == acc:  # z holds p
-        z.mul_(-row).scatter_add_(-1, safe, row)
+    if z.dtype == acc:  # z holds exp(s − m), stat its row sums: p = z / stat
+        z.mul_(-row / stat[:, None]).scatter_add_(-1, safe, row)
         return
     p = _scaled_logits(z, temperature).sub_(stat.to(acc)[:, None]).exp_()  # (C, V) float32
     z.copy_(p.mul_(-row).scatter_add_(-1, safe, row))
@@ -175,8 +175,9 @@ def preference_forward(hidden, weight, tokens, mask, ref_logps, loss, beta, gamm
             n = k * t  # rows per half
             rows = (slice(a * t, a * t + n), slice((pairs + a) * t, (pairs + a) * t + n))  # chosen, rejected
             z = buffer[: 2 * n]
-            torch.mm(hidden[rows[0]], weight.t(), out=z[:n])
-            torch.mm(hidden[rows[1]], weight.t(), out=z[n:])
+            contiguous = k == pairs  # one chunk: the chosen and rejected rows are adjacent
+            h = hidden if contiguous else torch.cat((hidden[rows[0]], hidden[rows[1]]))  # (2n, H): one GEMM each
+            torch.mm(h, weight.t(), out=z)
             tok = torch.cat((flat_tokens[rows[0]], flat_tokens[rows[1]]))  # (2n,)
             w = torch.cat((weights[a:a + k], weights[pairs + a:pairs + a + k])).to(acc)  # (2K, T)
             steps.logprobs_(z, tok, logp[: 2 * n], stat[: 2 * n], temperature, ignore_index)
@@ -192,11 +193,14 @@ def preference_forward(hidden, weight, tokens, mask, ref_logps, loss, beta, gamm
                 continue
             g = (torch.cat((d, -d))[:, None] * w).reshape(-1)  # (2n,) dL/dlogp_i
             steps.grad_(z, tok, stat[: 2 * n], g, temperature, ignore_index)
-            for half, rs in zip((z[:n], z[n:]), rows):
-                if need_dh:
-                    torch.mm(half, weight, out=dh[rs])
-                if need_dw:
-                    _accumulate_dw(dw, half, hidden[rs])
+            if need_dh:
+                if contiguous:
+                    torch.mm(z, weight, out=dh)
+                else:
+                    dh_c = torch.mm(z, weight)  # (2n, H)
+                    dh[rows[0]], dh[rows[1]] = dh_c[:n], dh_c[n:]
+            if need_dw:  # one pass over dW per chunk
+                _accumulate_dw(dw, z, h)
     return stats[0].sum(), stats, dh, dw
 
 
