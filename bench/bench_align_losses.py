@@ -243,7 +243,7 @@ def measure(rounds: int = 1) -> list[dict]:
 def write(rows: list[dict], out: Path) -> None:
     meta = dict(device=torch.cuda.get_device_name() if CUDA else platform.processor() or platform.machine(),
                 torch=torch.__version__, threads=torch.get_num_threads(), n=N, h=H, t=T,
-                dtype=str(DTYPE).removeprefix("torch."), chunk=CHUNK, backend=BACKEND)
+                dtype=str(DTYPE).removeprefix("torch."), chunk=CHUNK, pair_chunk=PAIR_CHUNK, backend=BACKEND)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "align_losses.json.tmp"
     tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
