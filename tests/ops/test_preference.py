@@ -210,3 +210,16 @@ def test_bad_inputs_raise_clear_errors():
         f(hidden, weight, tokens, mask, ref, temperature=0.0)
     with pytest.raises(ValueError, match="must share H"):
         f(hidden, weight[:, :4], tokens, mask, ref)
+
+
+def test_no_host_reads_with_validate_false():
+    """Forward and backward read nothing back to the host (the trainer passes validate=False)."""
+    from tests.host_reads import HostReads
+
+    hidden, weight, tokens, mask, ref = make(3, 4, 8, 19)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with HostReads() as reads:
+        out = ops.linear_preference_loss(hidden, weight, tokens, mask, ref, chunk_size=2, validate=False)
+        out.loss.backward()
+    assert reads.count == 0, reads.where
