@@ -1,46 +1,60 @@
-"""Attention: fastlm's triton kernels vs torch SDPA (each of its backends) vs the naive reference.
+"""Attention: fastlm's triton kernels vs torch SDPA (each of its backends) vs the naive reference
+(pytest-benchmark).
 
-One case per (S, D, causal) with B·S fixed (16k tokens on GPU) and H·D = 2048 (H = 32 at D = 64,
-16 at D = 128), q/k/v (B, H, S, D) in bfloat16 on GPU; tiny float32 shapes on CPU. For each
-case and pass, in the same run:
+    python -m pytest bench/bench_attention.py --benchmark-only --benchmark-json=/tmp/attention.json
+    python -m bench.run --device cuda --quick --only bench_attention
 
-- ``fastlm.triton`` (``ops.attention`` with the triton backend forced; skipped on CPU, where only
-  the interpreter exists, which is not a performance measurement),
-- ``fastlm.reference`` (the naive plain-PyTorch reference, materializing the S×S scores),
-- ``sdpa.flash``, ``sdpa.efficient``, ``sdpa.cudnn``, ``sdpa.math``: ``F.scaled_dot_product_attention``
-  with one backend forced by ``torch.nn.attention.sdpa_kernel`` (``unsupported`` where torch has
-  no kernel for the device/shape).
+Shapes: q, k, v, dO (B, H, S, D) with B·S fixed and H·D fixed. CUDA: bfloat16, 16k tokens,
+H·D = 2048 (H = 32 at D = 64, 16 at D = 128), S = 512, 1k, 2k, 4k, 8k, 16k, D = 64 and 128
+(quick: S = 1k, 4k at D = 128); CPU: float32, 256 tokens, H·D = 256, D = 64, S = 128 and 256
+(quick: S = 128). Causal and full at each (S, D).
 
-Rows per ``pass``: ``fwd`` (no autograd) and ``bwd`` (``torch.autograd.grad`` of q, k, v from a
-retained graph: the backward alone). ``tflops``: forward 4·B·H·S²·D, halved when causal;
-backward 2.5× the forward's count. ``peak_mem_mb``: torch.cuda.max_memory_allocated over one
-call, inputs included (fwd: forward only; bwd: forward + backward). ``speedup_vs_torch`` is
-relative to ``sdpa.flash`` and ``speedup_vs_ref`` to the reference; ``max_abs_diff_vs_sdpa``
-compares fwd outputs with sdpa.flash (sdpa.math on CPU). Naive implementations whose S×S
-matrices would not fit are recorded as ``skipped``, out-of-memory as ``oom``.
+One benchmark group per (pass, shape, dtype), one case per implementation, all in the same run:
+
+- ``fastlm.triton``: ``fastlm.ops.attention`` with the triton backend forced (skipped on CPU,
+  where only the interpreter exists, which is not a performance measurement);
+- ``fastlm.reference``: the naive plain-PyTorch reference (materializes the S×S scores);
+- ``sdpa.flash``, ``sdpa.efficient``, ``sdpa.cudnn``, ``sdpa.math``:
+  ``F.scaled_dot_product_attention`` with one backend forced by ``torch.nn.attention.sdpa_kernel``
+  (skipped, with torch's reason, where torch has no kernel for the device/shape).
+
+Passes: ``fwd`` (no autograd) and ``bwd`` (``torch.autograd.grad`` of q, k, v from a retained
+graph: the backward alone). Work per call (``flops``, the report's TFLOP/s): forward 4·B·H·S²·D,
+halved when causal; backward 2.5× the forward's count. ``peer`` is ``sdpa.flash`` (the report's
+``vs_peer``). ``peak_mb`` (measure fixture): memory allocated during one call above what existed
+before it (fwd: the forward; bwd: the backward, above the retained graph). ``max_abs_diff_vs_sdpa``
+(fwd): max |out − out_baseline| against sdpa.flash on CUDA, sdpa.math on CPU, computed untimed
+before the case and asserted finite (accuracy by the 2× rule is the GPU tests' job). Naive
+implementations whose S×S matrices would not fit in half the GPU are skipped, and so is a case
+that runs out of memory (with the reason).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import peak_memory_mb, time_fn
-
-logger = logging.getLogger(__name__)
+import fastlm
+from bench.conftest import DEVICE, QUICK
+from fastlm import ops
 
 SDPA_BACKENDS = {"sdpa.flash": "FLASH_ATTENTION", "sdpa.efficient": "EFFICIENT_ATTENTION",
                  "sdpa.cudnn": "CUDNN_ATTENTION", "sdpa.math": "MATH"}
+IMPLS = ("fastlm.triton", "fastlm.reference", *SDPA_BACKENDS)
 NAIVE = ("fastlm.reference", "sdpa.math")  # materialize the S×S scores
-BASELINE = "sdpa.flash"
+BASELINE = "sdpa.flash"  # the peer of every case
+DIFF_BASELINE = BASELINE if DEVICE == "cuda" else "sdpa.math"  # what max_abs_diff_vs_sdpa is against
+PASSES = ("fwd", "bwd")
+
+Shape = tuple[int, int, int, int, bool, torch.dtype]  # B, H, S, D, causal, dtype
 
 
-def _cases(device: str, quick: bool) -> Iterator[tuple[int, int, int, int, bool, torch.dtype]]:
-    """(B, H, S, D, causal, dtype) with B·S tokens fixed."""
+def attention_shapes(device: str, quick: bool) -> list[Shape]:
+    """(B, H, S, D, causal, dtype) with B·S tokens and H·D fixed."""
     if device.startswith("cuda"):
         tokens, hidden, dtype = 16384, 2048, torch.bfloat16
         seqs = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
@@ -49,155 +63,124 @@ def _cases(device: str, quick: bool) -> Iterator[tuple[int, int, int, int, bool,
         tokens, hidden, dtype = 256, 256, torch.float32
         seqs = [128] if quick else [128, 256]
         dims = [64]
-    for d in dims:
-        for s in seqs:
-            for causal in (False, True):
-                yield tokens // s, hidden // d, s, d, causal, dtype
+    return [(tokens // s, hidden // d, s, d, causal, dtype) for d in dims for s in seqs for causal in (False, True)]
 
 
-def _impls(device: str, triton_ok: bool) -> dict[str, Callable | None]:
-    """name -> fn(q, k, v, causal) (None: not runnable here, recorded with a reason)."""
-    import fastlm
-    from fastlm import ops
+def shape_label(b: int, h: int, s: int, d: int, causal: bool) -> str:
+    return f"B{b} H{h} S{s} D{d}{' causal' if causal else ''}"
 
-    def fastlm_fn(backend: str) -> Callable:
+
+def forward_flops(b: int, h: int, s: int, d: int, causal: bool) -> float:
+    """4·B·H·S²·D (QKᵀ and PV), halved when causal."""
+    return 4 * b * h * s * s * d * (0.5 if causal else 1.0)
+
+
+def impl_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor] | str:
+    """fn(q, k, v, causal) -> out for implementation ``name``, or why it cannot run here."""
+    if name.startswith("fastlm."):
+        backend = name.removeprefix("fastlm.")
+
         def call(q, k, v, causal):
             with fastlm.use_backend(backend):
                 return ops.attention(q, k, v, causal=causal)
         return call
-
-    impls: dict[str, Callable | None] = {"fastlm.triton": fastlm_fn("triton") if triton_ok else None,
-                                         "fastlm.reference": fastlm_fn("reference")}
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:
-        return impls
-    for name, attr in SDPA_BACKENDS.items():
-        backend = getattr(SDPBackend, attr, None)
-        if backend is None:
-            impls[name] = None
-            continue
+        return f"torch {torch.__version__} has no torch.nn.attention.sdpa_kernel"
+    sdpa_backend = getattr(SDPBackend, SDPA_BACKENDS[name], None)
+    if sdpa_backend is None:
+        return f"torch {torch.__version__} has no SDPBackend.{SDPA_BACKENDS[name]}"
 
-        def call(q, k, v, causal, backend=backend):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        impls[name] = call
-    return impls
+    def call(q, k, v, causal):
+        with sdpa_kernel(sdpa_backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return call
 
 
-def _too_big(name: str, b: int, h: int, s: int, device: str) -> str | None:
-    """Why a naive implementation is skipped: its S×S fp32 scores would not fit in ~half the GPU."""
-    if name not in NAIVE or not device.startswith("cuda"):
-        return None
-    need = 6 * b * h * s * s * 4  # scores, masked copy, probs, their grads (fp32)
-    budget = 0.5 * torch.cuda.get_device_properties(torch.device(device)).total_memory
-    if need > budget:
-        return f"materializes S×S scores: ~{need / 2**30:.0f} GiB > {budget / 2**30:.0f} GiB budget"
+def skip_reason(name: str, b: int, h: int, s: int, device: str) -> str | None:
+    """Why ``name`` is not timed at this shape on ``device`` (None: it is)."""
+    if name == "fastlm.triton":
+        ok, why = ops.backend_status("triton", device)
+        if not ok:
+            return f"triton unavailable: {why}"
+        if device == "cpu":
+            return "Triton interpreter (TRITON_INTERPRET=1): not a performance measurement"
+    if name in NAIVE and device.startswith("cuda"):
+        need = 6 * b * h * s * s * 4  # scores, masked copy, probs, their grads (fp32)
+        budget = 0.5 * torch.cuda.get_device_properties(torch.device(device)).total_memory
+        if need > budget:
+            return f"materializes S×S scores: ~{need / 2**30:.0f} GiB > {budget / 2**30:.0f} GiB budget"
     return None
 
 
-def _row(shape: str, dtype: torch.dtype, backend: str, pass_: str, **fields) -> dict:
-    return {"op": "attention", "shape": shape, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
-            "pass": pass_, **fields}
+def _unsupported(name: str, err: RuntimeError) -> bool:
+    """SDPA's refusal of a forced backend for this device/shape/dtype (not a failure of ours)."""
+    text = str(err)
+    return name.startswith("sdpa.") and ("No available kernel" in text or "No viable backend" in text)
 
 
-def _measure(fn: Callable[[], object], device: str) -> dict:
-    timing = time_fn(fn, device, budget_s=0.2) if device == "cpu" else time_fn(fn, device)
-    timing["peak_mem_mb"] = peak_memory_mb(fn, device)
-    return timing
+def _inputs(b, h, s, d, dtype) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    return tuple(torch.randn(b, h, s, d, device=DEVICE, dtype=dtype, generator=gen) for _ in range(4))  # q k v dO
 
 
-def _call(fn: Callable, pass_: str, q, k, v, do, causal: bool, outputs: dict, name: str) -> Callable[[], object]:
-    """The timed call: the forward without autograd (its output kept in ``outputs``), or the
-    backward alone from a retained graph."""
-    if pass_ == "fwd":
-        def forward():
-            with torch.no_grad():
-                return fn(q, k, v, causal)
-
-        outputs[name] = forward()
-        return forward
-    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    out = fn(qg, kg, vg, causal)
-    return lambda: torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True)
-
-
-def _run_case(b, h, s, d, causal, dtype, device, impls, unavailable) -> list[dict]:
-    shape = f"B{b} H{h} S{s} D{d}{' causal' if causal else ''}"
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v, do = (torch.randn(b, h, s, d, device=device, dtype=dtype, generator=gen) for _ in range(4))
-    flops_fwd = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
-    rows, outputs = [], {}
-    for name, fn in impls.items():
-        if fn is None:
-            for pass_ in ("fwd", "bwd"):
-                rows.append(_row(shape, dtype, name, pass_, status=unavailable.get(name, "unavailable"),
-                                 note=unavailable.get(f"{name}:note")))
-            continue
-        skip = _too_big(name, b, h, s, device)
-        if skip:
-            rows += [_row(shape, dtype, name, p, status="skipped", note=skip) for p in ("fwd", "bwd")]
-            continue
-        passes = ["fwd", "bwd"]
-        while passes:
-            pass_ = passes.pop(0)
-            try:
-                timing = _measure(_call(fn, pass_, q, k, v, do, causal, outputs, name), device)
-            except torch.cuda.OutOfMemoryError as err:
-                status, note = "oom", str(err).splitlines()[0]
-            except Exception as err:  # noqa: BLE001  an error row makes bench.run exit non-zero
-                unsupported = "No available kernel" in str(err) or "No viable backend" in str(err)
-                if not (name.startswith("sdpa.") and unsupported):
-                    logger.exception("attention %s %s %s failed", shape, name, pass_)
-                    rows.append(_row(shape, dtype, name, pass_, status="error", note=f"{type(err).__name__}: {err}"))
-                    continue
-                status, note = "unsupported", str(err).splitlines()[0][:200]
-            else:
-                flops = flops_fwd * (2.5 if pass_ == "bwd" else 1.0)
-                rows.append(_row(shape, dtype, name, pass_, status="ok", **timing,
-                                 tflops=flops / (timing["median_ms"] * 1e-3) / 1e12))
-                continue
-            finally:
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-            rows += [_row(shape, dtype, name, p, status=status, note=note) for p in (pass_, *passes)]
-            passes = []
-    _add_ratios(rows, outputs, device)
-    return rows
+def _baseline_out(q, k, v, causal) -> torch.Tensor | None:
+    """The output max_abs_diff_vs_sdpa is taken against (None where that SDPA backend cannot run)."""
+    fn = impl_fn(DIFF_BASELINE)
+    if isinstance(fn, str):
+        return None
+    try:
+        with torch.no_grad():
+            return fn(q, k, v, causal)
+    except RuntimeError as err:
+        if _unsupported(DIFF_BASELINE, err):
+            return None
+        raise
 
 
-def _add_ratios(rows: list[dict], outputs: dict, device: str) -> None:
-    baseline_out = outputs.get(BASELINE if device.startswith("cuda") else "sdpa.math")
-    for pass_ in ("fwd", "bwd"):
-        ms = {r["backend"]: r["median_ms"] for r in rows if r["pass"] == pass_ and r["status"] == "ok"}
-        for r in rows:
-            if r["pass"] != pass_ or r["status"] != "ok":
-                continue
-            if "fastlm.reference" in ms:
-                r["speedup_vs_ref"] = ms["fastlm.reference"] / r["median_ms"]
-            if BASELINE in ms:
-                r["speedup_vs_torch"] = ms[BASELINE] / r["median_ms"]
-            if pass_ == "fwd" and baseline_out is not None and r["backend"] in outputs:
-                diff = (outputs[r["backend"]].float() - baseline_out.float()).abs().max().item()
-                r["max_abs_diff_vs_sdpa"] = diff
+PARAMS = [pytest.param(shape, pass_, impl, id=f"{pass_}-{shape_label(*shape[:5]).replace(' ', '-')}-{impl}")
+          for shape in attention_shapes(DEVICE, QUICK) for pass_ in PASSES for impl in IMPLS]
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    """Benchmark attention on ``device`` ("cpu" or "cuda"); ``quick`` keeps a few shapes."""
-    import fastlm.ops.attention_triton  # noqa: F401  registers the triton kernels (imports no triton)
-    from fastlm import ops
+@pytest.mark.parametrize(("shape", "pass_", "impl"), PARAMS)
+def test_attention(measure, shape: Shape, pass_: str, impl: str):
+    b, h, s, d, causal, dtype = shape
+    fn = impl_fn(impl)
+    reason = fn if isinstance(fn, str) else skip_reason(impl, b, h, s, DEVICE)
+    if reason:
+        pytest.skip(reason)
+    q, k, v, do = _inputs(b, h, s, d, dtype)
+    label, info = shape_label(b, h, s, d, causal), {}
+    try:
+        if pass_ == "fwd":
+            def call():
+                with torch.no_grad():
+                    return fn(q, k, v, causal)
 
-    ok, why = ops.backend_status("triton", device)
-    unavailable = {}
-    if not ok:
-        unavailable.update({"fastlm.triton": "unavailable", "fastlm.triton:note": why})
-    elif device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        ok = False
-        unavailable.update({"fastlm.triton": "skipped",
-                            "fastlm.triton:note": "Triton interpreter: not a performance measurement"})
-    impls = _impls(device, ok)
-    records: list[dict] = []
-    for b, h, s, d, causal, dtype in _cases(device, quick):
-        logger.info("attention B%d H%d S%d D%d causal=%s", b, h, s, d, causal)
-        records.extend(_run_case(b, h, s, d, causal, dtype, device, impls, unavailable))
-    return records
+            out = call()
+            ref = out if impl == DIFF_BASELINE else _baseline_out(q, k, v, causal)
+            if ref is not None:
+                diff = (out.float() - ref.float()).abs().max().item()
+                assert math.isfinite(diff), f"attention {label} {impl}: non-finite output"
+                info["max_abs_diff_vs_sdpa"] = diff
+            del out, ref
+        else:
+            qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+            out = fn(qg, kg, vg, causal)
+
+            def call():
+                return torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True)
+        flops = forward_flops(b, h, s, d, causal) * (2.5 if pass_ == "bwd" else 1.0)
+        measure(call, group=f"attention {pass_} {label} {str(dtype).removeprefix('torch.')}", impl=impl,
+                peer=BASELINE, flops=flops, shape=label, dtype=str(dtype).removeprefix("torch."), **{"pass": pass_},
+                **info)
+    except torch.cuda.OutOfMemoryError as err:
+        pytest.skip(f"out of memory: {str(err).splitlines()[0]}")
+    except RuntimeError as err:
+        if not _unsupported(impl, err):
+            raise
+        pytest.skip(f"unsupported by torch here: {str(err).splitlines()[0][:200]}")
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()

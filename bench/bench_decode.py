@@ -1,13 +1,35 @@
-"""Decoding throughput: fastlm.generate vs transformers' generate on the same weights, same run.
+"""Decoding throughput: ``fastlm.generate`` vs transformers' ``generate`` on the same weights (pytest-benchmark).
 
-Rows: tokens/s (batch · new tokens / wall time of a greedy generate call, prefill included) for
-fastlm eager, fastlm with the compiled decode step (``compile=True``; its one-time compilation
-is reported as ``compile_s``, not timed), transformers' default generate and, on CUDA,
-transformers with its static cache (which it compiles). The implementations are timed in turns
-(each repetition runs every one once): tokens/s from the median time, and the speed-up as the
-median of the per-repetition ratios, so that a machine whose speed drifts slows them alike. For fastlm, the achieved memory bandwidth — (weight bytes + KV-cache bytes read per
-step) / step time — as a share of the device's measured copy bandwidth (a large
-device-to-device copy in the same run).
+    python -m bench.run --device cpu --only bench_decode      # or: pytest bench/bench_decode.py --benchmark-only
+
+One group per (model, batch): a whole greedy ``generate`` call (prefill + ``new_tokens`` decode
+steps, ``batch · new_tokens`` tokens per call, so the report shows tokens/s) timed by the suite's
+``measure`` fixture, one case per implementation:
+
+- ``fastlm``: ``fastlm.generate(model, prompt, max_new_tokens=new)`` (eager);
+- ``fastlm-compiled``: the same with ``compile=True`` (the decode step through torch.compile);
+- ``transformers``: ``AutoModelForCausalLM.generate`` on the same weights (saved and reloaded),
+  ``min_new_tokens = max_new_tokens`` so it decodes as many tokens — the peer of every case;
+- ``transformers-static`` (CUDA only): transformers with ``cache_implementation="static"``, which
+  it compiles on its own.
+
+Shapes: CPU float32 — ``tiny`` preset, prompt 32, 64 new tokens, batch 1 and 8 (quick: batch 1);
+CUDA bfloat16 — ``llama-1b`` batch 1/8 (256 new) and 64 (128 new), ``llama-7b`` batch 1/8
+(quick: llama-1b batch 1). Prompt 128 on CUDA. CPU runs use one intra-op thread
+(``torch.set_num_threads(1)``, every implementation alike): on the shared 2-core machine two
+threads per process made the same work 3–10× slower and erratic.
+
+Timed in turns: a shared machine's speed drifts over the seconds a group takes, so the cases'
+medians (timed one case after another) can disagree with what a quiet machine would show. Each
+group therefore also runs every implementation once per turn, in the same order, for
+``TURNS`` turns after one warm-up call each, and records ``speedup_in_turns`` = the median over
+the turns of (transformers' time / this case's time in the same turn): a slowdown that hits a
+whole turn cancels out of that ratio. The table's ``vs_peer`` is the ratio of the medians.
+
+Extra info: ``compile_s`` (seconds of the first ``compile=True`` call: compilation, not timed),
+``tokens_match`` (share of generated tokens equal to transformers' in the turns: greedy parity),
+and on CUDA ``bandwidth_share`` = (weight bytes + mean KV-cache bytes read per step) / step
+time / the device's copy bandwidth measured in the same run (a 256 MiB device-to-device copy).
 """
 
 from __future__ import annotations
@@ -16,112 +38,133 @@ import statistics
 import tempfile
 import time
 
+import pytest
 import torch
 
-from bench.common import peak_memory_mb, timed_call
+import fastlm
+from bench.conftest import DEVICE, QUICK
+
+if DEVICE == "cpu":  # one intra-op thread: on the shared 2-core machine two threads per process made
+    torch.set_num_threads(1)  # a step 3-10x slower and erratic (spinning workers); every impl runs alike
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+if DEVICE == "cuda":  # (preset, batch, prompt_len, new_tokens)
+    SHAPES = [("llama-1b", 1, 128, 256), ("llama-1b", 8, 128, 256), ("llama-1b", 64, 128, 128),
+              ("llama-7b", 1, 128, 256), ("llama-7b", 8, 128, 256)]
+else:
+    SHAPES = [("tiny", 1, 32, 64), ("tiny", 8, 32, 64)]
+SHAPES = SHAPES[:1] if QUICK else SHAPES
+IMPLS = ("fastlm", "fastlm-compiled", "transformers", "transformers-static")
+TURNS = 3 if QUICK else 7
+PEER = "transformers"
 
 
-def _cases(device: str, quick: bool):
-    """(preset, batch, prompt_len, new_tokens)."""
-    if device == "cuda":
-        cases = [("llama-1b", 1, 128, 256), ("llama-1b", 8, 128, 256), ("llama-1b", 64, 128, 128),
-                 ("llama-7b", 1, 128, 256), ("llama-7b", 8, 128, 256)]
-    else:
-        cases = [("tiny", 1, 32, 64), ("tiny", 8, 32, 64)]
-    return cases[:1] if quick else cases
-
-
-def _copy_bandwidth(device: str) -> float | None:
-    """Measured device copy bandwidth in bytes/s (read + write), CUDA only."""
-    if device != "cuda":
-        return None
+def copy_bandwidth() -> float:
+    """The device's copy bandwidth in bytes/s (read + write of a 256 MiB device-to-device copy), CUDA."""
     from triton.testing import do_bench
 
-    x = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x))
-    return 2 * x.numel() / (ms / 1e3)
+    return 2 * x.numel() / (do_bench(lambda: y.copy_(x)) / 1e3)
 
 
-def _interleaved_seconds(impls: dict, device: str, reps: int) -> dict[str, list[float]]:
-    """Wall seconds of each callable per repetition, timed in turns after one warm-up call each."""
-    for fn in impls.values():
-        fn()
-    times = {name: [] for name in impls}
-    for _ in range(reps):
+def bytes_per_step(config, params: int, batch: int, prompt_len: int, new: int, dtype: torch.dtype) -> float:
+    """Bytes a decode step reads: every weight once + the K and V cache of the mean context
+    (prompt + new/2 positions), ``2 · layers · batch · kv_heads · head_dim · positions · itemsize``."""
+    itemsize = torch.finfo(dtype).bits // 8
+    kv = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * (prompt_len + new / 2) * itemsize
+    return params * itemsize + kv
+
+
+def in_turns(impls: dict, turns: int) -> tuple[dict[str, list[float]], dict]:
+    """Each callable once per turn, in order, ``turns`` times (callers warm them up first):
+    per implementation its seconds per turn and its last output."""
+    seconds: dict[str, list[float]] = {name: [] for name in impls}
+    outputs = {}
+    for _ in range(turns):
         for name, fn in impls.items():
-            times[name].append(timed_call(fn, device))
-    return times
+            start = time.perf_counter()
+            outputs[name] = fn()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds, outputs
 
 
-def _transformers_impls(model, prompt, new: int, device: str, dtype) -> dict:
-    try:
+class Group:
+    """One (model, batch) situation: the fastlm model, its transformers copy, the callables, the
+    compile time and the turns. Built on its first case; one group in memory at a time."""
+
+    def __init__(self, preset: str, batch: int, prompt_len: int, new: int):
         import transformers
-    except ImportError:
-        return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
-    mask = torch.ones_like(prompt)
-    common = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
-    @torch.no_grad()
-    def default():
-        return hf.generate(prompt, **common)
+        torch.manual_seed(0)
+        self.config = fastlm.preset(preset)
+        self.model = fastlm.Model(self.config).to(device=DEVICE, dtype=DTYPE).eval()
+        self.prompt = torch.randint(0, self.config.vocab_size, (batch, prompt_len), device=DEVICE)
+        self.new = new
+        self.info = {"model": preset, "batch": batch, "prompt": prompt_len, "new_tokens": new,
+                     "dtype": str(DTYPE).removeprefix("torch."), "tokens": batch * new}
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp)
+            self.hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPE).to(DEVICE).eval()
+        hf_args = dict(attention_mask=torch.ones_like(self.prompt), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0)
+        self.impls = {
+            "fastlm": lambda: fastlm.generate(self.model, self.prompt, max_new_tokens=new),
+            "fastlm-compiled": lambda: fastlm.generate(self.model, self.prompt, max_new_tokens=new, compile=True),
+            "transformers": torch.no_grad()(lambda: self.hf.generate(self.prompt, **hf_args)),
+        }
+        if DEVICE == "cuda":
+            self.impls["transformers-static"] = torch.no_grad()(
+                lambda: self.hf.generate(self.prompt, cache_implementation="static", **hf_args))
+        self.compile_s = {}
+        for name, fn in self.impls.items():  # warm-up; the first call of a compiled one is its compilation
+            start = time.perf_counter()
+            fn()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            if name in ("fastlm-compiled", "transformers-static"):
+                self.compile_s[name] = time.perf_counter() - start
+        self.turns, outputs = in_turns(self.impls, TURNS)
+        peer_tokens = outputs[PEER][:, prompt_len:]
+        self.tokens_match = {name: (out[:, prompt_len:] == peer_tokens).float().mean().item()
+                             for name, out in outputs.items()}
+        for name, out in outputs.items():
+            assert out.shape == (batch, prompt_len + new), f"{name} returned {tuple(out.shape)}"
+        self.params = sum(p.numel() for p in self.model.parameters())
 
-    impls = {"transformers": default}
-    if device == "cuda":  # its static cache, which transformers compiles on its own
-        @torch.no_grad()
-        def static():
-            return hf.generate(prompt, cache_implementation="static", **common)
-
-        impls["transformers-static"] = static
-    return impls
-
-
-def _run_case(preset_name: str, batch: int, prompt_len: int, new: int, device: str, dtype, reps: int,
-              bandwidth: float | None) -> list[dict]:
-    import fastlm
-
-    torch.manual_seed(0)
-    config = fastlm.preset(preset_name)
-    model = fastlm.Model(config).to(device=device, dtype=dtype).eval()
-    prompt = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
-    shape = {"model": preset_name, "batch": batch, "prompt": prompt_len, "new_tokens": new}
-    start = time.perf_counter()
-    fastlm.generate(model, prompt, max_new_tokens=new, compile=True)  # compiles the decode step
-    compile_s = time.perf_counter() - start
-    impls = {
-        "fastlm": lambda: fastlm.generate(model, prompt, max_new_tokens=new),
-        "fastlm-compiled": lambda: fastlm.generate(model, prompt, max_new_tokens=new, compile=True),
-        **_transformers_impls(model, prompt, new, device, dtype),
-    }
-    times = _interleaved_seconds(impls, device, reps)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_bytes = 2 * config.num_layers * batch * config.num_kv_heads * config.head_dim * (prompt_len + new / 2) * \
-        torch.finfo(dtype).bits // 8
-    base = times.get("transformers")
-    records = []
-    for name, runs in times.items():
-        seconds = statistics.median(runs)
-        row = {"impl": name, **shape, "status": "ok", "tokens_per_s": batch * new / seconds}
-        if base is not None:  # the median of the per-repetition ratios: robust to drifting machine speed
-            row["speedup_vs_transformers"] = statistics.median(b / t for b, t in zip(base, runs))
-        if name.startswith("fastlm"):
-            row["peak_mem_mb"] = peak_memory_mb(lambda: fastlm.generate(model, prompt, max_new_tokens=8), device)
-            if bandwidth is not None:
-                row["bandwidth_share"] = (weight_bytes + kv_bytes) / (seconds / new) / bandwidth
-        if name == "fastlm-compiled":
-            row["compile_s"] = compile_s
-        records.append(row)
-    return records
+    def speedup_in_turns(self, impl: str) -> float:
+        return statistics.median(p / t for p, t in zip(self.turns[PEER], self.turns[impl]))
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    bandwidth = _copy_bandwidth(device)
-    reps = 3 if quick else 9
-    records = []
-    for case in _cases(device, quick):  # one model in memory at a time
-        records += _run_case(*case, device, dtype, reps, bandwidth)
-    return records
+_GROUP: dict[tuple, Group] = {}
+_BANDWIDTH: list[float] = []
+
+
+def _group(shape: tuple) -> Group:
+    if shape not in _GROUP:
+        _GROUP.clear()  # one model (and its transformers copy) in memory at a time
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        _GROUP[shape] = Group(*shape)
+    return _GROUP[shape]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{p}-b{b}" for p, b, _, _ in SHAPES])
+def test_generate(measure, shape, impl):
+    if impl == "transformers-static" and DEVICE != "cuda":
+        pytest.skip("transformers' static cache compiles with CUDA graphs: CUDA only")
+    group = _group(shape)
+    info = dict(group.info, speedup_in_turns=round(group.speedup_in_turns(impl), 4),
+                tokens_match=round(group.tokens_match[impl], 4))
+    if impl in group.compile_s:
+        info["compile_s"] = round(group.compile_s[impl], 2)
+    preset, batch, prompt_len, new = shape
+    measure(group.impls[impl], group=f"generate {preset} batch {batch}", impl=impl, peer=PEER, warmup=0, **info)
+    if DEVICE == "cuda" and impl.startswith("fastlm"):
+        if not _BANDWIDTH:
+            _BANDWIDTH.append(copy_bandwidth())
+        step_s = measure.benchmark.stats.stats.median / new
+        share = bytes_per_step(group.config, group.params, batch, prompt_len, new, DTYPE) / step_s / _BANDWIDTH[0]
+        measure.benchmark.extra_info["bandwidth_share"] = round(share, 4)

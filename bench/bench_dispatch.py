@@ -2,6 +2,7 @@
 
     python -m pytest bench/bench_dispatch.py --benchmark-only --benchmark-json=/tmp/dispatch.json
     python bench/bench_dispatch.py /tmp/dispatch.json bench/results/cpu/dispatch.md   # the table
+    python -m bench.report /tmp/dispatch.json      # the suite's per-group tables (vs_peer = vs reference)
 
 For every op defined in the registry (fastlm.ops.registry.defined_ops: a new op without a case
 here fails ``test_every_op_has_a_case``), on tiny CPU tensors, four timings in one group:
@@ -16,8 +17,10 @@ here fails ``test_every_op_has_a_case``), on tiny CPU tensors, four timings in o
   the difference to ``reference``/``reference-grad`` is the dispatch from the public function to a
   kernel backend, no-op kernel aside.
 
-The added cost of a path is its time minus the reference's in the same group (the table uses the
-minimum over rounds: the least disturbed estimate on a shared machine).
+Each case goes through bench/conftest.py's ``measure``: group ``<op>-nograd`` / ``<op>-grad``,
+``impl`` = the path, ``peer`` = ``reference``, ``op`` and ``grad`` in extra_info. The added cost of
+a path is its time minus the reference's in the same group (``write_table`` uses the minimum over
+rounds: the least disturbed estimate on a shared machine).
 Targets (issue 15): ≤ 5 µs added per call without autograd, ≤ 15 µs with it.
 """
 
@@ -33,6 +36,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fastlm  # noqa: E402
+from bench.conftest import QUICK  # noqa: E402
 from fastlm import ops  # noqa: E402
 from fastlm.ops import backend, reference, registry  # noqa: E402
 from fastlm.ops.attn import attention_sdpa  # noqa: E402
@@ -137,28 +141,28 @@ def kernel_path(monkeypatch):
     return use
 
 
-def _bench(benchmark, fn):
-    benchmark.pedantic(fn, rounds=200, iterations=5, warmup_rounds=5)
+def _bench(measure, op, grad, path, fn):
+    """One case through bench/conftest.py's ``measure``: group ``<op>-grad|nograd``, impl = the path,
+    peer = ``reference``; up to 200 rounds of one call (50 with BENCH_QUICK; the table uses the
+    minimum), no memory probe, no L2 flush (CPU tensors, also on a CUDA machine)."""
+    measure(fn, group=f"{op}-{'grad' if grad else 'nograd'}", impl=path, peer="reference", warmup=5,
+            max_rounds=50 if QUICK else 200, memory=False, flush_l2=False, op=op, grad=grad)
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("op", OPS)
-def test_reference(benchmark, op, grad):
+def test_reference(measure, op, grad):
     if grad and not CASES[op][3]:
         pytest.skip("not differentiable")
-    benchmark.group = f"{op}-{'grad' if grad else 'nograd'}"
-    benchmark.extra_info.update(op=op, path="reference", grad=grad)
-    _bench(benchmark, _call(CASES[op][2], _inputs(op, grad), grad))
+    _bench(measure, op, grad, "reference", _call(CASES[op][2], _inputs(op, grad), grad))
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("op", OPS)
-def test_public(benchmark, op, grad):
+def test_public(measure, op, grad):
     if grad and not CASES[op][3]:
         pytest.skip("not differentiable")
-    benchmark.group = f"{op}-{'grad' if grad else 'nograd'}"
-    benchmark.extra_info.update(op=op, path="public", grad=grad)
-    _bench(benchmark, _call(CASES[op][1], _inputs(op, grad), grad))
+    _bench(measure, op, grad, "public", _call(CASES[op][1], _inputs(op, grad), grad))
 
 
 KERNEL_OPS = [op for op in OPS if op not in ("fused_linear_cross_entropy", "attention_varlen", "attention")]
@@ -168,13 +172,11 @@ KERNEL_OPS = [op for op in OPS if op not in ("fused_linear_cross_entropy", "atte
 
 @pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("op", KERNEL_OPS)
-def test_kernel_path(benchmark, kernel_path, op, grad):
+def test_kernel_path(measure, kernel_path, op, grad):
     if grad and not CASES[op][3]:
         pytest.skip("not differentiable")
     kernel_path(op)
-    benchmark.group = f"{op}-{'grad' if grad else 'nograd'}"
-    benchmark.extra_info.update(op=op, path="kernel-path", grad=grad)
-    _bench(benchmark, _call(CASES[op][1], _inputs(op, grad), grad))
+    _bench(measure, op, grad, "kernel-path", _call(CASES[op][1], _inputs(op, grad), grad))
 
 
 def write_table(json_path: str, md_path: str, note: str = "") -> str:
@@ -182,16 +184,21 @@ def write_table(json_path: str, md_path: str, note: str = "") -> str:
     data = json.loads(open(json_path).read())
     med: dict[tuple[str, bool, str], float] = {}
     for b in data["benchmarks"]:
+        if "bench_dispatch.py::" not in b.get("fullname", "bench_dispatch.py::"):
+            continue  # a JSON of several modules: this module's cases only
         info = b["extra_info"]
-        med[(info["op"], info["grad"], info["path"])] = b["stats"]["min"] * 1e6
+        path = info.get("impl") or info["path"]  # "path": JSON written before the measure fixture
+        med[(info["op"], info["grad"], path)] = b["stats"]["min"] * 1e6
     lines = [
         "# Dispatch overhead per call (CPU, tiny tensors)",
         "",
         f"Machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, torch {torch.__version__}; "
         f"{note}",
-        "µs per call: the minimum over 200 rounds of 5 calls (pytest-benchmark; on a shared machine the minimum is",
+        "µs per call: the minimum over the rounds (pytest-benchmark through bench/conftest.py's `measure`: up to 200 "
+        "rounds of one call; on a shared machine the minimum is",
         "the least disturbed estimate). `added` = path − reference in the same run. `—`: not applicable.",
-        "`kernel-path`: triton forced with the reference as a no-op-cost kernel (what a GPU kernel call pays on the host).",
+        "`kernel-path`: triton forced with the reference as a no-op-cost kernel "
+        "(what a GPU kernel call pays on the host).",
         "",
         "| op | reference | public (added) | kernel path (added) | reference fwd+bwd | public fwd+bwd (added) "
         "| kernel path fwd+bwd (added) |",

@@ -1,43 +1,53 @@
-"""fastlm inside a Hugging Face transformers model: one training step, three ways, same run.
+"""fastlm inside a Hugging Face transformers model: one training step, four ways (pytest-benchmark).
 
-Rows, on the same Llama-shaped ``transformers.LlamaForCausalLM`` (random weights):
+    python -m bench.run --device cpu --only bench_hf   # or: python -m bench.bench_hf [--size S] [--gpu] [--layers N]
+
+One group: the same Llama-shaped ``transformers.LlamaForCausalLM`` (random weights, seed 0), one
+case per variant, ``transformers`` the peer of every case:
 
 - ``transformers``: the model as transformers builds it (``attn_implementation="sdpa"``);
 - ``attn=fastlm``: only ``model.set_attn_implementation("fastlm")``;
 - ``apply(model)``: ``fastlm.integrations.transformers.apply(model)`` (RMSNorm, RoPE, SwiGLU,
   attention and the fused linear cross-entropy that never builds the (N, V) logits);
-- ``apply(model, attention=False)``: the same with transformers' SDPA attention kept (on CPU
-  fastlm's attention is its plain-PyTorch reference, which materialises the scores).
+- ``apply(model, attention=False)``: the same with transformers' SDPA attention kept.
 
-One step = forward with ``labels`` (loss) + backward, gradients freed after each step.
-Throughput in tokens/s and as a ratio to the transformers row; peak memory:
+One step = forward with ``labels`` (the loss) + backward, gradients freed after each step;
+``tokens`` = batch · seq per step (tokens/s in the report). Before timing, every variant's loss
+on the batch agrees with transformers' (fp32: |Δ| ≤ 1e-4·loss; ``loss_diff`` on every device).
 
-- CUDA: ``torch.cuda.max_memory_allocated`` over one step (weights and gradients included);
-- CPU: torch's profiler with ``profile_memory=True`` records every allocation and free of the
-  CPU allocator during one step (c10's memory reporting, all threads); the peak of their
-  running sum is the step's peak above what was live before it, to which the bytes of the
-  parameters (live during the whole step) are added. Timing runs without the profiler.
+Sizes (``BENCH_HF_SIZE``, default ``gpu`` on CUDA, ``cpu`` otherwise; ``BENCH_QUICK=1`` keeps
+them, as the old quick run did; ``BENCH_HF_LAYERS`` overrides the layer count):
+``cpu`` = 2 layers, hidden 256, 4 / 2 KV heads, MLP 704, vocabulary 32k, 2 × 1024 tokens, fp32
+(issue target: ``apply(model)`` ≥ 1.0× the speed and ≤ 0.7× the peak memory of transformers);
+``gpu`` = Llama-3-8B-shaped layers (hidden 4096, 32 / 8 KV heads, MLP 14336, vocabulary 128256),
+4 of them, bf16 weights, 1 × 4096 tokens; ``tiny`` (tests) = 1 layer, hidden 64, 2 × 32 tokens.
 
-Sizes: ``cpu`` = 2 layers, hidden 256, vocabulary 32k, 2 x 1024 = 2k tokens per batch, float32
-(the issue's CPU target: ``apply(model)`` >= 1.0x the speed and <= 0.7x the peak memory of
-transformers); ``gpu`` = Llama-3-8B-shaped layers (hidden 4096, 32 heads / 8 KV heads, MLP
-14336, vocabulary 128256), 4 of them by default (``--layers``), bf16 weights, 1 x 4096 tokens.
+Memory: ``peak_mb`` = the step's peak above what was allocated before it (bench.conftest.peak_mb:
+CUDA ``max_memory_allocated``, CPU the torch profiler's allocation records), ``peak_mem_mb`` =
+that + the parameters' bytes (live during the whole step), ``peak_mem_vs_transformers`` = its
+ratio to the transformers case.
 
-``python -m bench.bench_hf [--size cpu|gpu] [--device cpu|cuda] [--layers N] [--out DIR]``;
-``python -m bench.run`` calls :func:`run` (GPU sizes on CUDA).
+Timing: on CPU the four models live side by side and also run in turns (every variant once per
+turn, ``TURNS`` turns, one intra-op thread for all: two threads per process on the shared 2-core
+machine made steps 3–10× slower and erratic): ``speed_in_turns`` = median over the turns of
+(transformers' time / this variant's time in the same turn), robust to a machine whose speed
+drifts between the cases. On CUDA one model is on the device at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-from bench.common import time_fn, write_results
-
-logger = logging.getLogger(__name__)
+from bench.bench_decode import in_turns
+from bench.conftest import DEVICE, QUICK, peak_mb
 
 SIZES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
@@ -48,9 +58,29 @@ SIZES = {
                 num_attention_heads=32, num_key_value_heads=8, batch=1, seq=4096, dtype=torch.bfloat16),
 }
 VARIANTS = ("transformers", "attn=fastlm", "apply(model)", "apply(model, attention=False)")
+PEER = "transformers"
+TURNS = 3 if QUICK else 5
+if DEVICE == "cpu":
+    torch.set_num_threads(1)  # see the module docstring (timing)
 
 
-def _model(size: dict, variant: str, device: str):
+def size_from_env() -> tuple[str, dict]:
+    """The size named by ``BENCH_HF_SIZE`` (default ``gpu`` on CUDA, else ``cpu``), with
+    ``BENCH_HF_LAYERS`` decoder layers if set; a bad value raises naming the variable."""
+    name = os.environ.get("BENCH_HF_SIZE") or ("gpu" if DEVICE == "cuda" else "cpu")
+    if name not in SIZES:
+        raise ValueError(f"BENCH_HF_SIZE must be one of {', '.join(sorted(SIZES))}, got {name!r}")
+    size = dict(SIZES[name])
+    layers = os.environ.get("BENCH_HF_LAYERS")
+    if layers is not None:
+        if not layers.isdigit() or int(layers) < 1:
+            raise ValueError(f"BENCH_HF_LAYERS must be an integer >= 1, got {layers!r}")
+        size["num_hidden_layers"] = int(layers)
+    return name, size
+
+
+def build_model(size: dict, variant: str, device: str):
+    """The Llama model of ``size`` (seed 0: every variant has the same weights), patched per ``variant``."""
     import transformers as T
 
     import fastlm.integrations.transformers as fi
@@ -72,37 +102,13 @@ def _model(size: dict, variant: str, device: str):
         fi.apply(model)
     elif variant == "apply(model, attention=False)":
         fi.apply(model, attention=False)
+    elif variant != PEER:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     return model
 
 
-def cpu_step_peak_bytes(fn) -> int:
-    """Peak of the running sum of CPU allocations minus frees during ``fn()`` (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        if e.device_type() == torch.device("cpu").type or str(e.device_type()).endswith("CPU"):
-            live += e.nbytes()
-            peak = max(peak, live)
-    return peak
-
-
-def _peak_mb(step, model, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return (weights + cpu_step_peak_bytes(step)) / 2**20
-
-
-def _step_fn(model, ids):
+def step_fn(model, ids):
+    """forward with ``labels=ids`` + backward, gradients set to None; returns the loss."""
     params = list(model.parameters())
 
     def step():
@@ -115,105 +121,106 @@ def _step_fn(model, ids):
     return step
 
 
-def _cpu_interleaved_ms(steps: dict, rep: int) -> dict[str, dict]:
-    """Wall-clock ms of each step, the variants interleaved round-robin (a loaded, shared CPU
-    drifts over minutes: interleaving gives every variant the same conditions)."""
-    import statistics
-    import time
-
-    from bench.common import _quantile
-
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for name, step in steps.items():  # warm-up
-        step()
-    for _ in range(rep):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    out = {}
-    for name, values in times.items():
-        values.sort()
-        out[name] = {"median_ms": statistics.median(values), "p20_ms": _quantile(values, 0.2),
-                     "p80_ms": _quantile(values, 0.8), "reps": len(values)}
-    return out
+def first_loss(model, ids) -> float:
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.float().item()
 
 
-def measure(size_name: str, device: str, layers: int | None = None, rep: int = 5) -> list[dict]:
-    size = dict(SIZES[size_name])
-    if layers is not None:
-        size["num_hidden_layers"] = layers
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, size["vocab_size"], (size["batch"], size["seq"]), generator=g).to(device)
-    tokens = ids.numel()
-    common = {"device": device, "size": size_name, "layers": size["num_hidden_layers"], "hidden": size["hidden_size"],
-              "vocab": size["vocab_size"], "tokens": tokens, "dtype": str(size["dtype"]).removeprefix("torch.")}
-    rows: list[dict] = []
-    if device.startswith("cuda"):
-        for variant in VARIANTS:  # one model on the device at a time
-            row = {"variant": variant, **common}
-            model = _model(size, variant, device)
-            step = _step_fn(model, ids)
-            try:
-                timing = time_fn(step, device)
-                row.update(timing, status="ok", tokens_per_s=tokens / (timing["median_ms"] / 1e3),
-                           peak_mem_mb=_peak_mb(step, model, device))
-            except torch.OutOfMemoryError as err:
-                row.update(status="out of memory", note=str(err).splitlines()[0])
-            rows.append(row)
-            del model, step
+class Group:
+    """The size's batch and models. CPU: all four models, the losses and the turns at once; CUDA:
+    one model at a time (:meth:`model` drops the previous one)."""
+
+    def __init__(self):
+        self.size_name, self.size = size_from_env()
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, self.size["vocab_size"], (self.size["batch"], self.size["seq"]),
+                                 generator=g).to(DEVICE)
+        self.info = {"size": self.size_name, "layers": self.size["num_hidden_layers"],
+                     "hidden": self.size["hidden_size"], "vocab": self.size["vocab_size"], "tokens": self.ids.numel(),
+                     "dtype": str(self.size["dtype"]).removeprefix("torch.")}
+        self.models: dict = {}
+        self.losses: dict[str, float] = {}
+        self.peak_mem_mb: dict[str, float] = {}
+        self.speed_in_turns: dict[str, float] = {}
+        if DEVICE == "cpu":
+            import statistics
+
+            self.models = {v: build_model(self.size, v, DEVICE) for v in VARIANTS}
+            self.losses = {v: first_loss(m, self.ids) for v, m in self.models.items()}
+            steps = {v: step_fn(m, self.ids) for v, m in self.models.items()}
+            for step in steps.values():  # warm-up
+                step()
+            seconds, _ = in_turns(steps, TURNS)
+            self.speed_in_turns = {v: statistics.median(p / t for p, t in zip(seconds[PEER], seconds[v]))
+                                   for v in VARIANTS}
+
+    def model(self, variant: str):
+        if variant not in self.models:
+            self.models.clear()
             gc.collect()
             torch.cuda.empty_cache()
-    else:
-        models = {variant: _model(size, variant, device) for variant in VARIANTS}
-        steps = {variant: _step_fn(model, ids) for variant, model in models.items()}
-        timings = _cpu_interleaved_ms(steps, rep)
-        for variant in VARIANTS:
-            timing = timings[variant]
-            rows.append({"variant": variant, **common, **timing, "status": "ok",
-                         "tokens_per_s": tokens / (timing["median_ms"] / 1e3),
-                         "peak_mem_mb": _peak_mb(steps[variant], models[variant], device)})
-    base = rows[0]
-    for row in rows:
-        if row.get("status") == "ok" and base.get("status") == "ok":
-            row["speed_vs_transformers"] = row["tokens_per_s"] / base["tokens_per_s"]
-            row["peak_mem_vs_transformers"] = row["peak_mem_mb"] / base["peak_mem_mb"]
-    return rows
+            self.models[variant] = build_model(self.size, variant, DEVICE)
+            self.losses[variant] = first_loss(self.models[variant], self.ids)
+        return self.models[variant]
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    """bench.run entry: the GPU size on CUDA, the CPU size otherwise."""
-    return measure("gpu" if device.startswith("cuda") else "cpu", device, rep=3 if quick else 5)
+_GROUP: list[Group] = []
 
 
-NOTES = """Peak memory on CPU: torch profiler (profile_memory=True) allocation/free records of one step,
-peak of their running sum, plus the parameters' bytes. On CUDA: torch.cuda.max_memory_allocated.
-Speed and memory ratios are against the transformers row of the same run. CPU timing: the variants
-interleaved round-robin (wall clock, after one warm-up step each); CUDA: triton.testing.do_bench."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_step(measure, variant):
+    if not _GROUP:
+        _GROUP.append(Group())
+    group = _GROUP[0]
+    model = group.model(variant)
+    if PEER not in group.losses:
+        raise RuntimeError("the transformers case runs first (its loss and peak are the reference)")
+    diff = abs(group.losses[variant] - group.losses[PEER])
+    if group.size["dtype"] == torch.float32:
+        assert diff <= 1e-4 * abs(group.losses[PEER]), f"{variant} loss {group.losses[variant]} vs {group.losses[PEER]}"
+    step = step_fn(model, group.ids)
+    step()  # warm-up before the memory measure (lazy initialisations are not the step's)
+    peak = peak_mb(step)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    group.peak_mem_mb[variant] = weights + peak
+    info = dict(group.info, loss_diff=float(f"{diff:.3g}"), peak_mb=round(peak, 2),
+                peak_mem_mb=round(weights + peak, 1),
+                peak_mem_vs_transformers=round(group.peak_mem_mb[variant] / group.peak_mem_mb[PEER], 4))
+    if group.speed_in_turns:
+        info["speed_in_turns"] = round(group.speed_in_turns[variant], 4)
+    measure(step, group=f"train step {group.size_name} {group.size['batch']}x{group.size['seq']}", impl=variant,
+            peer=PEER, memory=False, warmup=0, **info)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="default: gpu on cuda, cpu otherwise")
-    parser.add_argument("--gpu", action="store_true", help="shorthand for --size gpu --device cuda")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda with --gpu, else cpu)")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
-    parser.add_argument("--out", default=None, help="results directory (default bench/results/<device>)")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.bench_hf``: this module through pytest-benchmark, then its report."""
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_hf", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+                        help="model size (default: gpu on CUDA, cpu otherwise)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the size's)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/<device>)")
+    parser.add_argument("--gpu", action="store_true", help="shorthand for --size gpu (needs CUDA; default: off)")
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if args.gpu else "cpu")
-    size = "gpu" if args.gpu else (args.size or ("gpu" if device.startswith("cuda") else "cpu"))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench_hf: --device cuda but CUDA is not available")
     if args.layers is not None and args.layers < 1:
-        raise SystemExit(f"bench_hf: --layers must be >= 1, got {args.layers}")
-    logging.basicConfig(level=logging.INFO)
-    rows = measure(size, device, layers=args.layers)
-    out = args.out or f"bench/results/{'cuda' if device.startswith('cuda') else 'cpu'}"
-    paths = write_results("bench_hf", rows, out, device=device, notes=NOTES)
-    for row in rows:
-        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
-    print("wrote", ", ".join(str(p) for p in paths.values()))
+        parser.error(f"--layers must be >= 1, got {args.layers}")
+    if args.gpu:
+        if DEVICE != "cuda":
+            parser.error("--gpu needs CUDA, and torch.cuda.is_available() is False")
+        args.size = "gpu"
+    from bench import report
+
+    out = args.out or Path("bench/results") / DEVICE
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, **({"BENCH_HF_SIZE": args.size} if args.size else {}),
+               **({"BENCH_HF_LAYERS": str(args.layers)} if args.layers else {}))
+    json_path = out / "bench_hf.json"
+    code = subprocess.call([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                            "--benchmark-only", f"--benchmark-json={json_path}"], env=env)
+    if json_path.is_file():
+        for path in report.write(json_path):
+            print(f"wrote {path}")
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

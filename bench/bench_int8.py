@@ -1,168 +1,203 @@
-"""Int8 inference: decode throughput of bf16 vs int8 weight-only vs W8A8 models, and int8 GEMMs.
+"""Int8 inference (pytest-benchmark): decode throughput of dense vs int8 weight-only vs W8A8 models,
+and the int8 GEMMs against the bf16 matmul and ``torch._int_mm``.
 
-Part 1 (``section="decode"``): greedy ``fastlm.generate`` tokens/s of Llama-shaped models (~1B
-and ~7B on CUDA; the tiny preset on CPU) at batch 1 and 16, in the model dtype, int8 weight-only
-and W8A8 (dynamic per-token activations). Every variant is built from the same seed on the same
-device, so the weights are the same; rows carry the weight memory, the peak memory and the
-speedup vs the unquantized model at the same batch.
+``test_decode`` — greedy ``fastlm.generate`` (no EOS: every row makes exactly ``new`` tokens) of
+Llama-shaped models built from the same seed, so every variant has the same weights: ``dense``
+(the model dtype: bf16 on CUDA, fp32 on CPU), ``int8_weight_only`` and ``w8a8`` (per-channel
+int8 weights, dynamic per-token int8 activations). One group per (model, batch): the dense model
+is the peer; ``tokens`` = batch·new per call (tokens/s), ``weight_mb`` (the model's weight
+bytes), ``peak_mb`` (memory allocated during one generate above the weights, from the fixture).
+Shapes: CUDA llama-1b and llama-7b at batch 1 and 16, prompt 128, 128 new tokens (quick:
+llama-1b only); CPU the tiny preset at batch 1 and 16, prompt 16, 16 new tokens (quick: batch 1).
+A variant that does not fit in memory is skipped with the allocator's message.
 
-Part 2 (``section="matmul"``): at prefill shapes (M ≥ 2048 on CUDA), TOPS of the W8A8 linear
-(fused per-token quantization + int8 GEMM + dequantizing epilogue) on each backend, of the bare
-int8 GEMM (Triton, and ``torch._int_mm`` = cuBLASLt), and of the bf16 matmul; at decode shapes
-(M = 1, 16), GB/s of the weight-only int8 linear vs the bf16 matmul (weight bytes / time).
-Issue targets on an H100: int8 weight-only batch-1 decode ≥ 1.8× bf16; W8A8 ≥ 1.5× bf16 TFLOP/s
-at M ≥ 2048. Numbers are whatever this run measures, on the device named in the results.
+``test_matmul`` — y = x·Wᵀ for x (M, K) and W (N, K) at Llama-7B's projection shapes (prefill,
+M ≥ 2048: (4096, 4096, 4096), (2048, 4096, 11008), (2048, 11008, 4096); decode rows M = 1, 16;
+quick: (4096, 4096, 4096) and (1, 4096, 4096)) on CUDA, (256, 512, 512) and (1, 512, 512) on CPU.
+One group per shape, every case with ``flops`` = 2·M·N·K (TFLOP/s; TOPS for the int8 cases) and,
+at M ≤ 16 where the weight read dominates, ``bytes`` = the weight bytes (N·K int8, or N·K·2 in
+bf16: GB/s):
+
+- ``F.linear`` — the matmul in the model dtype: the peer of every fastlm case;
+- ``torch._int_mm`` — the bare int8 GEMM of torch (cuBLASLt on CUDA; CUDA needs M > 16 and K, N
+  multiples of 8), on per-token quantized x and the int8 weight;
+- ``w8a8_linear[<backend>]`` — fused per-token quantization + int8 GEMM + dequantizing epilogue;
+- ``int8_linear[<backend>]`` — the weight-only int8 linear;
+- ``w8a8_matmul[triton]`` — the Triton int8 GEMM + epilogue on already quantized x: peer
+  ``torch._int_mm``.
+
+Backends: ``reference``, ``triton``, ``cuda`` where available; on CPU only ``reference`` runs (the
+Triton interpreter is not a performance measurement). fastlm cases record ``max_abs_diff`` from
+the reference backend's output (``w8a8_matmul``: from the float64 product of its int8
+operands). Issue targets on an H100: int8 weight-only batch-1 decode ≥ 1.8× bf16; W8A8 ≥ 1.5×
+bf16 TFLOP/s at M ≥ 2048. Figures are whatever a run measures, on the device named in its JSON.
 """
 
 from __future__ import annotations
 
-import logging
-
+import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.common import peak_memory_mb, time_fn, wall_seconds
+import fastlm
+from bench.conftest import DEVICE, QUICK
+from fastlm import ops
+from fastlm.ops.int8 import quantize_per_token_reference
 
-logger = logging.getLogger(__name__)
-
+GPU = DEVICE == "cuda"
+DTYPE = torch.bfloat16 if GPU else torch.float32
+DTYPE_NAME = str(DTYPE).removeprefix("torch.")
 VARIANTS = ("dense", "int8_weight_only", "w8a8")
+BACKENDS = ("reference", "triton", "cuda")
 
 
-def _decode_cases(device: str, quick: bool) -> list[tuple[str, int, int, int]]:
-    """(preset, batch, prompt_len, new_tokens)."""
-    if device == "cuda":
+def decode_cases() -> list[tuple[str, int, int, int]]:
+    """(preset, batch, prompt_len, new_tokens) for this device and BENCH_QUICK."""
+    if GPU:
         cases = [("llama-1b", 1, 128, 128), ("llama-1b", 16, 128, 128), ("llama-7b", 1, 128, 128),
                  ("llama-7b", 16, 128, 128)]
-        return cases[:2] if quick else cases
+        return cases[:2] if QUICK else cases
     cases = [("tiny", 1, 16, 16), ("tiny", 16, 16, 16)]
-    return cases[:1] if quick else cases
+    return cases[:1] if QUICK else cases
 
 
-def _build(preset: str, variant: str, device: str, dtype: torch.dtype):
-    import fastlm
+def matmul_shapes() -> list[tuple[int, int, int]]:
+    """(M, K, N): prefill shapes of Llama-7B's projections, then decode rows M = 1, 16."""
+    if GPU:
+        shapes = [(4096, 4096, 4096), (2048, 4096, 11008), (2048, 11008, 4096), (1, 4096, 4096),
+                  (16, 4096, 4096), (1, 4096, 11008), (1, 11008, 4096)]
+        return shapes[:1] + shapes[3:4] if QUICK else shapes
+    return [(256, 512, 512), (1, 512, 512)]
+
+
+# ---- decode -------------------------------------------------------------------------------------
+
+_MODEL: dict = {}  # the one model alive: {"key": (preset, variant), "model": Model}
+
+
+def build(preset: str, variant: str) -> fastlm.Model:
+    """The preset's model from seed 0 in DTYPE on DEVICE, quantized to ``variant`` unless dense."""
     from fastlm.quant import quantize
 
     torch.manual_seed(0)  # same weights for every variant
-    with torch.device(device):
+    with torch.device(DEVICE):
         model = fastlm.Model(fastlm.preset(preset))
-    model = model.to(dtype).eval()
+    model = model.to(DTYPE).eval()
     if variant != "dense":
         quantize(model, variant)
     return model
 
 
-def _decode_rows(device: str, quick: bool) -> list[dict]:
-    import fastlm
+def _model(preset: str, variant: str) -> fastlm.Model:
+    """Built once per (preset, variant); the previous one is freed first (the cases run in order)."""
+    if _MODEL.get("key") != (preset, variant):
+        _MODEL.clear()
+        if GPU:
+            torch.cuda.empty_cache()
+        try:
+            _MODEL["model"] = build(preset, variant)
+        except torch.OutOfMemoryError as err:
+            pytest.skip(f"{preset} {variant} does not fit: {str(err).splitlines()[0]}")
+        _MODEL["key"] = (preset, variant)
+    return _MODEL["model"]
+
+
+DECODE = [(preset, variant, batch, prompt, new) for preset in dict.fromkeys(c[0] for c in decode_cases())
+          for variant in VARIANTS for p, batch, prompt, new in decode_cases() if p == preset]
+
+
+@pytest.mark.parametrize("preset,variant,batch,prompt_len,new", DECODE,
+                         ids=[f"{p}-{v}-b{b}" for p, v, b, _, _ in DECODE])
+def test_decode(measure, preset, variant, batch, prompt_len, new):
     from fastlm.quant import model_bytes
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    rows: list[dict] = []
-    cases = _decode_cases(device, quick)
-    for preset in dict.fromkeys(p for p, *_ in cases):
-        for variant in VARIANTS:
-            model = None
-            try:
-                model = _build(preset, variant, device, dtype)
-                for _, batch, prompt_len, new in [c for c in cases if c[0] == preset]:
-                    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
-                    seconds = wall_seconds(lambda: fastlm.generate(model, prompt, max_new_tokens=new), device)
-                    rows.append({
-                        "section": "decode", "model": preset, "variant": variant, "batch": batch,
-                        "prompt": prompt_len, "new_tokens": new, "dtype": str(dtype).removeprefix("torch."),
-                        "status": "ok", "tokens_per_s": batch * new / seconds,
-                        "weight_mb": model_bytes(model) / 2**20,
-                        "peak_mem_mb": peak_memory_mb(lambda: fastlm.generate(model, prompt, max_new_tokens=4), device),
-                    })
-            except torch.OutOfMemoryError as err:
-                rows.append({"section": "decode", "model": preset, "variant": variant, "status": "out of memory",
-                             "note": str(err).splitlines()[0]})
-            finally:
-                model = None  # free the variant before building the next one
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-    dense = {(r["model"], r["batch"]): r["tokens_per_s"] for r in rows
-             if r.get("variant") == "dense" and r["status"] == "ok"}
-    for r in rows:
-        if r["status"] == "ok" and (r["model"], r["batch"]) in dense:
-            r["speedup_vs_dense"] = r["tokens_per_s"] / dense[(r["model"], r["batch"])]
-    return rows
+    model = _model(preset, variant)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=DEVICE)
+
+    def decode():
+        return fastlm.generate(model, prompt, max_new_tokens=new, eos_token_id=None)
+
+    out = decode()
+    assert tuple(out.shape) == (batch, prompt_len + new), f"generate returned {tuple(out.shape)}"
+    try:
+        measure(decode, group=f"decode {preset} b{batch} prompt{prompt_len} new{new} {DTYPE_NAME}", impl=variant,
+                peer="dense", warmup=0, tokens=batch * new, weight_mb=round(model_bytes(model) / 2**20, 2),
+                model=preset, batch=batch, dtype=DTYPE_NAME)
+    except torch.OutOfMemoryError as err:
+        pytest.skip(f"{preset} {variant} batch {batch} does not fit: {str(err).splitlines()[0]}")
 
 
-def _matmul_shapes(device: str, quick: bool) -> list[tuple[int, int, int]]:
-    """(M, K, N): prefill shapes of Llama-7B's projections, and decode rows M = 1, 16."""
-    if device == "cuda":
-        shapes = [(4096, 4096, 4096), (2048, 4096, 11008), (2048, 11008, 4096), (1, 4096, 4096),
-                  (16, 4096, 4096), (1, 4096, 11008), (1, 11008, 4096)]
-        return shapes[:1] + shapes[3:4] if quick else shapes
-    shapes = [(256, 512, 512), (1, 512, 512)]
-    return shapes
+# ---- matmul -------------------------------------------------------------------------------------
 
 
-def _matmul_rows(device: str, quick: bool) -> list[dict]:
-    from fastlm import ops
-    from fastlm.ops import int8_triton
-    from fastlm.ops.backend import kernel_module
+def _operands(m: int, k: int, n: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device=DEVICE, dtype=DTYPE)
+    w = torch.randn(n, k, device=DEVICE, dtype=DTYPE) / k**0.5
+    q, ws = ops.quantize_int8(w)
+    xq, sx = quantize_per_token_reference(x, None)
+    return dict(x=x, w=w, q=q, ws=ws, xq=xq, sx=sx)
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    backends = [b for b in ("reference", "triton", "cuda") if ops.backend_status(b, device)[0]]
-    if device != "cuda":
-        backends = ["reference"]  # the Triton interpreter is not a performance measurement
-    rows: list[dict] = []
-    for m, k, n in _matmul_shapes(device, quick):
-        torch.manual_seed(0)
-        x = torch.randn(m, k, device=device, dtype=dtype)
-        w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
-        q, ws = ops.quantize_int8(w)
-        xq, sx = int8_triton.quantize_per_token_reference(x, None)
-        flops, weight_bytes = 2.0 * m * n * k, n * k
-        shape = f"{m}x{k}x{n}"
-        cases: list[tuple[str, str, object]] = [("bf16 F.linear" if device == "cuda" else "fp32 F.linear", "torch",
-                                                 lambda: F.linear(x, w))]
-        if hasattr(torch, "_int_mm") and (device == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0)):
-            cases.append(("int8 GEMM torch._int_mm", "torch", lambda: torch._int_mm(xq, q.t())))
-        for backend in backends:
-            cases.append(("w8a8_linear", backend,
-                          lambda b=backend: _forced(b, lambda: int8_triton.w8a8_linear(x, q, ws))))
-            cases.append(("int8_linear (weight-only)", backend,
-                          lambda b=backend: _forced(b, lambda: ops.int8_linear(x, q, ws))))
-        if "triton" in backends:
-            cases.append(("int8 GEMM + epilogue (triton)", "triton",
-                          lambda: kernel_module("int8").w8a8_matmul(xq, sx, q, ws, None, None, dtype)))
-        for op, impl, fn in cases:
-            row = {"section": "matmul", "op": op, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
-                   "backend": impl}
-            try:
-                timing = time_fn(fn, device)
-            except NotImplementedError as err:
-                rows.append({**row, "status": "not implemented", "note": str(err)})
-                continue
-            except Exception as err:  # noqa: BLE001  recorded as an error; the run exits non-zero
-                logger.exception("%s %s on %s failed", op, shape, impl)
-                rows.append({**row, "status": "error", "note": f"{type(err).__name__}: {err}"})
-                continue
-            seconds = timing["median_ms"] * 1e-3
-            row.update(status="ok", **timing, tflops=flops / seconds / 1e12)
-            if m <= 16:  # memory-bound: the weight read dominates
-                row["gbps"] = weight_bytes * (1 if "int8" in op or "w8a8" in op else x.element_size()) / seconds / 1e9
-            rows.append(row)
-        base = next((r["median_ms"] for r in rows if r.get("shape") == shape and r["op"].endswith("F.linear")
-                     and r["status"] == "ok"), None)
-        for r in rows:
-            if r.get("shape") == shape and r["status"] == "ok" and base is not None:
-                r["speedup_vs_torch"] = base / r["median_ms"]
-    return rows
+
+def _backend_ok(backend: str) -> None:
+    """Skip (with the reason) a backend this run does not measure."""
+    ok, why = ops.backend_status(backend, DEVICE)
+    if not ok:
+        pytest.skip(f"{backend} backend unavailable: {why}")
+    if backend != "reference" and not GPU:
+        pytest.skip("Triton interpreter / CPU: not a performance measurement")
 
 
 def _forced(backend: str, fn):
-    import fastlm
+    def call():
+        with fastlm.use_backend(backend):
+            return fn()
+    return call
 
-    with fastlm.use_backend(backend):
-        return fn()
+
+def _cases(d: dict) -> dict:
+    """impl -> (call, peer, is_int8, reference call or None): every case of one shape."""
+    x, w, q, ws, xq, sx = d["x"], d["w"], d["q"], d["ws"], d["xq"], d["sx"]
+    cases = {"F.linear": (lambda: F.linear(x, w), None, False, None),
+             "torch._int_mm": (lambda: torch._int_mm(xq, q.t()), "F.linear", True, None)}
+    for backend in BACKENDS:
+        cases[f"w8a8_linear[{backend}]"] = (_forced(backend, lambda: ops.w8a8_linear(x, q, ws)), "F.linear", True,
+                                            _forced("reference", lambda: ops.w8a8_linear(x, q, ws)))
+        cases[f"int8_linear[{backend}]"] = (_forced(backend, lambda: ops.int8_linear(x, q, ws)), "F.linear", True,
+                                            _forced("reference", lambda: ops.int8_linear(x, q, ws)))
+
+    def epilogue():
+        from fastlm.ops.backend import kernel_module
+        return kernel_module("int8").w8a8_matmul(xq, sx, q, ws, None, None, DTYPE)
+
+    def exact():  # float64 holds every int8 dot product exactly; no M > 16 limit as torch._int_mm has on CUDA
+        return ((xq.double() @ q.double().t()) * sx.double()[:, None] * ws.double()[None, :]).to(DTYPE)
+
+    cases["w8a8_matmul[triton]"] = (epilogue, "torch._int_mm", True, exact)
+    return cases
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    """Decode throughput rows, then matmul rows, on ``device`` ("cpu" or "cuda")."""
-    records = _matmul_rows(device, quick)
-    records.extend(_decode_rows(device, quick))
-    return records
+IMPLS = ["F.linear", "torch._int_mm", *(f"{op}[{b}]" for b in BACKENDS for op in ("w8a8_linear", "int8_linear")),
+         "w8a8_matmul[triton]"]
 
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("m,k,n", matmul_shapes(), ids=[f"{m}x{k}x{n}" for m, k, n in matmul_shapes()])
+def test_matmul(measure, m, k, n, impl):
+    if impl.endswith("]"):
+        _backend_ok(impl[impl.index("[") + 1:-1])
+    if impl == "torch._int_mm" and GPU and not (m > 16 and k % 8 == 0 and n % 8 == 0):
+        pytest.skip("torch._int_mm on CUDA needs M > 16 and K, N multiples of 8")
+    d = _operands(m, k, n)
+    fn, peer, int8, reference = _cases(d)[impl]
+    info = dict(shape=f"{m}x{k}x{n}", dtype=DTYPE_NAME, flops=2.0 * m * n * k)
+    if m <= 16:  # memory-bound: the weight read dominates
+        info["bytes"] = float(n * k * (1 if int8 else d["w"].element_size()))
+    try:
+        out = fn()
+    except NotImplementedError as err:
+        pytest.skip(f"not implemented: {err}")
+    if reference is not None:
+        info["max_abs_diff"] = float((out.float() - reference().float()).abs().max())
+    measure(fn, group=f"matmul {m}x{k}x{n} {DTYPE_NAME}", impl=impl, peer=peer, warmup=0, **info)

@@ -1,114 +1,154 @@
-"""Training throughput: fastlm vs the same model in transformers, same weights, same run.
+"""Training throughput: a fastlm training step vs the same model in transformers (pytest-benchmark).
 
-One training step = forward, next-token loss, backward, AdamW update (bf16 autocast on CUDA,
-fp32 on CPU). Rows: tokens/s, MFU on known GPUs (6·N + attention FLOPs per token, as
-fastlm.train.trainer.flops_per_token), peak memory; for fastlm both the plain loss
-(logits + cross-entropy) and the fused linear + cross-entropy (when the op exists), whose
-point is the peak memory at large vocabularies (Llama-3's 128k).
+    python -m bench.run --device cpu --only bench_training   # or: pytest bench/bench_training.py --benchmark-only
+
+One training step = forward, next-token loss, backward, AdamW update (lr 1e-4; fused AdamW on
+CUDA), gradients set to None — fp32 on CPU, bf16 autocast over fp32 weights on CUDA. One group
+per model (same weights, same batch), one case per implementation:
+
+- ``fastlm``: ``fastlm.Model`` logits (B, T, V) + ``fastlm.ops.cross_entropy``;
+- ``fastlm-fused``: the final hidden states (B·T, H) + ``fastlm.ops.fused_linear_cross_entropy``
+  with the head weight (V, H), which never builds the (B·T, V) logits (its point: peak memory
+  at large vocabularies);
+- ``transformers``: ``AutoModelForCausalLM`` loaded from the fastlm model's saved checkpoint
+  (identical weights, dropout set to 0 as fastlm has none: GPT-2's config defaults to 0.1),
+  logits + ``F.cross_entropy`` in fp32 — the peer of every case.
+
+Shapes: CPU — ``tiny`` (Llama-style) and ``tiny-gpt2`` presets, batch 4 × 64 tokens (quick:
+``tiny`` only; one intra-op thread, see below); CUDA — ``gpt2`` (124M) batch 8 × 1024 and ``llama-1b`` batch 2 × 2048 (quick:
+``gpt2``).
+
+Work per call: ``tokens`` = batch · seq_len (tokens/s) and ``flops`` = tokens ·
+``fastlm.train.trainer.flops_per_token`` (6·N + 12·layers·hidden·seq_len: TFLOP/s); ``mfu`` =
+achieved FLOP/s / the GPU's dense bf16 peak, on GPUs whose peak fastlm knows (none on CPU).
+Timed in turns as well (bench_decode's scheme): before the cases, every implementation runs one
+step per turn, ``TURNS`` turns; ``speedup_in_turns`` = the median over the turns of
+(transformers' time / this case's time in the same turn), robust to a shared machine whose speed
+drifts between the cases (the table's ``vs_peer`` is the ratio of the cases' medians).
+Correctness first: before any step, the fastlm loss, the fused loss and transformers' loss on
+the batch agree (fp32: |Δ| ≤ 1e-4·loss; recorded as ``loss_diff`` on every device).
+
+CPU runs use one intra-op thread (``torch.set_num_threads(1)``, every implementation alike): on
+the shared 2-core machine two threads per process made a step 3–10× slower and erratic.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
+import statistics
 import tempfile
 
+import pytest
 import torch
 
-from bench.common import peak_memory_mb, time_fn
+import fastlm
+from bench.bench_decode import in_turns
+from bench.conftest import DEVICE, QUICK
+from fastlm import ops
+from fastlm.train.trainer import flops_per_token, peak_flops
 
-logger = logging.getLogger(__name__)
-
-
-def _cases(device: str, quick: bool) -> list[tuple[str, dict, int, int]]:
-    """(preset, overrides, batch, seq_len)."""
-    if device == "cuda":
-        cases = [("gpt2", {}, 8, 1024), ("llama-1b", {}, 2, 2048)]
-    else:
-        cases = [("tiny", {}, 4, 64), ("tiny-gpt2", {}, 4, 64)]
-    return cases[:1] if quick else cases
-
-
-def _step_fn(forward_loss, params, device: str):
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda" or None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-
-    def step():
-        with autocast:
-            loss = forward_loss()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+if DEVICE == "cpu":  # one intra-op thread: on the shared 2-core machine two threads per process made
+    torch.set_num_threads(1)  # a step 3-10x slower and erratic (spinning workers); every impl runs alike
+if DEVICE == "cuda":  # (preset, batch, seq_len)
+    SHAPES = [("gpt2", 8, 1024), ("llama-1b", 2, 2048)]
+else:
+    SHAPES = [("tiny", 4, 64), ("tiny-gpt2", 4, 64)]
+SHAPES = SHAPES[:1] if QUICK else SHAPES
+IMPLS = ("fastlm", "fastlm-fused", "transformers")
+PEER = "transformers"
+TURNS = 3 if QUICK else 7
+DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout")
+LOSSES = {"fastlm": "logits + cross_entropy", "fastlm-fused": "fused linear + cross_entropy",
+          "transformers": "logits + F.cross_entropy"}
 
 
-def _measure(name: str, step, tokens: int, flops: float, device: str, **fields) -> dict:
-    from fastlm.train.trainer import peak_flops
-
-    row = {"model": name, **fields}
-    try:
-        timing = time_fn(step, device, rep=10, budget_s=5.0)
-        row.update(timing, status="ok", tokens_per_s=tokens / (timing["median_ms"] / 1e3),
-                   peak_mem_mb=peak_memory_mb(step, device))
-        peak = peak_flops(torch.device(device))
-        if peak is not None:
-            row["mfu"] = row["tokens_per_s"] * flops / peak
-    except torch.OutOfMemoryError as err:
-        row.update(status="out of memory", note=str(err).splitlines()[0])
-    return row
+def _autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16) if DEVICE == "cuda" else contextlib.nullcontext()
 
 
-def _hf_copy(model, device: str):
-    """The same weights as a transformers model (through a saved checkpoint), or None."""
-    try:
+class Group:
+    """One model and batch: the fastlm model, its transformers copy (same weights), the losses."""
+
+    def __init__(self, preset: str, batch: int, seq_len: int):
         import transformers
-    except ImportError:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        return transformers.AutoModelForCausalLM.from_pretrained(tmp).to(device).train()
 
-
-def run(device: str, quick: bool) -> list[dict]:
-    import fastlm
-    from fastlm import ops
-    from fastlm.train.trainer import flops_per_token
-
-    records = []
-    for preset_name, overrides, batch, seq_len in _cases(device, quick):
         torch.manual_seed(0)
-        model = fastlm.Model(fastlm.preset(preset_name, **overrides)).to(device).train()
-        ids = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), device=device)
-        inputs, targets = ids[:, :-1], ids[:, 1:].flatten()
-        tokens, flops = batch * seq_len, flops_per_token(model, seq_len)
-        shape = {"batch": batch, "seq_len": seq_len, "params_m": round(model.num_parameters() / 1e6, 1)}
+        self.model = fastlm.Model(fastlm.preset(preset)).to(DEVICE).train()
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp)
+            config = transformers.AutoConfig.from_pretrained(tmp)
+            for name in DROPOUTS:  # fastlm trains without dropout; GPT-2's config defaults to 0.1
+                if hasattr(config, name):
+                    setattr(config, name, 0.0)
+            self.hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, config=config).to(DEVICE).train()
+        ids = torch.randint(0, self.model.config.vocab_size, (batch, seq_len + 1), device=DEVICE)
+        self.inputs, self.targets = ids[:, :-1], ids[:, 1:].flatten()
+        tokens = batch * seq_len
+        self.flops_per_token = flops_per_token(self.model, seq_len)
+        self.info = {"model": preset, "batch": batch, "seq_len": seq_len,
+                     "params_m": round(self.model.num_parameters() / 1e6, 1), "tokens": tokens,
+                     "flops": self.flops_per_token * tokens}
+        self.losses = {"fastlm": self._fastlm_loss, "fastlm-fused": self._fused_loss, "transformers": self._hf_loss}
+        with torch.no_grad(), _autocast():
+            first = {name: fn().float().item() for name, fn in self.losses.items()}
+        self.loss_diff = {name: abs(value - first[PEER]) for name, value in first.items()}
+        if DEVICE == "cpu":  # fp32: the same weights give the same loss
+            for name, diff in self.loss_diff.items():
+                assert diff <= 1e-4 * abs(first[PEER]), f"{name} loss {first[name]} vs transformers {first[PEER]}"
+        steps = {impl: self.step_fn(impl) for impl in IMPLS}
+        for step in steps.values():  # warm-up
+            step()
+        seconds, _ = in_turns(steps, TURNS)
+        self.speedup_in_turns = {impl: statistics.median(p / t for p, t in zip(seconds[PEER], seconds[impl]))
+                                 for impl in IMPLS}
 
-        def fastlm_loss():
-            return ops.cross_entropy(model(inputs).flatten(0, 1), targets)
+    def _fastlm_loss(self):
+        return ops.cross_entropy(self.model(self.inputs).flatten(0, 1), self.targets)
 
-        records.append(_measure(preset_name, _step_fn(fastlm_loss, model.parameters(), device), tokens, flops,
-                                device, impl="fastlm", loss="logits + cross_entropy", **shape))
-        if hasattr(ops, "fused_linear_cross_entropy"):
-            def fused_loss():
-                hidden = model(inputs, return_hidden=True).flatten(0, 1)
-                return ops.fused_linear_cross_entropy(hidden, model.lm_head.weight.to(hidden.dtype), targets)
+    def _fused_loss(self):
+        hidden = self.model(self.inputs, return_hidden=True).flatten(0, 1)
+        return ops.fused_linear_cross_entropy(hidden, self.model.lm_head.weight.to(hidden.dtype), self.targets)
 
-            records.append(_measure(preset_name, _step_fn(fused_loss, model.parameters(), device), tokens, flops,
-                                    device, impl="fastlm", loss="fused linear + cross_entropy", **shape))
-        hf = _hf_copy(model, device)
-        if hf is not None:
-            def hf_loss():
-                logits = hf(inputs).logits
-                return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets)
+    def _hf_loss(self):
+        logits = self.hf(self.inputs).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), self.targets)
 
-            records.append(_measure(preset_name, _step_fn(hf_loss, hf.parameters(), device), tokens, flops,
-                                    device, impl="transformers", loss="logits + F.cross_entropy", **shape))
-        del model, hf
-        if device == "cuda":
+    def step_fn(self, impl: str):
+        """One training step of ``impl`` with its own AdamW over its model's parameters."""
+        params = (self.hf if impl == PEER else self.model).parameters()
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=DEVICE == "cuda" or None)
+        forward_loss = self.losses[impl]
+
+        def step():
+            with _autocast():
+                loss = forward_loss()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+
+_GROUP: dict[tuple, Group] = {}
+
+
+def _group(shape: tuple) -> Group:
+    if shape not in _GROUP:
+        _GROUP.clear()  # one model (and its transformers copy) in memory at a time
+        if DEVICE == "cuda":
             torch.cuda.empty_cache()
-    base = {r["model"]: r for r in records if r.get("impl") == "transformers" and r.get("status") == "ok"}
-    for r in records:
-        if r.get("status") == "ok" and r["model"] in base:
-            r["speedup_vs_transformers"] = r["tokens_per_s"] / base[r["model"]]["tokens_per_s"]
-    return records
+        _GROUP[shape] = Group(*shape)
+    return _GROUP[shape]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=[p for p, _, _ in SHAPES])
+def test_training_step(measure, shape, impl):
+    group = _group(shape)
+    measure(group.step_fn(impl), group=f"train step {shape[0]} {shape[1]}x{shape[2]}", impl=impl, peer=PEER,
+            loss=LOSSES[impl], loss_diff=float(f"{group.loss_diff[impl]:.3g}"),
+            speedup_in_turns=round(group.speedup_in_turns[impl], 4), **group.info)
+    peak = peak_flops(torch.device(DEVICE))
+    if peak is not None:
+        achieved = group.info["flops"] / measure.benchmark.stats.stats.median
+        measure.benchmark.extra_info["mfu"] = round(achieved / peak, 4)

@@ -1,9 +1,9 @@
-"""Shared benchmark helpers: environment record, timing, peak memory, result files.
+"""Shared benchmark helpers: the environment record and result files for reports that are not
+timings (accuracy tables, demos).
 
-Timing returns milliseconds: on CUDA ``triton.testing.do_bench`` (warm-up, many reps, L2
-flushed between reps), on CPU repeated wall-clock calls after a warm-up. Results go to
-``<out_dir>/<name>.json`` and ``<name>.md`` (written atomically), plus ``<name>.png`` when
-matplotlib is importable.
+Timing lives in one place: pytest-benchmark with bench/conftest.py's ``measure`` fixture;
+bench/report.py renders its JSON. ``write_results`` writes ``<out_dir>/<name>.json`` and
+``<name>.md`` (atomically), plus ``<name>.png`` when matplotlib is importable.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import logging
 import math
 import os
 import platform
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from fastlm._files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 # Table columns that come first, in this order; any others follow in first-seen order.
 PREFERRED_COLUMNS = (
     "module", "op", "shape", "dtype", "backend", "status", "median_ms", "p20_ms", "p80_ms",
@@ -72,82 +69,6 @@ def environment(device: str) -> dict:
             gpu_memory_gib=round(props.total_memory / 2**30, 1),
         )
     return record
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile of already-sorted values."""
-    pos = q * (len(sorted_values) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def time_fn(
-    fn: Callable[[], object],
-    device: str,
-    *,
-    warmup: int = 2,
-    rep: int = 30,
-    budget_s: float = 0.5,
-) -> dict:
-    """Time ``fn()``: ``{"median_ms", "p20_ms", "p80_ms", "reps"}``.
-
-    CUDA: ``triton.testing.do_bench`` (``warmup``/``rep`` there are its defaults in ms).
-    CPU: ``warmup`` untimed calls, then up to ``rep`` timed calls (at least 3) within ``budget_s``.
-    """
-    if device.startswith("cuda"):
-        from triton.testing import do_bench
-
-        median, p20, p80 = do_bench(fn, quantiles=list(QUANTILES))
-        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None}
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    while len(times) < rep and (len(times) < 3 or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {
-        "median_ms": statistics.median(times),
-        "p20_ms": _quantile(times, 0.2),
-        "p80_ms": _quantile(times, 0.8),
-        "reps": len(times),
-    }
-
-
-def timed_call(fn: Callable[[], object], device: str) -> float:
-    """Wall seconds of one ``fn()``, synchronizing CUDA before and after."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def wall_seconds(fn: Callable[[], object], device: str, reps: int = 3) -> float:
-    """Median wall seconds of ``fn()`` after one warm-up call (kernel compilation, autotuning),
-    synchronizing CUDA around each call: for whole loops such as a generate call."""
-    fn()
-    times = [timed_call(fn, device) for _ in range(reps)]
-    return sorted(times)[len(times) // 2]
-
-
-def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
-    """Peak allocated CUDA memory (MiB, inputs included) over one call; None on CPU."""
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _fmt(value: object) -> str:
@@ -214,28 +135,32 @@ def write_results(
 
 def _plot(name: str, records: Sequence[dict], path: Path) -> Path | None:
     """Horizontal bar chart of median_ms per record; skipped without matplotlib."""
+    timed = [r for r in records if isinstance(r.get("median_ms"), (int, float))]
+    labels = [" ".join(str(r[k]) for k in ("op", "shape", "dtype", "backend") if r.get(k) is not None)
+              for r in timed]
+    return bar_plot(name, labels, [r["median_ms"] for r in timed], path)
+
+
+def bar_plot(title: str, labels: Sequence[str], median_ms: Sequence[float], path: Path) -> Path | None:
+    """One horizontal bar per label: median ms on a log scale, written atomically to ``path``;
+    None without matplotlib or without values."""
+    if not median_ms:
+        return None
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.info("matplotlib not importable: no plot for %s", name)
+        logger.info("matplotlib not importable: no plot for %s", title)
         return None
-    timed = [r for r in records if isinstance(r.get("median_ms"), (int, float))]
-    if not timed:
-        return None
-    labels = [
-        " ".join(str(r[k]) for k in ("op", "shape", "dtype", "backend") if r.get(k) is not None)
-        for r in timed
-    ]
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(timed) + 1.5))
-    ax.barh(range(len(timed)), [r["median_ms"] for r in timed])
-    ax.set_yticks(range(len(timed)), labels, fontsize=7)
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(median_ms) + 1.5))
+    ax.barh(range(len(median_ms)), list(median_ms))
+    ax.set_yticks(range(len(median_ms)), list(labels), fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("median time (ms, log scale)")
-    ax.set_title(name)
+    ax.set_title(title)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

@@ -7,8 +7,9 @@ sub-folders (the device tool brings back 8 files at most, 2 folders deep):
 - ``gpu_run.json`` / ``gpu_run.md``: GPU name, driver, torch / triton / CUDA versions, each
   part's seconds, exit status and budget, test counts, benchmark modules run;
 - ``backend_speed.json``: per op and backend, the summed median ms over the shapes every
-  backend of that op ran (from bench_ops) — the table ``FASTLM_SPEED_TABLE`` points automatic
-  backend selection at (:func:`fastlm.ops.backend.load_speed_table`);
+  backend of that op ran (from bench_ops' pytest-benchmark JSON: ``extra_info`` ``op``, ``impl``,
+  ``shape``, ``dtype`` and ``stats.median``) — the table ``FASTLM_SPEED_TABLE`` points automatic
+  backend selection at (:func:`fastlm.ops.backend.load_speed_table`: ``{"ops": {op: {backend: ms}}}``);
 - ``logs.tar.gz`` (every part's log, the junit xml) and ``bench_results.tar.gz`` (bench.run's files).
 """
 
@@ -53,12 +54,37 @@ def test_counts(work: Path) -> dict | None:
     return {**counts, "failed": failed}
 
 
+FASTLM_BACKENDS = ("reference", "triton", "cuda")
+
+
+def speed_records(data: dict) -> list[dict]:
+    """bench_ops results as flat records (op, shape, dtype, backend, status, median_ms).
+
+    pytest-benchmark JSON (``{"benchmarks": [...]}``): one record per benchmark that ran, from its
+    ``extra_info`` (``op``, ``impl`` = the backend or torch's peer, ``shape``, ``dtype``) and its
+    median (seconds → ms); a skipped or failed case has no benchmark and so no record. The
+    suite's former JSON (``{"records": [...]}``, rows with ``backend``/``status``/``median_ms``)
+    is read as it is."""
+    if isinstance(data.get("benchmarks"), list):
+        out = []
+        for bench in data["benchmarks"]:
+            info, stats = bench.get("extra_info") or {}, bench.get("stats") or {}
+            if "op" not in info or "impl" not in info or stats.get("median") is None:
+                continue
+            out.append({"op": info["op"], "shape": info.get("shape"), "dtype": info.get("dtype"),
+                        "backend": info["impl"], "status": "ok", "median_ms": stats["median"] * 1e3})
+        return out
+    if isinstance(data.get("records"), list):
+        return data["records"]
+    raise ValueError("bench_ops JSON: expected pytest-benchmark's 'benchmarks' list (or a 'records' list)")
+
+
 def speed_table(records: list[dict]) -> dict[str, dict[str, float]]:
     """op -> backend -> Σ median_ms over the shapes (and dtypes) that every backend of the op ran
     ok; an op measured on fewer than two fastlm backends is left out (nothing to choose)."""
     runs: dict[str, dict[tuple, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
-        if r.get("status") == "ok" and r.get("backend") in ("reference", "triton", "cuda") and r.get("median_ms"):
+        if r.get("status") == "ok" and r.get("backend") in FASTLM_BACKENDS and r.get("median_ms"):
             runs[r["op"]][(r.get("shape"), r.get("dtype"))][r["backend"]] = float(r["median_ms"])
     table = {}
     for op, shapes in runs.items():
@@ -115,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "gpu_run.md").write_text(markdown(report))
     ops_json = bench_dir / "bench_ops.json"
     if ops_json.is_file():
-        table = speed_table(json.loads(ops_json.read_text())["records"])
-        payload = {"device": report["env"].get("gpu"), "unit": "ms", "source": "bench_ops", "ops": table}
+        data = json.loads(ops_json.read_text())
+        measured_on = (data.get("machine_info") or {}).get("fastlm_env") or report["env"]
+        payload = {"device": measured_on.get("gpu"), "unit": "ms", "source": "bench_ops",
+                   "ops": speed_table(speed_records(data))}
         (args.out / "backend_speed.json").write_text(json.dumps(payload, indent=2) + "\n")
     with tarfile.open(args.out / "logs.tar.gz", "w:gz") as tar:
         for path in sorted(args.work.glob("*.log")) + sorted(args.work.glob("*.xml")) + [args.work / "parts.tsv"]:

@@ -1,27 +1,26 @@
 """Run the benchmark suite: ``python -m bench.run [--device cpu|cuda] [--quick] [--out DIR]``.
 
-Discovers ``bench/bench_*.py`` modules, calls each one's ``run(device, quick)``, writes
-``<out>/<module>.json|.md`` and ``<out>/summary.md``; a pytest-benchmark module (no ``run``) runs
-in its own ``pytest --benchmark-only`` process and leaves ``<out>/<module>.json`` (pytest-benchmark's
-JSON) and its log. A module that raises, or records a row
-with ``status == "error"``, is reported as failed; the run then exits 1 after finishing all.
+Discovers the ``bench/bench_*.py`` modules (pytest-benchmark modules: bench/conftest.py) and runs
+each in its own ``pytest --benchmark-only`` process (``BENCH_DEVICE``, and ``BENCH_QUICK=1`` with
+--quick), leaving ``<out>/<module>.json`` (pytest-benchmark's JSON), its log, and the report
+bench/report.py renders from the JSON (``<module>.md``, ``.png``); then ``<out>/summary.md``.
+A module whose pytest run fails is reported as failed; the run exits 1 after finishing all.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import logging
 import os
 import pkgutil
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from bench.common import atomic_write_text, environment, markdown_table, write_results
+from bench import report
+from bench.common import atomic_write_text, environment, markdown_table
 
 logger = logging.getLogger("bench.run")
 
@@ -46,7 +45,7 @@ def is_pytest_benchmark(name: str) -> bool:
     return "\ndef run(" not in text and "\ndef test_" in text
 
 
-def run_pytest_module(name: str, quick: bool, out: Path) -> dict:
+def run_pytest_module(name: str, quick: bool, out: Path, device: str | None = None) -> dict:
     """``pytest bench/<name>.py --benchmark-only --benchmark-json=<out>/<name>.json`` in a child
     process (quick: ``BENCH_QUICK=1`` and ``BENCH_ALIGN_QUICK=1`` for the modules that read them)."""
     start = time.perf_counter()
@@ -54,42 +53,29 @@ def run_pytest_module(name: str, quick: bool, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR.parent), os.environ.get("PYTHONPATH")]))}
     if quick:
         env.update(BENCH_QUICK="1", BENCH_ALIGN_QUICK="1")
+    if device is not None:
+        env["BENCH_DEVICE"] = device
     command = [sys.executable, "-m", "pytest", str(BENCH_DIR / f"{name}.py"), "-q", "-p", "no:cacheprovider",
                "--benchmark-only", f"--benchmark-json={out / (name + '.json')}"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=BENCH_DIR.parent)
     (out / f"{name}.log").write_text(result.stdout + result.stderr, encoding="utf-8")
+    files = [f"{name}.json", f"{name}.log"]
+    if (out / f"{name}.json").is_file():  # the tables and plot, also after a partial failure
+        files += [p.name for p in report.write(out / f"{name}.json")]
     row = {"module": name, "status": "ok" if result.returncode == 0 else "failed",
            "error": None if result.returncode == 0 else f"pytest exit {result.returncode} (see {name}.log)",
-           "files": f"{name}.json, {name}.log", "seconds": time.perf_counter() - start}
+           "files": ", ".join(files), "seconds": time.perf_counter() - start}
     if result.returncode:
         logger.error("%s failed:\n%s", name, (result.stdout + result.stderr)[-3000:])
     return row
 
 
-def run_module(name: str, device: str, quick: bool, out: Path, env: dict) -> dict:
+def run_module(name: str, device: str, quick: bool, out: Path) -> dict:
     """Run one module; returns its summary row (never raises for the module's own failures)."""
-    if is_pytest_benchmark(name):
-        return run_pytest_module(name, quick, out)
-    start = time.perf_counter()
-    row: dict = {"module": name}
-    try:
-        module = importlib.import_module(f"bench.{name}")
-        records = module.run(device, quick)
-    except Exception as err:  # noqa: BLE001  reported as failed; the run exits non-zero
-        logger.error("%s failed:\n%s", name, traceback.format_exc())
-        row.update(status="failed", error=f"{type(err).__name__}: {err}")
-        row["seconds"] = time.perf_counter() - start
-        return row
-    paths = write_results(name, records, out, device=device, env=env)
-    errors = [r for r in records if r.get("status") == "error"]
-    row.update(
-        status="failed" if errors else "ok",
-        records=len(records),
-        error=f"{len(errors)} record(s) with status=error" if errors else None,
-        files=", ".join(p.name for p in paths.values()),
-        seconds=time.perf_counter() - start,
-    )
-    return row
+    if not is_pytest_benchmark(name):
+        return {"module": name, "status": "failed", "seconds": 0.0,
+                "error": "not a pytest-benchmark module (test_* cases using the measure fixture)"}
+    return run_pytest_module(name, quick, out, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmarks on {device} ({env.get('gpu') or env['cpu']}): {', '.join(names)}")
     rows = []
     for name in names:
-        row = run_module(name, device, args.quick, args.out, env)
+        row = run_module(name, device, args.quick, args.out)
         rows.append(row)
         print(f"  {name}: {row['status']} in {row['seconds']:.1f}s" + (f" ({row['error']})" if row.get("error") else ""))
 

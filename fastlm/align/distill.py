@@ -131,17 +131,12 @@ def check_compatible(teacher: Model, student: Model, teacher_tokenizer: Tokenize
     3. with both tokenizers given: their type, vocabulary size, bos/eos/pad ids and special-token
        strings, and what maps text to ids (tokenizer.json's vocabulary, merges, added tokens,
        normalizer, pre-tokenizer, post-processor and decoder);
-    4. the head form: logits must be exactly hidden·Wᵀ (what the fused loss computes), so a
-       model with a final logit soft-cap (Gemma 2) is refused.
-    Depth, width, heads, MLP size and family may differ.
+    Depth, width, heads, MLP size and family may differ; a final logit soft-cap (Gemma 2) is
+    applied by the fused loss (its ``student_softcap`` / ``teacher_softcap``).
     """
     for role, model in (("teacher", teacher), ("student", student)):
         if not isinstance(model, Model):
             raise TypeError(f"distillation: the {role} must be a fastlm Model, got {type(model).__name__}")
-        if model.config.final_softcap is not None:
-            raise ValueError(f"distillation: the {role} soft-caps its logits (final_softcap="
-                             f"{model.config.final_softcap}); the fused distillation loss computes logits as "
-                             "hidden·Wᵀ and cannot apply the cap: distil between models without final_softcap")
     tc, sc = teacher.config, student.config
     if tc.vocab_size != sc.vocab_size:
         raise ValueError(f"distillation: the teacher's vocabulary has {tc.vocab_size} ids and the student's "
@@ -224,7 +219,8 @@ class DistillTrainer(Trainer):
             mean = ops.linear_distillation_loss(
                 hidden.flatten(0, 1), self._head_weight(hidden.dtype), teacher_hidden,
                 self._teacher_weight(teacher_hidden.dtype), labels, temperature=d.temperature,
-                divergence=d.divergence, jsd_beta=d.jsd_beta, alpha=d.alpha, validate=False)
+                divergence=d.divergence, jsd_beta=d.jsd_beta, alpha=d.alpha, validate=False,
+                student_softcap=self.model.config.final_softcap, teacher_softcap=self.teacher.config.final_softcap)
         return mean.float() * num_targets
 
 

@@ -19,10 +19,10 @@ cached (``reference="precompute"``); or, for a LoRA model, by the same model wit
 disabled at each step (``reference="adapters_off"``: no second copy of the weights, as TRL does
 with PEFT). The policy's loss goes through :func:`fastlm.ops.linear_preference_loss` (the head,
 the sequence log-probs, the loss and its gradients in one pass chunked by pairs: no (B, T, V)
-logits, no recomputation in backward); a head that op cannot take (soft-cap, LoRA on lm_head)
-goes through :func:`fastlm.align.logprobs.sequence_logprobs` and the loss functions below. Per
-step, metrics.jsonl gets ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` and
-``rewards/margins`` as TRL logs them.
+logits, no recomputation in backward); a head that op cannot take (a final logit soft-cap, LoRA on
+lm_head) goes through :func:`fastlm.align.logprobs.sequence_logprobs` and the loss functions
+below. Per step, metrics.jsonl gets ``rewards/chosen``, ``rewards/rejected``,
+``rewards/accuracies`` and ``rewards/margins`` as TRL logs them.
 """
 
 from __future__ import annotations

@@ -19,8 +19,11 @@ reads a value back to the host.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (e.g. all_reduce)
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 GROUP_SCALINGS = ("group", "batch", "none")
@@ -32,32 +35,49 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
         raise ValueError("shapes differ: " + ", ".join(f"{n} {s}" for n, s in shapes.items()))
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
-    """Σ x·mask / Σ mask (over ``dim``, or all elements); 0 where the mask is empty."""
-    if mask is None:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim: int | None = None, *,
+                reduce: Reduce | None = None) -> torch.Tensor:
+    """Σ x·mask / Σ mask (over ``dim``, or all elements); 0 where the mask is empty. ``reduce``
+    sums a tensor over processes (e.g. an all-reduce): the mean is then over every process's
+    elements (only without ``dim``)."""
+    if reduce is not None and dim is not None:
+        raise ValueError("masked_mean: reduce (over processes) needs dim=None")
+    if mask is not None:
+        _check_same_shape(x=x, mask=mask)
+        mask = mask.to(x.dtype)
+    if reduce is None and mask is None:
         return x.mean() if dim is None else x.mean(dim)
-    _check_same_shape(x=x, mask=mask)
-    mask = mask.to(x.dtype)
-    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
-    count = mask.sum() if dim is None else mask.sum(dim)
+    if mask is None:
+        total, count = x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)
+    else:
+        total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
+        count = mask.sum() if dim is None else mask.sum(dim)
+    if reduce is not None:
+        total, count = reduce(torch.stack((total, count)))
     return total / count.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None, *, unbiased: bool = True) -> torch.Tensor:
-    """Variance of the masked elements of x (Bessel-corrected when ``unbiased``, as TRL's PPO did)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None, *, unbiased: bool = True,
+               reduce: Reduce | None = None) -> torch.Tensor:
+    """Variance of the masked elements of x (Bessel-corrected when ``unbiased``, as TRL's PPO
+    did); over every process's elements with ``reduce`` (see :func:`masked_mean`)."""
+    mean = masked_mean(x, mask, reduce=reduce)
+    var = masked_mean((x - mean) ** 2, mask, reduce=reduce)
     if unbiased:
-        n = x.numel() if mask is None else mask.sum().to(x.dtype)
+        n = torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device) if mask is None else mask.sum().to(x.dtype)
+        if reduce is not None:
+            n = reduce(n.clone())
         var = var * n / (n - 1).clamp(min=1)
     return var
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+                  eps: float = 1e-8, reduce: Reduce | None = None) -> torch.Tensor:
     """(x − mean) / sqrt(var + eps) over the masked elements (mean added back unless
-    ``shift_mean``); masked-out positions are 0 in the result."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    ``shift_mean``); masked-out positions are 0 in the result. With ``reduce`` (a sum over
+    processes) mean and variance are those of every process's elements together, so DDP ranks
+    whiten their rollouts alike."""
+    mean, var = masked_mean(x, mask, reduce=reduce), masked_var(x, mask, reduce=reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -13,9 +13,9 @@ so that its tokens start at position 0 (the positions a model sees for the unpad
 as transformers' position_ids from the mask give), scored, and the results rotated back.
 
 Tied embeddings need nothing special (the head weight *is* the embedding; autograd adds both
-uses). A model with a final logit soft-cap (Gemma 2: logits ← c·tanh(logits/c)) or a head that
-is not a bias-free ``nn.Linear`` (e.g. LoRA on lm_head) cannot use the fused linear op: those
-are scored through ``model.head`` on the whole (B, T−1, V) logits (exact, not lean), and a
+uses). A final logit soft-cap (Gemma 2: logits ← c·tanh(logits/c)) is applied by the fused op.
+A head that is not a bias-free ``nn.Linear`` (e.g. LoRA on lm_head) cannot use the fused linear
+op: it is scored through ``model.head`` on the whole (B, T−1, V) logits (exact, not lean), and a
 debug log line says so.
 """
 
@@ -48,7 +48,7 @@ def _base(model: nn.Module) -> nn.Module:
 
 def _fusable(base: nn.Module) -> bool:
     head = getattr(base, "lm_head", None)
-    return (getattr(base.config, "final_softcap", None) is None and type(head) is nn.Linear and head.bias is None)
+    return type(head) is nn.Linear and head.bias is None
 
 
 def _check(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, temperature: float) -> None:
@@ -140,9 +140,10 @@ def token_logprobs(
     if _fusable(base):
         weight = _head_weight(base, h)
         out = ops.linear_logprobs(h, weight, targets, temperature=float(temperature), ignore_index=IGNORE,
-                                  return_entropy=return_entropy, validate=validate)
+                                  return_entropy=return_entropy, softcap=getattr(base.config, "final_softcap", None),
+                                  validate=validate)
     else:
-        logger.debug("token_logprobs: %s head (soft-cap or non-linear head): scoring the full logits",
+        logger.debug("token_logprobs: %s head (not a bias-free linear): scoring the full logits",
                      type(base.lm_head).__name__)
         out = _unfused(base.head(h), targets, float(temperature), return_entropy)
     outs = out if return_entropy else (out,)
@@ -207,14 +208,15 @@ def preference_rows(
     """The inputs of :func:`fastlm.ops.linear_preference_loss` for a batch of sequences (rows as
     :func:`sequence_logprobs` scores them): (hidden (B·(T−1), H), head weight (V, H), targets
     (B, T−1) with IGNORE at padding, mask (B, T−1)), or None when the model's head is not fusable
-    (then nothing is run). Left-padded rows are rotated as in :func:`token_logprobs`; their mask
-    goes with them."""
+    or has a final logit soft-cap, which that op does not apply (then nothing is run; score with
+    :func:`sequence_logprobs`). Left-padded rows are rotated as in :func:`token_logprobs`; their
+    mask goes with them."""
     _check(input_ids, attention_mask, 1.0)
     if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != input_ids.shape:
         shape = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
         raise ValueError(f"preference_rows: loss_mask must have input_ids' shape (B, T), got {shape}")
     base = _base(model)
-    if not _fusable(base):
+    if not _fusable(base) or getattr(base.config, "final_softcap", None) is not None:
         return None
     h, targets, start = _hidden_rows(model, input_ids, attention_mask, validate)
     mask = loss_mask

@@ -33,8 +33,10 @@ the engine's loss, lr, grad_norm, tokens_per_s. Host reads: a rollout reads its 
 them for the reward) and its statistics once; a training step reads the engine's one summary and
 the RL statistics once (nothing to assemble a minibatch).
 
-Rollouts under DDP are each process's own (the advantages are whitened / group-normalised per
-process); the rollout statistics are summed over processes.
+Rollouts under DDP are each process's own; PPO's advantages are whitened with the mean and
+variance over every process's rollout (GRPO's are normalised within each prompt's group, which
+lives in one process; its ``scale_rewards="batch"`` std is each process's batch); the rollout
+statistics are summed over processes.
 """
 
 from __future__ import annotations
@@ -325,7 +327,8 @@ class OnlineRLTrainer(Trainer):
                 hidden, values = self.model(seqs.input_ids, key_lens=key_lens)
                 self.model.train(was)
                 logprobs = R.policy_logprobs(hidden, R.head_weight(self.policy), seqs.input_ids, seqs.target_mask,
-                                             temperature=rl.generation.temperature, return_entropy=False)
+                                             temperature=rl.generation.temperature, return_entropy=False,
+                                             softcap=R.head_softcap(self.policy))
                 logprobs = logprobs * seqs.target_mask
                 ref = R.reference_logprobs(self.policy, self.reference, seqs, temperature=rl.generation.temperature)
         buffer = {"input_ids": seqs.input_ids, "attention_mask": seqs.attention_mask,
@@ -385,7 +388,8 @@ class OnlineRLTrainer(Trainer):
         with self._autocast():
             hidden, values = self.forward(batch["input_ids"], key_lens=batch["attention_mask"].sum(1))
             logprobs, entropy = R.policy_logprobs(hidden, R.head_weight(self.policy), batch["input_ids"], mask,
-                                                  temperature=self.rl.generation.temperature)
+                                                  temperature=self.rl.generation.temperature,
+                                                  softcap=R.head_softcap(self.policy))
         values = None if values is None else values[:, :-1]
         per_token, clipped, value_loss = self._token_loss(batch, logprobs, entropy, values)
         if self.model.training:  # statistics of the training step, summed on the device
@@ -431,8 +435,9 @@ class PPOTrainer(OnlineRLTrainer):
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # each row's last completion token
         rewards = rewards.scatter_add(1, last[:, None], buffer["scores"][:, None])
         advantages, returns = gae(rewards, buffer["values"], gamma=rl.gamma, lam=rl.lam, mask=mask)
-        if rl.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        if rl.whiten_advantages:  # over every process's rollout under DDP
+            reduce = (lambda t: distributed.all_reduce_sum(t, self.info.device)) if dist.is_initialized() else None
+            advantages = masked_whiten(advantages, mask, reduce=reduce)
         buffer["advantages"], buffer["returns"] = advantages, returns
         return {}
 

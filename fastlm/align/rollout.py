@@ -230,7 +230,8 @@ def sample_completions(policy: nn.Module, tokenizer, prompt_ids: list[list[int]]
 
 def head_weight(model: nn.Module) -> torch.Tensor:
     """The LM head's weight of a fastlm Model (or a PEFT/DDP wrapper of one); refuses heads the
-    fused log-prob op cannot apply (LoRA on lm_head, a bias, a logit soft-cap)."""
+    fused log-prob op cannot apply (LoRA on lm_head, a bias). A final logit soft-cap is applied
+    by the op (:func:`head_softcap`)."""
     base = model
     for _ in range(4):
         if hasattr(base, "lm_head") and hasattr(base, "config") and not hasattr(base, "module"):
@@ -240,23 +241,31 @@ def head_weight(model: nn.Module) -> torch.Tensor:
     if type(head) is not nn.Linear or head.bias is not None:
         raise ValueError(f"RL training scores tokens with the fused linear log-prob op, which needs a plain "
                          f"bias-free lm_head; got {type(head).__name__} (drop lm_head from the LoRA targets)")
-    if getattr(base.config, "final_softcap", None) is not None:
-        raise ValueError("RL training with a final logit soft-cap (Gemma 2) is not supported: the fused log-prob "
-                         "op does not apply it")
     return head.weight
 
 
+def head_softcap(model: nn.Module) -> float | None:
+    """The final logit soft-cap c of a fastlm Model (or a PEFT/DDP wrapper), None without one."""
+    base = model
+    for _ in range(4):
+        if hasattr(base, "config") and hasattr(base.config, "final_softcap"):
+            return base.config.final_softcap
+        base = getattr(base, "module", None) or getattr(base, "model", None) or base
+    return None
+
+
 def policy_logprobs(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor,
-                    *, temperature: float = 1.0, return_entropy: bool = True):
+                    *, temperature: float = 1.0, return_entropy: bool = True, softcap: float | None = None):
     """From final hidden states (B, T, H): log π(input_ids[:, j+1] | ...) at logits/temperature,
     (B, T−1) float32, 0 where ``target_mask`` is 0, and the entropy of each of those next-token
-    distributions (0 elsewhere) — through the fused chunked ``ops.linear_logprobs`` (no (N, V) logits)."""
+    distributions (0 elsewhere) — through the fused chunked ``ops.linear_logprobs`` (no (N, V) logits;
+    ``softcap``: the model's final logit soft-cap, see :func:`head_softcap`)."""
     b, t, h = hidden.shape
     targets = torch.where(target_mask.bool(), input_ids[:, 1:], IGNORE).reshape(-1)
     if weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
         weight = weight.to(hidden.dtype)
     out = ops.linear_logprobs(hidden[:, :-1].reshape(-1, h), weight, targets, temperature=float(temperature),
-                              ignore_index=IGNORE, return_entropy=return_entropy,
+                              ignore_index=IGNORE, return_entropy=return_entropy, softcap=softcap,
                               validate=False)  # sampled ids, in range: no host-reading check
     if not return_entropy:
         return out.reshape(b, t - 1)

@@ -234,7 +234,7 @@ def select(op: str, device: torch.device) -> str:
     costs one dict lookup. The cache is dropped when a kernel is registered or the speed table
     changes; a forced backend that cannot run raises on every call (errors are not cached)."""
     if torch.compiler.is_compiling():
-        return _select_while_compiling(op, device)
+        return _select(op, device)
     forced, env = _forced.name, _getenv(_ENV_BACKEND)
     key = (op, device.type, forced, env, _getenv(_ENV_INTERPRET))
     name = _decisions.get(key)
@@ -247,6 +247,10 @@ def select(op: str, device: torch.device) -> str:
     return name
 
 
+# Under torch.compile the decision is made once, in Python, and baked into the graph as a
+# constant: Dynamo does not trace the status probes (importlib, the extension's loader), which
+# some torch versions refuse to trace (torch 2.11: importlib.util.find_spec is skipped).
+@torch.compiler.assume_constant_result
 def _select(op: str, device: torch.device) -> str:
     name = forced_backend()
     if name is None and device.type != "cuda":
@@ -264,12 +268,6 @@ def _select(op: str, device: torch.device) -> str:
         if timed:
             return min(timed, key=measured.__getitem__)
     return candidates[0] if candidates else "reference"
-
-
-# Under torch.compile the decision is made once, in Python, and baked into the graph as a
-# constant: Dynamo does not trace the status probes (importlib, the extension's loader), which
-# some torch versions refuse to trace (torch 2.11: importlib.util.find_spec is skipped).
-_select_while_compiling = torch.compiler.assume_constant_result(_select)
 
 
 _FASTLM_DIR = Path(__file__).resolve().parents[1]

@@ -11,7 +11,9 @@ fastlm/ops/triton/logprobs.py). The driver processes C rows at a time:
     dh_c = dz · W                  (C, H)
     dW  += dzᵀ · h_c               (V, H), accumulated in float32
 
-so the extra memory is one or two (C, V) chunks plus the gradients, never (N, V).
+so the extra memory is one or two (C, V) chunks plus the gradients, never (N, V). A logit
+soft-cap c > 0 (Gemma 2: z ← c·tanh(z / c)) is applied to each chunk before its row step, and
+its derivative 1 − tanh²(z / c) multiplies the chunk's dL/dz after it (one more (C, V) buffer).
 
 **linear_logprobs** (per-token outputs, so the backward recomputes each chunk's logits from the
 saved hidden, weight and per-row logsumexp): with s = z / T,
@@ -172,7 +174,23 @@ REFERENCE_STEPS = RowSteps(_ref_logprobs, _ref_logprobs_grad_, _ref_distill_)
 # ---- chunk drivers (shared by every backend) ----------------------------------------------------
 
 
-def logprobs_forward(hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, steps):
+def _soft_cap_(z: torch.Tensor, cap: float) -> torch.Tensor | None:
+    """z ← cap·tanh(z / cap) in place (a no-op for cap = 0); returns tanh(z / cap) in the
+    accumulation dtype, for the chain rule's 1 − tanh² (None without a cap)."""
+    if not cap:
+        return None
+    t = torch.tanh(wide(z) / cap)
+    z.copy_(t * cap)
+    return t
+
+
+def _soft_cap_grad_(dz: torch.Tensor, t: torch.Tensor | None) -> None:
+    """dL/dz_raw = dL/dz_capped · (1 − tanh²) in place (nothing without a cap)."""
+    if t is not None:
+        dz.copy_(wide(dz) * (1 - t * t))
+
+
+def logprobs_forward(hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, softcap, steps):
     """-> out (K, N) (K = 2 with entropy), lse (N,), both float32 (float64 for float64 inputs)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -183,12 +201,13 @@ def logprobs_forward(hidden, weight, tokens, temperature, ignore_index, with_ent
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             z = torch.mm(hidden[start:end], weight.t(), out=buffer[: end - start])
+            _soft_cap_(z, softcap)
             steps.logprobs(z, tokens[start:end], out[:, start:end], lse[start:end], temperature, ignore_index)
     return out, lse
 
 
-def logprobs_backward(grad, hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, out, lse,
-                      needs, steps):
+def logprobs_backward(grad, hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, softcap, out,
+                      lse, needs, steps):
     """grad (K, N) of out -> [d hidden (N, H) or (0,), d weight (V, H) or (0,)]: recomputes each
     chunk's logits, turns them into dL/dz in place, then two matmuls."""
     need_dh, need_dw = needs
@@ -202,10 +221,12 @@ def logprobs_backward(grad, hidden, weight, tokens, temperature, ignore_index, w
                 end = min(start + chunk_size, n)
                 h = hidden[start:end]
                 z = torch.mm(h, weight.t(), out=buffer[: end - start])
+                tanh = _soft_cap_(z, softcap)
                 entropy = out[1, start:end] if with_entropy else None
                 e = grad[1, start:end] if with_entropy else None
                 steps.logprobs_grad_(z, tokens[start:end], lse[start:end], entropy, grad[0, start:end], e,
                                      temperature, ignore_index)
+                _soft_cap_grad_(z, tanh)
                 if need_dh:
                     torch.mm(z, weight, out=dh[start:end])
                 if need_dw:
@@ -214,7 +235,8 @@ def logprobs_backward(grad, hidden, weight, tokens, temperature, ignore_index, w
 
 
 def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, temperature, divergence,
-                    jsd_beta, alpha, ignore_index, chunk_size, need_dh, need_dw, steps):
+                    jsd_beta, alpha, ignore_index, chunk_size, need_dh, need_dw, student_softcap, teacher_softcap,
+                    steps):
     """-> (loss (), dh (N, Hs) or (0,), dW (V, Hs) float32 or (0,)) for an incoming grad of 1
     (float16: of the summed loss; backward divides by n_valid)."""
     hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
@@ -240,8 +262,12 @@ def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weig
             h = hs[start:end]
             zs = torch.mm(h, ws.t(), out=s_buffer[: end - start])
             zt = torch.mm(ht[start:end], wt.t(), out=t_buffer[: end - start])
+            tanh = _soft_cap_(zs, student_softcap)
+            _soft_cap_(zt, teacher_softcap)
             steps.distill_(zs, zt, None if labels is None else labels[start:end], loss_rows[start:end], scale,
                            temperature, divergence, jsd_beta, alpha, ignore_index, compute_grad)
+            if compute_grad:
+                _soft_cap_grad_(zs, tanh)
             if need_dh:
                 torch.mm(zs, ws, out=dh[start:end])
             if need_dw:
@@ -250,8 +276,8 @@ def distill_forward(student_hidden, student_weight, teacher_hidden, teacher_weig
 
 
 def distill_backward(grad, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, temperature,
-                     divergence, jsd_beta, alpha, ignore_index, chunk_size, need_dh, need_dw, loss, dh, dw,
-                     needs=(True, True)):
+                     divergence, jsd_beta, alpha, ignore_index, chunk_size, need_dh, need_dw, student_softcap,
+                     teacher_softcap, loss, dh, dw, needs=(True, True)):
     """[d student_hidden, d student_weight] = grad · saved (float16: grad / n_valid)."""
     for needed, computed, name in zip(needs, (need_dh, need_dw), ("student_hidden", "student_weight")):
         if needed and not computed:
@@ -269,14 +295,14 @@ def distill_backward(grad, student_hidden, student_weight, teacher_hidden, teach
 # ---- op declarations ------------------------------------------------------------------------
 
 
-def _logprobs_fake(hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size):
+def _logprobs_fake(hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, softcap):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     return hidden.new_empty((2 if with_entropy else 1, n), dtype=acc), hidden.new_empty((n,), dtype=acc)
 
 
 def _distill_fake(hs, ws, ht, wt, labels, temperature, divergence, jsd_beta, alpha, ignore_index, chunk_size,
-                  need_dh, need_dw):
+                  need_dh, need_dw, student_softcap, teacher_softcap):
     acc = _acc_dtype(ws.dtype)
     return (
         hs.new_empty((), dtype=_acc_dtype(hs.dtype)),
@@ -289,12 +315,14 @@ def logprobs_kernels(steps: RowSteps) -> tuple[Callable, Callable]:
     """(forward, backward) kernels of ``fastlm::linear_logprobs`` for a backend's row steps, in the
     registry's calling convention."""
 
-    def forward(hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size):
-        return logprobs_forward(hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, steps)
+    def forward(hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, softcap):
+        return logprobs_forward(hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, softcap,
+                                steps)
 
-    def backward(grad, hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, out, lse, needs):
+    def backward(grad, hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size, softcap, out, lse,
+                 needs):
         return logprobs_backward(grad, hidden, weight, tokens, temperature, ignore_index, with_entropy, chunk_size,
-                                 out, lse, needs, steps)
+                                 softcap, out, lse, needs, steps)
 
     return forward, backward
 
@@ -318,7 +346,7 @@ _ref_kd_fwd, _ref_kd_bwd = distill_kernels(REFERENCE_STEPS)
 LOGPROBS_SPEC = OpSpec(
     LOGPROBS,
     "Tensor hidden, Tensor weight, Tensor tokens, float temperature, int ignore_index, bool with_entropy, "
-    "int chunk_size",
+    "int chunk_size, float softcap",
     "(Tensor, Tensor)",  # out (K, N) [logp; entropy], lse (N,) of the scaled logits
     _logprobs_fake,
     differentiable=(0, 1),
@@ -331,7 +359,7 @@ DISTILL_SPEC = OpSpec(
     DISTILL,
     "Tensor student_hidden, Tensor student_weight, Tensor teacher_hidden, Tensor teacher_weight, Tensor? labels, "
     "float temperature, str divergence, float jsd_beta, float alpha, int ignore_index, int chunk_size, "
-    "bool need_dh, bool need_dw",
+    "bool need_dh, bool need_dw, float student_softcap, float teacher_softcap",
     "(Tensor, Tensor, Tensor)",  # loss (), dh (N, Hs) or (0,), dW (V, Hs) float32 or (0,)
     _distill_fake,
     differentiable=(0, 1),
@@ -362,6 +390,15 @@ def _check_temperature(op: str, temperature) -> float:
     ):
         raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
+
+
+def _check_softcap(op: str, name: str, value) -> float:
+    """None (no cap) -> 0.0; else a finite number > 0."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{op}: {name} must be None (no cap) or a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _check_chunk(op: str, chunk_size) -> None:
@@ -411,6 +448,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    softcap: float | None = None,
     validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of given tokens (and the entropy) under softmax(hidden·Wᵀ / T), without
@@ -420,7 +458,8 @@ def linear_logprobs(
     dtype and device), tokens (N,) int64 in [0, V) or ``ignore_index`` -> logps (N,) float32
     (float64 for float64 inputs), or ``(logps, entropy)`` with ``return_entropy``:
 
-        p_i     = softmax(hidden_i · weightᵀ / temperature)
+        z_i     = hidden_i · weightᵀ          (softcap c: z_i ← c·tanh(z_i / c), as Gemma 2)
+        p_i     = softmax(z_i / temperature)
         logps_i = log p_i[tokens_i]          entropy_i = −Σ_j p_ij log p_ij
 
     both 0 on rows where tokens_i == ignore_index (padding; zero gradients there). Differentiable
@@ -435,6 +474,7 @@ def linear_logprobs(
     check_same_device(op, hidden=hidden, weight=weight, tokens=tokens)
     _check_int(op, "ignore_index", ignore_index)
     temperature = _check_temperature(op, temperature)
+    softcap = _check_softcap(op, "softcap", softcap)
     _check_chunk(op, chunk_size)
     hidden, weight = _autocast(hidden, weight)
     check_same_dtype(op, hidden=hidden, weight=weight)
@@ -444,7 +484,7 @@ def linear_logprobs(
     backend = select(op, hidden.device)
     with_entropy = bool(return_entropy)
     out, _ = torch.ops.fastlm.linear_logprobs(hidden, weight, tokens.contiguous(), temperature, int(ignore_index),
-                                              with_entropy, max(chunk, 1), backend)
+                                              with_entropy, max(chunk, 1), softcap, backend)
     return (out[0], out[1]) if with_entropy else out[0]
 
 
@@ -461,6 +501,8 @@ def linear_distillation_loss(
     alpha: float = 0.5,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Knowledge-distillation loss from hidden states and head weights, without either (N, V)
@@ -472,8 +514,10 @@ def linear_distillation_loss(
 
         loss = mean over rows i with labels_i ≠ ignore_index (all rows when labels is None) of
                alpha·T²·D(p_t,i, p_s,i) + (1 − alpha)·CE(student logits_i, labels_i)
-        p^T  = softmax(hidden · Wᵀ / T);  CE on the unscaled student logits
+        p^T  = softmax(z / T), z = hidden · Wᵀ;  CE on the unscaled student logits z
 
+    with each model's logit soft-cap c when given (``student_softcap``, ``teacher_softcap``;
+    Gemma 2's final_logit_softcapping): z ← c·tanh(z / c) before everything else;
     with ``alpha`` taken as 1 when labels is None. divergence: "forward_kl" KL(p_t‖p_s),
     "reverse_kl" KL(p_s‖p_t), "jsd" β·KL(p_t‖m) + (1 − β)·KL(p_s‖m) with m = β·p_t + (1 − β)·p_s
     and β = jsd_beta in (0, 1) (TRL's generalized JSD; its β = 0 and 1 limits are the two KLs).
@@ -504,6 +548,8 @@ def linear_distillation_loss(
             raise ValueError(f"{op}: {name} must be a number in {interval}, got {value!r}")
     _check_int(op, "ignore_index", ignore_index)
     temperature = _check_temperature(op, temperature)
+    caps = [_check_softcap(op, name, value) for name, value in
+            (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap))]
     _check_chunk(op, chunk_size)
     sh, sw = _autocast(student_hidden, student_weight)
     th, tw = _autocast(teacher_hidden, teacher_weight)
@@ -519,4 +565,5 @@ def linear_distillation_loss(
     backend = select(op, sh.device)
     return torch.ops.fastlm.linear_distillation_loss(
         sh, sw, th.detach(), tw.detach(), labels, temperature, divergence, float(jsd_beta),
-        1.0 if labels is None else float(alpha), int(ignore_index), max(chunk, 1), need_dh, need_dw, backend)[0]
+        1.0 if labels is None else float(alpha), int(ignore_index), max(chunk, 1), need_dh, need_dw, *caps,
+        backend)[0]

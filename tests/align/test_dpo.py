@@ -254,3 +254,15 @@ def test_trainer_fused_loss_equals_sequence_logprobs_path(tmp_path, loss, monkey
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-5)
     for name, grad in results[True][2].items():
         torch.testing.assert_close(grad, results[False][2][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_soft_capped_model_takes_the_sequence_logprobs_path():
+    """linear_preference_loss applies no logit soft-cap: a soft-capped model (Gemma 2) is scored by
+    sequence_logprobs (whose fused op applies it)."""
+    from fastlm.align.logprobs import preference_rows
+
+    model, tok = _model()
+    batch = _source(tok).batch(0)
+    assert preference_rows(model, batch["input_ids"], batch["loss_mask"]) is not None
+    model.config.final_softcap = 30.0
+    assert preference_rows(model, batch["input_ids"], batch["loss_mask"]) is None

@@ -79,6 +79,44 @@ def test_whiten_over_masked_tokens():
     torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([2.0, 4.5]))
 
 
+def _whiten_worker(rank, shards, init_file, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        x, mask = shards[rank]
+
+        def reduce(t):
+            dist.all_reduce(t)
+            return t
+
+        results[rank] = masked_whiten(x, mask, reduce=reduce)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whiten_over_processes_equals_whiten_of_the_whole_batch(tmp_path):
+    """Two gloo processes, each with its own rollout rows (different lengths and masks), whiten
+    with the statistics of both: the same as whitening the concatenated batch in one process."""
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3 + 1
+    mask = (torch.rand(5, 7, generator=g) > 0.3).to(torch.int64)
+    shards = [(x[:2], mask[:2]), (x[2:], mask[2:])]
+    results = mp.Manager().dict()
+    mp.spawn(_whiten_worker, args=(shards, tmp_path / "init", results), nprocs=2, join=True)
+    got = torch.cat((results[0], results[1]))
+    torch.testing.assert_close(got, masked_whiten(x, mask))
+    local = torch.cat((masked_whiten(*shards[0]), masked_whiten(*shards[1])))
+    assert not torch.allclose(local, got)  # per-process whitening would differ
+    identity = masked_whiten(x, mask, reduce=lambda t: t)  # one process: the plain statistics
+    torch.testing.assert_close(identity, masked_whiten(x, mask))
+    torch.testing.assert_close(masked_whiten(x, None, reduce=lambda t: t), masked_whiten(x))
+    with pytest.raises(ValueError, match="dim=None"):
+        masked_mean(x, mask, dim=1, reduce=lambda t: t)
+
+
 def test_kl_estimators():
     lp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
     d = lp - ref

@@ -101,6 +101,25 @@ def test_policy_logprobs_equal_log_softmax_of_the_logits():
         torch.testing.assert_close(ent.double(), -(logp.exp() * logp).sum(-1) * seqs.target_mask, atol=1e-5, rtol=1e-5)
 
 
+def test_policy_logprobs_apply_the_final_soft_cap():
+    """A Gemma 2 style head (logits ← c·tanh(logits / c)): RL scores through the fused op with the
+    model's cap, equal to log_softmax of the model's own (capped) logits."""
+    model = tiny_model()
+    model.config.final_softcap = 2.0  # logits of the peaked head reach ~10: the cap bends them
+    _, seqs = _rollout(model, R.GenerationSettings(max_new_tokens=5))
+    hidden = model(seqs.input_ids, key_lens=seqs.attention_mask.sum(1), return_hidden=True)
+    assert R.head_softcap(lora(model)) == 2.0 and R.head_softcap(tiny_model()) is None
+    lp, ent = R.policy_logprobs(hidden, R.head_weight(model), seqs.input_ids, seqs.target_mask, temperature=0.7,
+                                softcap=R.head_softcap(model))
+    logp = torch.log_softmax(model.head(hidden[:, :-1]).double() / 0.7, -1)
+    want = logp.gather(-1, seqs.input_ids[:, 1:, None]).squeeze(-1) * seqs.target_mask
+    torch.testing.assert_close(lp.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), -(logp.exp() * logp).sum(-1) * seqs.target_mask, atol=1e-5, rtol=1e-5)
+    uncapped = R.policy_logprobs(hidden, model.lm_head.weight, seqs.input_ids, seqs.target_mask, temperature=0.7,
+                                 return_entropy=False)
+    assert (uncapped - lp).abs().max() > 1e-2
+
+
 def test_lora_reference_is_the_base_with_adapters_off():
     base = tiny_model()
     frozen = tiny_model()  # the same weights, a separate copy

@@ -10,7 +10,7 @@ def test_pytest_benchmark_modules_are_recognised():
     names = run.discover()
     kinds = {name: run.is_pytest_benchmark(name) for name in names}
     assert kinds["bench_dispatch"] and kinds["bench_align_losses"]
-    assert not kinds["bench_ops"] and not kinds["bench_decode"]
+    assert all(kinds.values()), kinds  # every module is a pytest-benchmark module: one harness
 
 
 def test_a_failing_pytest_module_is_reported_not_raised(tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_report import speed_table
+from bench import gpu_report
+from bench.gpu_report import speed_records, speed_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,3 +63,57 @@ def test_speed_table_from_bench_ops_records():
     ]
     # shape c is left out (triton failed there); torch's peer is not a backend; gelu has one backend
     assert speed_table(rows) == {"rms_norm": {"reference": 6.0, "triton": 1.5}}
+
+
+def _bench(op, impl, shape, median_s, dtype="bfloat16"):
+    """One pytest-benchmark record as bench_ops writes it (only the fields gpu_report reads)."""
+    return {"group": f"{op} {shape} {dtype}", "name": f"test_op[{op}-{shape}-{impl}]",
+            "extra_info": {"op": op, "impl": impl, "shape": shape, "dtype": dtype, "device": "cuda"},
+            "stats": {"median": median_s, "rounds": 5}}
+
+
+def _bench_ops_json():
+    return {"machine_info": {"fastlm_env": {"gpu": "NVIDIA H200"}}, "benchmarks": [
+        _bench("rms_norm", "reference", "N8 D4", 2e-3), _bench("rms_norm", "triton", "N8 D4", 0.5e-3),
+        _bench("rms_norm", "F.rms_norm", "N8 D4", 0.1e-3),  # torch's peer: not a backend
+        _bench("rms_norm", "reference", "N16 D4", 4e-3), _bench("rms_norm", "triton", "N16 D4", 1e-3),
+        _bench("rms_norm", "reference", "N32 D4", 9e-3),  # triton skipped or failed there: no record
+        _bench("sample", "reference", "B8 V32 T1", 3e-3, "float32"),
+        _bench("sample", "cuda", "B8 V32 T1", 1e-3, "float32"),
+        _bench("sample", "triton", "B8 V32 T1", 2e-3, "float32"),
+        _bench("gelu", "reference", "N8", 1e-3),  # one backend: nothing to choose
+        {"group": "other", "name": "test_x", "extra_info": {"impl": "triton"}, "stats": {"median": 1.0}},  # no op
+    ]}
+
+
+def test_speed_table_from_bench_ops_pytest_benchmark_json():
+    records = speed_records(_bench_ops_json())
+    assert {"op": "rms_norm", "shape": "N8 D4", "dtype": "bfloat16", "backend": "triton", "status": "ok",
+            "median_ms": pytest.approx(0.5)} in records
+    assert len(records) == 10
+    table = speed_table(records)
+    assert table.keys() == {"rms_norm", "sample"}
+    assert table["rms_norm"] == {"reference": pytest.approx(6.0), "triton": pytest.approx(1.5)}
+    assert table["sample"] == {"cuda": pytest.approx(1.0), "reference": pytest.approx(3.0),
+                               "triton": pytest.approx(2.0)}
+    with pytest.raises(ValueError, match="benchmarks"):
+        speed_records({"machine_info": {}})
+
+
+def test_report_writes_a_speed_table_that_backend_selection_loads(tmp_path, monkeypatch):
+    from fastlm.ops import backend
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "bench").mkdir(parents=True)
+    (work / "bench" / "bench_ops.json").write_text(json.dumps(_bench_ops_json()))
+    assert gpu_report.main(["--work", str(work), "--out", str(out)]) == 0
+    payload = json.loads((out / "backend_speed.json").read_text())
+    assert payload["device"] == "NVIDIA H200" and payload["unit"] == "ms" and payload["source"] == "bench_ops"
+    monkeypatch.setattr(backend, "_speed", None)
+    monkeypatch.setattr(backend, "_speed_loaded", False)
+    try:
+        assert backend.load_speed_table(out / "backend_speed.json") == payload["ops"]
+        assert backend._measured("rms_norm") == payload["ops"]["rms_norm"]
+    finally:
+        backend.set_speed_table(None)
+    assert "bench_ops" in json.loads((out / "gpu_run.json").read_text())["bench_modules"]

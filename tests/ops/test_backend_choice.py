@@ -95,3 +95,25 @@ def test_speed_table_file(gpu_like, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="'ops' mapping"):
         backend.load_speed_table(path)
     backend.set_speed_table(None)
+
+
+def test_the_choice_is_baked_into_compiled_graphs(gpu_like):
+    """Under torch.compile the choice is made in Python, once, and becomes a constant of the
+    graph: Dynamo never traces the availability probes (torch 2.11's refused importlib's
+    find_spec there, breaking compile=True decoding on the GPU). fullgraph: no graph break."""
+    calls = []
+
+    def probe():  # a probe Dynamo cannot trace without a graph break (fullgraph would raise)
+        calls.append(1)
+        torch._dynamo.graph_break()
+        return True
+
+    backend._triton_installed = probe  # restored by gpu_like's monkeypatch
+
+    def step(x):
+        return x + len(backend.select("rms_norm", CUDA))
+
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True, backend="eager")(torch.zeros(2))
+    assert out.tolist() == [len("triton")] * 2
+    assert calls  # probed, in Python

@@ -102,13 +102,16 @@ CASES = {
     "sample": _sample_cases,
     "fused_linear_cross_entropy": lambda: [(_d(3, 4), _d(5, 4, seed=1), torch.tensor([1, -100, 4]), -100, 2,
                                             True, True)],
-    "linear_logprobs": lambda: [(_d(3, 4), _d(5, 4, seed=1), torch.tensor([1, -100, 4]), 0.7, -100, True, 2),
-                                (_d(3, 4), _d(5, 4, seed=1), torch.tensor([0, 2, 4]), 1.0, -100, False, 8)],
+    "linear_logprobs": lambda: [(_d(3, 4), _d(5, 4, seed=1), torch.tensor([1, -100, 4]), 0.7, -100, True, 2, 0.0),
+                                (_d(3, 4), _d(5, 4, seed=1), torch.tensor([0, 2, 4]), 1.0, -100, False, 8, 0.0),
+                                (_d(3, 4), _d(5, 4, seed=1), torch.tensor([0, 2, 4]), 0.8, -100, True, 2, 1.5)],
     "linear_distillation_loss": lambda: [
         (_d(3, 4), _d(5, 4, seed=1), _d(3, 6, seed=2), _d(5, 6, seed=3), torch.tensor([1, -100, 4]), 2.0,
-         divergence, 0.3, 0.6, -100, 2, True, True) for divergence in ("forward_kl", "reverse_kl", "jsd")
+         divergence, 0.3, 0.6, -100, 2, True, True, 0.0, 0.0) for divergence in ("forward_kl", "reverse_kl", "jsd")
     ] + [(_d(3, 4), _d(5, 4, seed=1), _d(3, 6, seed=2), _d(5, 6, seed=3), None, 1.0, "forward_kl", 0.5, 0.5, -100,
-          8, True, True)],
+          8, True, True, 0.0, 0.0),
+         (_d(3, 4), _d(5, 4, seed=1), _d(3, 6, seed=2), _d(5, 6, seed=3), torch.tensor([1, -100, 4]), 2.0,
+          "forward_kl", 0.5, 0.6, -100, 2, True, True, 1.5, 2.5)],  # soft-capped student and teacher
     "linear_preference_loss": lambda: [  # 2 pairs of T = 2: sigmoid (smoothed, T = 0.7, 1 pair/chunk), ipo, simpo
         (_d(8, 4), _d(5, 4, seed=1), torch.tensor([[1, -100], [4, 0], [2, 3], [0, 1]]),
          torch.tensor([[1, 1], [0, 1], [1, 1], [1, 0]]), ref, loss, 0.5, 0.3, eps, temp, -100, 1, True, True)
@@ -233,9 +236,14 @@ def f_lora_mixed(x, w, a, b, scales, index, bias):
     return torch.stack(rows)
 
 
-def f_linear_logprobs(h, w, tokens, temperature, ignore, with_entropy, chunk):
-    """log softmax(h·Wᵀ/T)[token] and the entropy of that distribution, 0 on ignored rows."""
-    logp = torch.log_softmax(h.double() @ w.double().t() / temperature, dim=-1)
+def _capped(z, cap):
+    """c·tanh(z / c) (Gemma 2's logit soft-cap), z itself for c = 0."""
+    return cap * torch.tanh(z / cap) if cap else z
+
+
+def f_linear_logprobs(h, w, tokens, temperature, ignore, with_entropy, chunk, cap):
+    """log softmax(cap(h·Wᵀ)/T)[token] and the entropy of that distribution, 0 on ignored rows."""
+    logp = torch.log_softmax(_capped(h.double() @ w.double().t(), cap) / temperature, dim=-1)
     valid = tokens != ignore
     picked = logp.gather(-1, torch.where(valid, tokens, 0)[:, None]).squeeze(-1) * valid
     entropy = -(logp.exp() * logp).sum(-1) * valid
@@ -266,9 +274,12 @@ def kd_from_logits(zs, zt, labels, temperature, divergence, beta, alpha, ignore=
     return ((alpha * temperature ** 2 * d + (1 - alpha) * ce) * keep).sum() / keep.sum()
 
 
-def f_linear_distillation_loss(hs, ws, ht, wt, labels, temperature, divergence, beta, alpha, ignore, *_):
-    """kd_from_logits on h·Wᵀ (the public function passes α = 1 when there are no labels)."""
-    return kd_from_logits(hs.double() @ ws.double().t(), ht.double() @ wt.double().t(), labels, temperature,
+def f_linear_distillation_loss(hs, ws, ht, wt, labels, temperature, divergence, beta, alpha, ignore, chunk,
+                               need_dh, need_dw, student_cap, teacher_cap):
+    """kd_from_logits on each model's (soft-capped) h·Wᵀ (the public function passes α = 1 when
+    there are no labels)."""
+    return kd_from_logits(_capped(hs.double() @ ws.double().t(), student_cap),
+                          _capped(ht.double() @ wt.double().t(), teacher_cap), labels, temperature,
                           divergence, beta, alpha, ignore)
 
 

@@ -113,11 +113,16 @@ def test_logprobs_custom_ignore_index_only_hidden_grad_and_tied():
 def test_opcheck():
     hidden, weight, tokens = make(5, 4, 11, dtype=torch.float32, ignored=(0,))
     torch.library.opcheck(torch.ops.fastlm.linear_logprobs.default,
-                          (hidden, weight, tokens, 1.3, -100, True, 2, "reference"))
+                          (hidden, weight, tokens, 1.3, -100, True, 2, 0.0, "reference"))
+    torch.library.opcheck(torch.ops.fastlm.linear_logprobs.default,
+                          (hidden, weight, tokens, 1.3, -100, True, 2, 1.5, "reference"))
     th, tw, _ = make(5, 3, 11, dtype=torch.float32, seed=1)
     torch.library.opcheck(torch.ops.fastlm.linear_distillation_loss.default,
                           (hidden, weight, th.detach(), tw.detach(), tokens, 2.0, "jsd", 0.4, 0.5, -100, 2, True, True,
-                           "reference"))
+                           0.0, 0.0, "reference"))
+    torch.library.opcheck(torch.ops.fastlm.linear_distillation_loss.default,
+                          (hidden, weight, th.detach(), tw.detach(), tokens, 2.0, "forward_kl", 0.5, 0.5, -100, 2, True,
+                           True, 1.5, 3.0, "reference"))
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
@@ -217,3 +222,63 @@ def test_forced_backend_without_kernel_is_an_error_not_a_fallback():
     with pytest.raises((fastlm.ops.BackendUnavailableError, NotImplementedError)):
         with fastlm.use_backend("cuda"):
             ops.linear_logprobs(hidden, weight, tokens)
+
+
+# ---- logit soft-cap (Gemma 2: z <- c·tanh(z / c)) ------------------------------------------------
+
+
+def _capped(hidden, weight, cap):
+    z = hidden @ weight.T
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+def test_logprobs_with_softcap_match_the_capped_formula():
+    hidden, weight, tokens = make(7, 5, 13, ignored=(2,))
+    cap = 1.5  # |z| reaches ~3·|h|: the cap bends most logits
+    lp, ent = ops.linear_logprobs(hidden, weight, tokens, temperature=0.8, return_entropy=True, chunk_size=3,
+                                  softcap=cap)
+    logp = torch.log_softmax(_capped(hidden, weight, cap) / 0.8, -1)
+    valid = tokens != -100
+    want_lp = logp.gather(-1, tokens.clamp(min=0)[:, None]).squeeze(-1) * valid
+    want_ent = -(logp.exp() * logp).sum(-1) * valid
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ent, want_ent, rtol=0, atol=1e-12)
+    got = torch.autograd.grad((lp * 1.3).sum() + (ent * 0.4).sum(), (hidden, weight))
+    want = torch.autograd.grad((want_lp * 1.3).sum() + (want_ent * 0.4).sum(), (hidden, weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    uncapped = ops.linear_logprobs(hidden, weight, tokens, temperature=0.8)
+    assert not torch.allclose(uncapped, lp)  # the cap mattered
+    fn = lambda h, w: ops.linear_logprobs(h, w, tokens, return_entropy=True, chunk_size=2, softcap=2.0)  # noqa: E731
+    small = make(4, 3, 6, seed=4)
+    tokens = small[2]
+    assert torch.autograd.gradcheck(fn, small[:2])
+
+
+@pytest.mark.parametrize("student_cap,teacher_cap", [(1.5, None), (None, 2.0), (2.5, 1.0)])
+def test_distillation_with_softcaps_matches_the_capped_formula(student_cap, teacher_cap):
+    sh, sw, labels = make(9, 6, 17, ignored=(3,))
+    th, tw, _ = make(9, 4, 17, seed=1)
+    th, tw = th.detach(), tw.detach()
+    loss = ops.linear_distillation_loss(sh, sw, th, tw, labels, temperature=2.0, divergence="forward_kl", alpha=0.4,
+                                        chunk_size=4, student_softcap=student_cap, teacher_softcap=teacher_cap)
+    zs, zt = _capped(sh, sw, student_cap), _capped(th, tw, teacher_cap)
+    ls, lt = torch.log_softmax(zs / 2.0, -1), torch.log_softmax(zt / 2.0, -1)
+    valid = labels != -100
+    ce = -torch.log_softmax(zs, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    rows = 0.4 * 4.0 * (lt.exp() * (lt - ls)).sum(-1) + 0.6 * ce
+    want = (rows * valid).sum() / valid.sum()
+    torch.testing.assert_close(loss, want, rtol=0, atol=1e-12)
+    got = torch.autograd.grad(loss * 1.7, (sh, sw))
+    ref = torch.autograd.grad(want * 1.7, (sh, sw))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_bad_softcaps_are_refused():
+    hidden, weight, tokens = make(4, 3, 6)
+    for bad in (0.0, -1.0, float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="softcap must be None"):
+            ops.linear_logprobs(hidden, weight, tokens, softcap=bad)
+    with pytest.raises(ValueError, match="teacher_softcap"):
+        ops.linear_distillation_loss(hidden, weight, hidden.detach(), weight.detach(), teacher_softcap=0)

@@ -56,10 +56,11 @@ def unfused_logprobs(h, w, tokens, temperature):
     return lp, -(logp.exp() * logp).sum(-1) * valid
 
 
-def fused_logprobs(backend, chunk):
+def fused_logprobs(backend, chunk, softcap=None):
     def fn(h, w, tokens, temperature):
         with fastlm.use_backend(backend):
-            return ops.linear_logprobs(h, w, tokens, temperature=temperature, return_entropy=True, chunk_size=chunk)
+            return ops.linear_logprobs(h, w, tokens, temperature=temperature, return_entropy=True, chunk_size=chunk,
+                                       softcap=softcap)
     return fn
 
 
@@ -68,15 +69,16 @@ def test_registered():
         assert has_kernel(name, "triton") and has_kernel(f"{name}_backward", "triton")
 
 
-@pytest.mark.parametrize("n,v,chunk,tiled", [(1, 7, None, False), (37, 123, 8, True), (37, 100, None, False)])
-def test_logprobs_float64_equals_reference(monkeypatch, n, v, chunk, tiled):
+@pytest.mark.parametrize("n,v,chunk,tiled,softcap", [(1, 7, None, False, None), (37, 123, 8, True, None),
+                                                     (37, 100, None, False, None), (37, 123, 8, True, 2.5)])
+def test_logprobs_float64_equals_reference(monkeypatch, n, v, chunk, tiled, softcap):
     if tiled:
         several_tiles(monkeypatch)
     hidden, weight, tokens = make(n, 16, v, torch.float64, ignore_every=4)
     g = torch.Generator().manual_seed(1)
     g_lp, g_ent = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
-    got = run_logprobs(fused_logprobs("triton", chunk), hidden, weight, tokens, 0.7, g_lp, g_ent)
-    want = run_logprobs(fused_logprobs("reference", chunk), hidden, weight, tokens, 0.7, g_lp, g_ent)
+    got = run_logprobs(fused_logprobs("triton", chunk, softcap), hidden, weight, tokens, 0.7, g_lp, g_ent)
+    want = run_logprobs(fused_logprobs("reference", chunk, softcap), hidden, weight, tokens, 0.7, g_lp, g_ent)
     for name, a, b in zip(("logp", "entropy", "d hidden", "d weight"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
@@ -139,6 +141,7 @@ CASES = [
     dict(temperature=2.0, divergence="reverse_kl", alpha=0.8),
     dict(temperature=1.5, divergence="jsd", alpha=0.3, jsd_beta=0.2),
     dict(temperature=1.0, divergence="jsd", alpha=1.0),
+    dict(temperature=2.0, divergence="forward_kl", alpha=0.5, student_softcap=2.0, teacher_softcap=3.0),  # Gemma 2
 ]
 
 
