@@ -19,8 +19,8 @@ cached (``reference="precompute"``); or, for a LoRA model, by the same model wit
 disabled at each step (``reference="adapters_off"``: no second copy of the weights, as TRL does
 with PEFT). The policy's loss goes through :func:`fastlm.ops.linear_preference_loss` (the head,
 the sequence log-probs, the loss and its gradients in one pass chunked by pairs: no (B, T, V)
-logits, no recomputation in backward); a head that op cannot take (a final logit soft-cap, LoRA on
-lm_head) goes through :func:`fastlm.align.logprobs.sequence_logprobs` and the loss functions
+logits, no recomputation in backward; a final logit soft-cap applied); a head that op cannot take
+(LoRA on lm_head) goes through :func:`fastlm.align.logprobs.sequence_logprobs` and the loss functions
 below. Per step, metrics.jsonl gets ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/accuracies`` and ``rewards/margins`` as TRL logs them.
 """
@@ -233,11 +233,11 @@ class DPOTrainer(Trainer):
             else:
                 ref = batch.get("ref_logps")
             if rows is not None:  # the fused op: loss and gradients in one pass over the head, no logits
-                hidden, weight, targets, mask = rows
+                hidden, weight, targets, mask, softcap = rows
                 out = ops.linear_preference_loss(hidden, weight, targets, mask, None if dpo.loss == "simpo" else ref,
                                                  loss=dpo.loss, beta=dpo.beta, gamma=dpo.simpo_gamma,
                                                  label_smoothing=dpo.label_smoothing, ignore_index=IGNORE,
-                                                 validate=False)
+                                                 softcap=softcap, validate=False)
                 loss_sum, r_c, r_r = out.loss, out.chosen_rewards.float(), out.rejected_rewards.float()
         if rows is None:
             chosen, rejected = logps.chunk(2)

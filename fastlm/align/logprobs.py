@@ -204,11 +204,11 @@ def preference_rows(
     *,
     attention_mask: torch.Tensor | None = None,
     validate: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float | None] | None:
     """The inputs of :func:`fastlm.ops.linear_preference_loss` for a batch of sequences (rows as
     :func:`sequence_logprobs` scores them): (hidden (B·(T−1), H), head weight (V, H), targets
-    (B, T−1) with IGNORE at padding, mask (B, T−1)), or None when the model's head is not fusable
-    or has a final logit soft-cap, which that op does not apply (then nothing is run; score with
+    (B, T−1) with IGNORE at padding, mask (B, T−1), the final logit soft-cap or None), or None
+    when the model's head is not fusable (then nothing is run; score with
     :func:`sequence_logprobs`). Left-padded rows are rotated as in :func:`token_logprobs`; their
     mask goes with them."""
     _check(input_ids, attention_mask, 1.0)
@@ -216,11 +216,11 @@ def preference_rows(
         shape = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
         raise ValueError(f"preference_rows: loss_mask must have input_ids' shape (B, T), got {shape}")
     base = _base(model)
-    if not _fusable(base) or getattr(base.config, "final_softcap", None) is not None:
+    if not _fusable(base):
         return None
     h, targets, start = _hidden_rows(model, input_ids, attention_mask, validate)
     mask = loss_mask
     if start is not None:
         t = input_ids.shape[1]
         mask = mask.gather(1, (torch.arange(t, device=mask.device)[None, :] + start[:, None]) % t)
-    return h, _head_weight(base, h), targets, mask[:, 1:]
+    return h, _head_weight(base, h), targets, mask[:, 1:], getattr(base.config, "final_softcap", None)

@@ -9,6 +9,7 @@ One ``fastlm::linear_preference_loss`` custom op (:mod:`fastlm.ops.registry`). I
 
     h_c   = [chosen rows; rejected rows]    (2K·T, H), gathered (a small copy) so each GEMM is one call
     z     = h_c · Wᵀ                        (2K·T, V) logits in the input dtype (GEMM 1; one reused buffer)
+            (with a soft-cap c: z ← c·tanh(z / c), and the gradient below times 1 − tanh²)
     row step (backend):  logp_i = s_i[t_i] − lse(s_i),  s = z / temperature   (0 where t_i = ignore_index)
     π_q   = Σ_{i ∈ q} w_i·logp_i,  w_i = mask_i·[t_i ≠ ignore_index]          (per sequence q)
     π̄_q  = π_q / max(Σ_{i ∈ q} w_i, 1)                                          (IPO, SimPO)
@@ -58,9 +59,12 @@ from fastlm.ops.logprobs import (
     _check_ids,
     _check_int,
     _check_linear,
+    _check_softcap,
     _check_temperature,
     _safe,
     _scaled_logits,
+    _soft_cap_,
+    _soft_cap_grad_,
 )
 from fastlm.ops.reference import wide
 from fastlm.ops.registry import OpSpec, define_op
@@ -151,7 +155,7 @@ def pair_terms(chosen, rejected, ref, loss, beta, gamma, eps):
 
 
 def preference_forward(hidden, weight, tokens, mask, ref_logps, loss, beta, gamma, label_smoothing, temperature,
-                       ignore_index, chunk_size, need_dh, need_dw, steps):
+                       ignore_index, chunk_size, softcap, need_dh, need_dw, steps):
     """-> loss_sum (), pairs (5, P) [losses; chosen rewards; rejected rewards; chosen logps;
     rejected logps], dh (2P·T, H) or (0,), dW (V, H) float32 or (0,) — the gradients for an
     incoming grad of 1. ``chunk_size`` is in pairs."""
@@ -178,6 +182,7 @@ def preference_forward(hidden, weight, tokens, mask, ref_logps, loss, beta, gamm
             contiguous = k == pairs  # one chunk: the chosen and rejected rows are adjacent
             h = hidden if contiguous else torch.cat((hidden[rows[0]], hidden[rows[1]]))  # (2n, H): one GEMM each
             torch.mm(h, weight.t(), out=z)
+            tanh = _soft_cap_(z, softcap)  # None without a cap
             tok = torch.cat((flat_tokens[rows[0]], flat_tokens[rows[1]]))  # (2n,)
             w = torch.cat((weights[a:a + k], weights[pairs + a:pairs + a + k])).to(acc)  # (2K, T)
             steps.logprobs_(z, tok, logp[: 2 * n], stat[: 2 * n], temperature, ignore_index)
@@ -193,6 +198,7 @@ def preference_forward(hidden, weight, tokens, mask, ref_logps, loss, beta, gamm
                 continue
             g = (torch.cat((d, -d))[:, None] * w).reshape(-1)  # (2n,) dL/dlogp_i
             steps.grad_(z, tok, stat[: 2 * n], g, temperature, ignore_index)
+            _soft_cap_grad_(z, tanh)
             if need_dh:
                 if contiguous:
                     torch.mm(z, weight, out=dh)
@@ -205,7 +211,7 @@ def preference_forward(hidden, weight, tokens, mask, ref_logps, loss, beta, gamm
 
 
 def preference_backward(grad, hidden, weight, tokens, mask, ref_logps, loss, beta, gamma, label_smoothing,
-                        temperature, ignore_index, chunk_size, need_dh, need_dw, loss_sum, pairs, dh, dw,
+                        temperature, ignore_index, chunk_size, softcap, need_dh, need_dw, loss_sum, pairs, dh, dw,
                         needs=(True, True)):
     """[d hidden, d weight] = grad · (saved dh, saved dW)."""
     for needed, computed, name in zip(needs, (need_dh, need_dw), ("hidden", "weight")):
@@ -232,7 +238,7 @@ def preference_kernels(steps: PairSteps) -> tuple[Callable, Callable]:
 
 
 def _fake(hidden, weight, tokens, mask, ref_logps, loss, beta, gamma, label_smoothing, temperature, ignore_index,
-          chunk_size, need_dh, need_dw):
+          chunk_size, softcap, need_dh, need_dw):
     acc = _acc_dtype(hidden.dtype)
     wacc = _acc_dtype(weight.dtype)
     return (
@@ -248,8 +254,8 @@ _ref_forward, _ref_backward = preference_kernels(REFERENCE_STEPS)
 PREFERENCE_SPEC = OpSpec(
     PREFERENCE,
     "Tensor hidden, Tensor weight, Tensor tokens, Tensor mask, Tensor? ref_logps, str loss, float beta, "
-    "float gamma, float label_smoothing, float temperature, int ignore_index, int chunk_size, bool need_dh, "
-    "bool need_dw",
+    "float gamma, float label_smoothing, float temperature, int ignore_index, int chunk_size, float softcap, "
+    "bool need_dh, bool need_dw",
     "(Tensor, Tensor, Tensor, Tensor)",  # loss_sum (), pairs (5, P), dh (2P·T, H) or (0,), dW (V, H) fp32 or (0,)
     _fake,
     differentiable=(0, 1),
@@ -303,6 +309,7 @@ def linear_preference_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    softcap: float | None = None,
     validate: bool = True,
 ) -> PreferenceLoss:
     """DPO / IPO / SimPO loss from hidden states and the LM head weight, chunked by pairs, the
@@ -315,7 +322,8 @@ def linear_preference_loss(
     [chosen, rejected] reference sequence log-probs (sums for "sigmoid", per-token means for
     "ipo"), None for "simpo" (reference-free).
 
-        logp_i = log softmax(hidden_i · Wᵀ / temperature)[tokens_i]
+        logp_i = log softmax(z_i / temperature)[tokens_i],   z_i = hidden_i · Wᵀ
+                 (z_i ← softcap·tanh(z_i / softcap) with a final logit ``softcap``, Gemma 2's)
         π_q    = Σ_{i ∈ q, mask_i = 1, tokens_i ≠ ignore_index} logp_i   (÷ that count for ipo/simpo)
 
     then per pair exactly fastlm.align.dpo's ``dpo_loss(loss_type="sigmoid"|"ipo")`` or
@@ -363,6 +371,7 @@ def linear_preference_loss(
     check_same_device(op, hidden=hidden, weight=weight, **others)
     _check_int(op, "ignore_index", ignore_index)
     temperature = _check_temperature(op, temperature)
+    softcap = _check_softcap(op, "softcap", softcap)
     _check_chunk(op, chunk_size)
     hidden, weight = _autocast(hidden, weight)
     check_same_dtype(op, hidden=hidden, weight=weight)
@@ -377,5 +386,5 @@ def linear_preference_loss(
     ref = None if ref_logps is None else ref_logps.detach().contiguous()
     loss_sum, pairs, _, _ = torch.ops.fastlm.linear_preference_loss(
         hidden, weight, tokens.contiguous(), mask.contiguous(), ref, loss, beta, gamma, eps, temperature,
-        int(ignore_index), max(chunk, 1), need_dh, need_dw, backend)
+        int(ignore_index), max(chunk, 1), softcap, need_dh, need_dw, backend)
     return PreferenceLoss(loss_sum, *pairs.unbind(0))

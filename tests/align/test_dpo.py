@@ -224,14 +224,15 @@ def test_fused_preference_op_equals_trl_on_the_same_logits(loss_type):
         torch.testing.assert_close(g, tg.double(), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
-def test_trainer_fused_loss_equals_sequence_logprobs_path(tmp_path, loss, monkeypatch):
+@pytest.mark.parametrize("loss,softcap", [("sigmoid", None), ("ipo", None), ("simpo", None), ("sigmoid", 3.0)])
+def test_trainer_fused_loss_equals_sequence_logprobs_path(tmp_path, loss, softcap, monkeypatch):
     """DPOTrainer's loss through the fused op equals the sequence_logprobs + dpo_loss/simpo_loss
     path: the loss sum, every parameter's gradient and the reward statistics (the metrics)."""
     calls = []
     fused_op = ops.linear_preference_loss
     monkeypatch.setattr(ops, "linear_preference_loss", lambda *a, **k: calls.append(1) or fused_op(*a, **k))
     model, tok = _model(seed=1)
+    model.config.final_softcap = softcap  # Gemma 2's final logit soft-cap: applied by both paths
     source = _source(tok, n=8)
     config = TrainerConfig(out=str(tmp_path), max_steps=1, batch_size=8, lr=1e-3, warmup_steps=0, progress=False)
     dpo = DPOConfig(loss=loss, beta=0.5 if loss != "simpo" else 2.0, label_smoothing=0.1 if loss != "ipo" else 0.0,
@@ -254,15 +255,3 @@ def test_trainer_fused_loss_equals_sequence_logprobs_path(tmp_path, loss, monkey
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-5)
     for name, grad in results[True][2].items():
         torch.testing.assert_close(grad, results[False][2][name], rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_soft_capped_model_takes_the_sequence_logprobs_path():
-    """linear_preference_loss applies no logit soft-cap: a soft-capped model (Gemma 2) is scored by
-    sequence_logprobs (whose fused op applies it)."""
-    from fastlm.align.logprobs import preference_rows
-
-    model, tok = _model()
-    batch = _source(tok).batch(0)
-    assert preference_rows(model, batch["input_ids"], batch["loss_mask"]) is not None
-    model.config.final_softcap = 30.0
-    assert preference_rows(model, batch["input_ids"], batch["loss_mask"]) is None

@@ -114,9 +114,9 @@ CASES = {
           "forward_kl", 0.5, 0.6, -100, 2, True, True, 1.5, 2.5)],  # soft-capped student and teacher
     "linear_preference_loss": lambda: [  # 2 pairs of T = 2: sigmoid (smoothed, T = 0.7, 1 pair/chunk), ipo, simpo
         (_d(8, 4), _d(5, 4, seed=1), torch.tensor([[1, -100], [4, 0], [2, 3], [0, 1]]),
-         torch.tensor([[1, 1], [0, 1], [1, 1], [1, 0]]), ref, loss, 0.5, 0.3, eps, temp, -100, 1, True, True)
-        for loss, ref, eps, temp in (("sigmoid", _d(2, 2, seed=2), 0.1, 0.7), ("ipo", _d(2, 2, seed=2), 0.0, 1.0),
-                                     ("simpo", None, 0.2, 1.0))],
+         torch.tensor([[1, 1], [0, 1], [1, 1], [1, 0]]), ref, loss, 0.5, 0.3, eps, temp, -100, 1, cap, True, True)
+        for loss, ref, eps, temp, cap in (("sigmoid", _d(2, 2, seed=2), 0.1, 0.7, 0.0),
+                                          ("ipo", _d(2, 2, seed=2), 0.0, 1.0, 1.5), ("simpo", None, 0.2, 1.0, 0.0))],
 }
 
 
@@ -283,9 +283,11 @@ def f_linear_distillation_loss(hs, ws, ht, wt, labels, temperature, divergence, 
                           divergence, beta, alpha, ignore)
 
 
-def f_linear_preference_loss(h, w, tokens, mask, ref, loss, beta, gamma, eps, temperature, ignore, *_):
-    """Σ over pairs of the DPO / IPO / SimPO loss on sequence log-probs from full float64 logits."""
-    logp = torch.log_softmax(h.double() @ w.double().t() / temperature, -1)
+def f_linear_preference_loss(h, w, tokens, mask, ref, loss, beta, gamma, eps, temperature, ignore, chunk, cap, *_):
+    """Σ over pairs of the DPO / IPO / SimPO loss on sequence log-probs from full float64 logits
+    (soft-capped: cap·tanh(z / cap), when cap > 0)."""
+    z = h.double() @ w.double().t()
+    logp = torch.log_softmax((cap * torch.tanh(z / cap) if cap else z) / temperature, -1)
     keep = (tokens != ignore) & (mask != 0)
     picked = logp.gather(-1, torch.where(keep, tokens, 0).reshape(-1, 1)).view(tokens.shape)
     seq = (picked * keep).sum(1)

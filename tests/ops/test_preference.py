@@ -34,9 +34,13 @@ def make(p, t, h, v, dtype=torch.float64, seed=0, ignore=True):
     return hidden, weight, tokens, mask, ref
 
 
-def unfused(hidden, weight, tokens, mask, ref, *, loss, beta, gamma=0.5, label_smoothing=0.0, temperature=1.0):
+def unfused(hidden, weight, tokens, mask, ref, *, loss, beta, gamma=0.5, label_smoothing=0.0, temperature=1.0,
+            softcap=None):
     """(losses, chosen rewards, rejected rewards, chosen logps, rejected logps) from the full logits."""
-    logp = torch.log_softmax(hidden.double() @ weight.double().t() / temperature, -1)
+    z = hidden.double() @ weight.double().t()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z / temperature, -1)
     keep = (tokens != IGNORE) & (mask != 0)
     picked = logp.gather(-1, torch.where(keep, tokens, 0).reshape(-1, 1)).view(tokens.shape)
     seq = (picked * keep).sum(1)
@@ -54,6 +58,7 @@ CONFIGS = [
     pytest.param("sigmoid", dict(beta=0.1), id="sigmoid"),
     pytest.param("sigmoid", dict(beta=0.5, label_smoothing=0.2, temperature=0.7), id="sigmoid-smoothed-T0.7"),
     pytest.param("ipo", dict(beta=0.3), id="ipo"),
+    pytest.param("sigmoid", dict(beta=0.2, softcap=2.0, temperature=0.9), id="sigmoid-softcap"),
     pytest.param("simpo", dict(beta=2.0, gamma=0.7), id="simpo"),
     pytest.param("simpo", dict(beta=2.5, gamma=0.3, label_smoothing=0.1, temperature=1.3), id="simpo-smoothed"),
 ]
@@ -208,6 +213,8 @@ def test_bad_inputs_raise_clear_errors():
         f(hidden, weight, tokens, mask, ref, chunk_size=0)
     with pytest.raises(ValueError, match="temperature"):
         f(hidden, weight, tokens, mask, ref, temperature=0.0)
+    with pytest.raises(ValueError, match="softcap must be None"):
+        f(hidden, weight, tokens, mask, ref, softcap=0.0)
     with pytest.raises(ValueError, match="must share H"):
         f(hidden, weight[:, :4], tokens, mask, ref)
 
