@@ -1,12 +1,15 @@
-"""Alignment and distillation losses, fused (fastlm.ops.linear_logprobs /
-linear_distillation_loss) vs the unfused PyTorch path (full (N, V) logits, log_softmax in
+"""Alignment and distillation losses, fused (fastlm.ops.linear_preference_loss /
+linear_logprobs / linear_distillation_loss) vs the unfused PyTorch path (full (N, V) logits, log_softmax in
 float32) and TRL's helpers on those logits (``selective_log_softmax``, ``entropy_from_logits``,
 ``GKDTrainer.generalized_jsd_loss``) where TRL is installed: peak memory and time of one
 forward + backward (d hidden, d weight) in the same run.
 
 Losses (hidden (N, H), head weight (V, H), N = B·T tokens):
   dpo   sequence log-probs (Σ over a completion mask per sequence of T tokens) of policy
-        chosen/rejected halves, DPO sigmoid loss against constant reference log-probs, β = 0.1
+        chosen/rejected halves, DPO sigmoid loss against constant reference log-probs, β = 0.1;
+        ``fused``: linear_preference_loss (loss and gradients in the forward, chunked by pairs:
+        one pair = 2·T rows per chunk on CPU), ``fused-logprobs``: linear_logprobs (token
+        log-probs, the backward recomputes the logits) then the loss in PyTorch
   grpo  token log-probs and entropy: −mean(exp(logp − logp.detach())·A) − 0.01·mean(H)
   kd    distillation: forward-KL at T = 2 (α = 0.5 with the hard-label CE); the teacher has
         H_t = 2·H and is constant
@@ -51,6 +54,7 @@ N, H = (8192, 2048) if CUDA else (256, 64) if QUICK else (1024, 256)
 T = 128  # tokens per sequence (dpo: N / T sequences, half chosen, half rejected)
 VOCABS = (4096,) if QUICK else (32000, 128256)
 CHUNK = None if CUDA else 32 if QUICK else 128
+PAIR_CHUNK = None if CUDA else 1  # linear_preference_loss: pairs per chunk (CPU: 2·T = 256 rows)
 TRL_MAX_VOCAB = 10**9 if CUDA else 32000  # on CPU TRL's per-row log-softmax at V = 128k takes minutes
 BACKEND = "triton" if CUDA else "reference"
 LOSSES = ("dpo", "grpo", "kd")
@@ -102,7 +106,16 @@ def _logits(x: dict) -> torch.Tensor:
 def loss_fn(loss: str, path: str, x: dict) -> Callable[[], torch.Tensor]:
     """A closure computing the loss (scalar) by ``path`` in {fused, unfused, trl}."""
     tokens = x["tokens"]
-    if path == "fused":
+    if path == "fused" and loss == "dpo":
+        pairs = N // T // 2
+        ref = torch.stack((x["ref"], x["ref"]), 1)  # (P, 2) [chosen, rejected]
+
+        def fused_pref():
+            with fastlm.use_backend(BACKEND):
+                return ops.linear_preference_loss(x["hidden"], x["weight"], tokens.view(-1, T), x["mask"], ref,
+                                                  beta=0.1, chunk_size=PAIR_CHUNK, validate=False).loss / pairs
+        return fused_pref
+    if path in ("fused", "fused-logprobs"):
         def fused():
             with fastlm.use_backend(BACKEND):
                 if loss == "kd":
@@ -180,11 +193,12 @@ def peak_mb(run: Callable[[], None]) -> float:
     return peak / 2**20
 
 
-def paths() -> list[str]:
-    return ["fused", "unfused"] + (["trl"] if _trl() is not None else [])
+def paths(loss: str) -> list[str]:
+    return ["fused"] + (["fused-logprobs"] if loss == "dpo" else []) + ["unfused"] + (
+        ["trl"] if _trl() is not None else [])
 
 
-CASES = [(loss, vocab, path) for vocab in VOCABS for loss in LOSSES for path in paths()
+CASES = [(loss, vocab, path) for vocab in VOCABS for loss in LOSSES for path in paths(loss)
          if not (path == "trl" and (vocab > TRL_MAX_VOCAB or (loss == "kd" and _trl()[2] is None)))]
 
 
@@ -229,7 +243,7 @@ def measure(rounds: int = 1) -> list[dict]:
 def write(rows: list[dict], out: Path) -> None:
     meta = dict(device=torch.cuda.get_device_name() if CUDA else platform.processor() or platform.machine(),
                 torch=torch.__version__, threads=torch.get_num_threads(), n=N, h=H, t=T,
-                dtype=str(DTYPE).removeprefix("torch."), chunk=CHUNK, backend=BACKEND)
+                dtype=str(DTYPE).removeprefix("torch."), chunk=CHUNK, pair_chunk=PAIR_CHUNK, backend=BACKEND)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "align_losses.json.tmp"
     tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
@@ -255,4 +269,10 @@ def write(rows: list[dict], out: Path) -> None:
 
 
 if __name__ == "__main__":
-    write(measure(), Path(__file__).resolve().parent / "results" / ("gpu" if CUDA else "cpu"))
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the cases without pytest; write bench/results/<device>/"
+                                                 "align_losses.{json,md}.")
+    parser.add_argument("--rounds", type=int, default=1, help="timed calls per row after the profiled one "
+                        "(median) (default: %(default)s)")
+    write(measure(parser.parse_args().rounds), Path(__file__).resolve().parent / "results" / ("gpu" if CUDA else "cpu"))

@@ -17,9 +17,12 @@ smoothing, equal to ε = 0 — and CPOTrainer's ``simpo``).
 training: its log-probs are computed once, in a pass over the data before the first step, and
 cached (``reference="precompute"``); or, for a LoRA model, by the same model with its adapters
 disabled at each step (``reference="adapters_off"``: no second copy of the weights, as TRL does
-with PEFT). Policy log-probs go through :func:`fastlm.align.logprobs.sequence_logprobs` (the
-fused chunked head: no (B, T, V) logits). Per step, metrics.jsonl gets ``rewards/chosen``,
-``rewards/rejected``, ``rewards/accuracies`` and ``rewards/margins`` as TRL logs them.
+with PEFT). The policy's loss goes through :func:`fastlm.ops.linear_preference_loss` (the head,
+the sequence log-probs, the loss and its gradients in one pass chunked by pairs: no (B, T, V)
+logits, no recomputation in backward; a final logit soft-cap applied); a head that op cannot take
+(LoRA on lm_head) goes through :func:`fastlm.align.logprobs.sequence_logprobs` and the loss functions
+below. Per step, metrics.jsonl gets ``rewards/chosen``, ``rewards/rejected``,
+``rewards/accuracies`` and ``rewards/margins`` as TRL logs them.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastlm import ops
 from fastlm._naming import shown
 from fastlm.align.data import check_pair_batch, collate_pairs, prepare_pairs
-from fastlm.align.logprobs import sequence_logprobs
+from fastlm.align.logprobs import IGNORE, preference_rows, sequence_logprobs
 from fastlm.io import from_pretrained
 from fastlm.model import Model
 from fastlm.peft import LoraConfig, LoraModel
@@ -161,6 +165,9 @@ class DPOTrainer(Trainer):
         self.lora = lora
         self._ref_cache: dict[int, torch.Tensor] = {}  # id(source) -> (N, 2) reference log-probs on the host
         self._stats: torch.Tensor | None = None
+        #: policy loss through fastlm.ops.linear_preference_loss (when the head is fusable; see
+        #: fastlm.align.logprobs.preference_rows), else sequence log-probs + dpo_loss / simpo_loss
+        self.fused = True
 
     # ---- reference log-probs --------------------------------------------------------------
 
@@ -215,25 +222,37 @@ class DPOTrainer(Trainer):
     def _loss_sum(self, batch: dict[str, Any], num_targets: int) -> torch.Tensor:
         dpo = self.dpo
         with self._autocast():
-            logps = self._sequence_logps(self.forward, batch).float()
+            # the policy's forward first (then the reference's: the same order of random draws either way)
+            rows = preference_rows(self.forward, batch["input_ids"], batch["loss_mask"],
+                                   attention_mask=batch["attention_mask"], validate=False) if self.fused else None
+            logps = None if rows is not None else self._sequence_logps(self.forward, batch).float()
             if dpo.reference == "adapters_off":
                 with torch.no_grad(), self.model.disable_adapter():
                     ref = self._sequence_logps(self.model, batch).float()
                 ref = torch.stack(ref.chunk(2), dim=1)
             else:
                 ref = batch.get("ref_logps")
-        chosen, rejected = logps.chunk(2)
-        if dpo.loss == "simpo":
-            losses, r_c, r_r = simpo_loss(chosen, rejected, beta=dpo.beta, gamma=dpo.simpo_gamma,
-                                          label_smoothing=dpo.label_smoothing)
-        else:
-            losses, r_c, r_r = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=dpo.beta, loss_type=dpo.loss,
-                                        label_smoothing=dpo.label_smoothing)
+            if rows is not None:  # the fused op: loss and gradients in one pass over the head, no logits
+                hidden, weight, targets, mask, softcap = rows
+                out = ops.linear_preference_loss(hidden, weight, targets, mask, None if dpo.loss == "simpo" else ref,
+                                                 loss=dpo.loss, beta=dpo.beta, gamma=dpo.simpo_gamma,
+                                                 label_smoothing=dpo.label_smoothing, ignore_index=IGNORE,
+                                                 softcap=softcap, validate=False)
+                loss_sum, r_c, r_r = out.loss, out.chosen_rewards.float(), out.rejected_rewards.float()
+        if rows is None:
+            chosen, rejected = logps.chunk(2)
+            if dpo.loss == "simpo":
+                losses, r_c, r_r = simpo_loss(chosen, rejected, beta=dpo.beta, gamma=dpo.simpo_gamma,
+                                              label_smoothing=dpo.label_smoothing)
+            else:
+                losses, r_c, r_r = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=dpo.beta,
+                                            loss_type=dpo.loss, label_smoothing=dpo.label_smoothing)
+            loss_sum = losses.sum()
         if self.model.training:
             stats = torch.stack((r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(), (r_c - r_r).sum(),
                                  torch.tensor(float(r_c.shape[0]), device=r_c.device)))
             self._stats = stats if self._stats is None else self._stats + stats
-        return losses.sum()
+        return loss_sum
 
     def _step_metrics(self) -> dict[str, float]:
         if self._stats is None:

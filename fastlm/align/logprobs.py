@@ -89,6 +89,32 @@ def _layout(attention_mask: torch.Tensor, validate: bool) -> tuple[torch.Tensor,
     return start, length
 
 
+def _hidden_rows(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, validate: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The model's final hidden states that predict each next token: (h (B·(T−1), H), targets
+    (B, T−1) with IGNORE where the target is padding, start (B,) or None). With an attention mask
+    each row is rotated to start at column 0 (module docstring); ``start`` says by how much."""
+    b, t = input_ids.shape
+    ids, key_lens, start = input_ids, None, None
+    if attention_mask is not None:
+        start, key_lens = _layout(attention_mask, validate)
+        rolled = (torch.arange(t, device=ids.device)[None, :] + start[:, None]) % t  # (B, T): new col -> old col
+        ids = input_ids.gather(1, rolled)
+        ids = torch.where(torch.arange(t, device=ids.device)[None, :] < key_lens[:, None], ids, 0)
+    hidden = model(ids, key_lens=key_lens, return_hidden=True, validate=validate)  # (B, T, H)
+    targets = ids[:, 1:]
+    if key_lens is not None:  # target j+1 must be a token (then its context is too)
+        targets = torch.where(torch.arange(1, t, device=ids.device)[None, :] < key_lens[:, None], targets, IGNORE)
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets, start
+
+
+def _head_weight(base: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    weight = base.lm_head.weight
+    if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+        weight = weight.to(h.dtype)
+    return weight
+
+
 def token_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -109,22 +135,10 @@ def token_logprobs(
     _check(input_ids, attention_mask, temperature)
     base = _base(model)
     b, t = input_ids.shape
-    ids, key_lens, start = input_ids, None, None
-    if attention_mask is not None:
-        start, key_lens = _layout(attention_mask, validate)
-        rolled = (torch.arange(t, device=ids.device)[None, :] + start[:, None]) % t  # (B, T): new col -> old col
-        ids = input_ids.gather(1, rolled)
-        ids = torch.where(torch.arange(t, device=ids.device)[None, :] < key_lens[:, None], ids, 0)
-    hidden = model(ids, key_lens=key_lens, return_hidden=True, validate=validate)  # (B, T, H)
-    targets = ids[:, 1:]
-    if key_lens is not None:  # target j+1 must be a token (then its context is too)
-        targets = torch.where(torch.arange(1, t, device=ids.device)[None, :] < key_lens[:, None], targets, IGNORE)
+    h, targets, start = _hidden_rows(model, input_ids, attention_mask, validate)
     targets = targets.reshape(-1)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B·(T−1), H)
     if _fusable(base):
-        weight = base.lm_head.weight
-        if weight.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
-            weight = weight.to(h.dtype)
+        weight = _head_weight(base, h)
         out = ops.linear_logprobs(h, weight, targets, temperature=float(temperature), ignore_index=IGNORE,
                                   return_entropy=return_entropy, softcap=getattr(base.config, "final_softcap", None),
                                   validate=validate)
@@ -135,7 +149,7 @@ def token_logprobs(
     outs = out if return_entropy else (out,)
     outs = tuple(o.reshape(b, t - 1) for o in outs)
     if start is not None:  # rotate back: old col c <- new col (c − start) mod T
-        back = (torch.arange(t - 1, device=ids.device)[None, :] - start[:, None]) % t  # (B, T−1)
+        back = (torch.arange(t - 1, device=input_ids.device)[None, :] - start[:, None]) % t  # (B, T−1)
         outs = tuple(torch.nn.functional.pad(o, (0, 1)).gather(1, back) for o in outs)
     return outs if return_entropy else outs[0]
 
@@ -181,3 +195,32 @@ def sequence_logprobs(
         mask = mask * attention_mask[:, 1:].to(lp.dtype)
     total = (lp * mask).sum(1)
     return total / mask.sum(1).clamp(min=1) if average else total
+
+
+def preference_rows(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float | None] | None:
+    """The inputs of :func:`fastlm.ops.linear_preference_loss` for a batch of sequences (rows as
+    :func:`sequence_logprobs` scores them): (hidden (B·(T−1), H), head weight (V, H), targets
+    (B, T−1) with IGNORE at padding, mask (B, T−1), the final logit soft-cap or None), or None
+    when the model's head is not fusable (then nothing is run; score with
+    :func:`sequence_logprobs`). Left-padded rows are rotated as in :func:`token_logprobs`; their
+    mask goes with them."""
+    _check(input_ids, attention_mask, 1.0)
+    if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != input_ids.shape:
+        shape = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
+        raise ValueError(f"preference_rows: loss_mask must have input_ids' shape (B, T), got {shape}")
+    base = _base(model)
+    if not _fusable(base):
+        return None
+    h, targets, start = _hidden_rows(model, input_ids, attention_mask, validate)
+    mask = loss_mask
+    if start is not None:
+        t = input_ids.shape[1]
+        mask = mask.gather(1, (torch.arange(t, device=mask.device)[None, :] + start[:, None]) % t)
+    return h, _head_weight(base, h), targets, mask[:, 1:], getattr(base.config, "final_softcap", None)

@@ -20,6 +20,7 @@ from fastlm.ops.lora import lora_linear, lora_linear_mixed
 from fastlm.ops.logprobs import linear_distillation_loss, linear_logprobs
 from fastlm.ops.losses import cross_entropy
 from fastlm.ops.norms import layer_norm, rms_norm
+from fastlm.ops.preference import PreferenceLoss, linear_preference_loss
 from fastlm.ops.rotary import rope, rope_append_kv
 from fastlm.ops.sampling import DeferredChecks, sample
 from fastlm.ops import cuda as _cuda_adapters, triton as _triton_adapters  # noqa: F401  (register the kernels)
@@ -44,6 +45,7 @@ from fastlm.ops.checks import (  # noqa: F401
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "PreferenceLoss",
     "DeferredChecks",
     "attention",
     "attention_varlen",
@@ -59,6 +61,7 @@ __all__ = [
     "layer_norm",
     "linear_distillation_loss",
     "linear_logprobs",
+    "linear_preference_loss",
     "lora_linear",
     "lora_linear_mixed",
     "quantize_int8",

@@ -175,6 +175,9 @@ def _save(ctx, spec: OpSpec, inputs: Sequence, output) -> None:
     saved_outputs = tuple(output) if spec.outputs_to_backward else ()
     if spec.auxiliary_outputs:
         ctx.mark_non_differentiable(*output[1:])
+        # no zero-filled grads for the auxiliary outputs (the fused losses' saved (V, H) dW); the
+        # backward then sees None for an undefined grad of the main output too, and returns Nones
+        ctx.set_materialize_grads(False)
     ctx.num_saved_outputs = len(saved_outputs)
     ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)), *saved_outputs)
     ctx.inputs = tuple(_SAVED if isinstance(t, torch.Tensor) else t for t in inputs)
@@ -213,6 +216,8 @@ class _KernelFunction(torch.autograd.Function):
     def backward(ctx, grad, *aux_grads):
         entry = ctx.entry
         op_args, saved_outputs = _saved(ctx)
+        if grad is None:  # the main output's grad is undefined (grads are not materialized): all zero
+            return (None,) * (len(op_args) + 2)
         needs = [bool(ctx.needs_input_grad[i + 2]) and op_args[i] is not None for i in entry.differentiable]
         grads = kernel_for(entry.backward_name, ctx.backend)(grad, *op_args, *saved_outputs, needs)
         return (None, None, *_gradients(entry.spec, op_args, needs, grads))
@@ -262,6 +267,8 @@ def define_op(spec: OpSpec) -> None:
     def backward(ctx, grad, *aux_grads):  # auxiliary outputs take no gradient
         inputs, saved_outputs = _saved(ctx)
         *op_args, backend = inputs
+        if grad is None:  # the main output's grad is undefined (grads are not materialized): all zero
+            return (None,) * len(inputs)
         needs = [bool(ctx.needs_input_grad[i]) and op_args[i] is not None for i in spec.differentiable]
         grads = bwd_op(grad, *op_args, *saved_outputs, needs, backend)
         return (*_gradients(spec, op_args, needs, grads), None)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastlm import ops
 from fastlm.align import DPOConfig, DPOTrainer, dpo_loss, simpo_loss
 from fastlm.align import synthetic as syn
 from fastlm.align.data import PairSource, encode_pairs
@@ -194,3 +195,63 @@ def test_simpo_trainer_runs_reference_free(tmp_path):
         DPOTrainer(model, _source(tok), config, DPOConfig(reference="adapters_off"))
     with pytest.raises(ValueError, match="reference-free"):
         DPOConfig(loss="simpo", reference="precompute")
+
+
+# ---- the fused op (fastlm.ops.linear_preference_loss) ------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_fused_preference_op_equals_trl_on_the_same_logits(loss_type):
+    """The fused op's loss (a sum over pairs) / P equals TRL's DPOTrainer loss (a mean) on the
+    per-token log-probs of the same logits h·Wᵀ, and so do the gradients w.r.t. h and W."""
+    b, t, hdim, vocab, beta = 3, 7, 16, 29, 0.3
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(2 * b * (t - 1), hdim, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(vocab, hdim, generator=gen, dtype=torch.float64) / 2).requires_grad_()
+    tokens = torch.randint(0, vocab, (2 * b, t - 1), generator=gen)
+    _, completion, ref = _per_token(b, t, seed=2)
+    ref = ref.double()
+    logits = hidden @ weight.t()
+    raw = torch.log_softmax(logits, -1).gather(-1, tokens.reshape(-1, 1)).view(2 * b, t - 1)
+    trl_loss, _ = _trl_dpo(raw, completion, ref, beta=beta, loss_type=loss_type)
+    trl_grads = torch.autograd.grad(trl_loss, (hidden, weight))
+    ref_in = ref / completion.sum(1) if loss_type == "ipo" else ref  # IPO: per-token means
+    out = ops.linear_preference_loss(hidden, weight, tokens, completion[:, 1:], torch.stack(ref_in.chunk(2), 1),
+                                     loss=loss_type, beta=beta, chunk_size=2)
+    torch.testing.assert_close(out.loss / b, trl_loss.double(), rtol=1e-6, atol=1e-8)
+    grads = torch.autograd.grad(out.loss / b, (hidden, weight))
+    for g, tg in zip(grads, trl_grads):
+        torch.testing.assert_close(g, tg.double(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss,softcap", [("sigmoid", None), ("ipo", None), ("simpo", None), ("sigmoid", 3.0)])
+def test_trainer_fused_loss_equals_sequence_logprobs_path(tmp_path, loss, softcap, monkeypatch):
+    """DPOTrainer's loss through the fused op equals the sequence_logprobs + dpo_loss/simpo_loss
+    path: the loss sum, every parameter's gradient and the reward statistics (the metrics)."""
+    calls = []
+    fused_op = ops.linear_preference_loss
+    monkeypatch.setattr(ops, "linear_preference_loss", lambda *a, **k: calls.append(1) or fused_op(*a, **k))
+    model, tok = _model(seed=1)
+    model.config.final_softcap = softcap  # Gemma 2's final logit soft-cap: applied by both paths
+    source = _source(tok, n=8)
+    config = TrainerConfig(out=str(tmp_path), max_steps=1, batch_size=8, lr=1e-3, warmup_steps=0, progress=False)
+    dpo = DPOConfig(loss=loss, beta=0.5 if loss != "simpo" else 2.0, label_smoothing=0.1 if loss != "ipo" else 0.0,
+                    reference="none" if loss == "simpo" else "precompute")
+    trainer = DPOTrainer(model, source, config, dpo)
+    trainer._build()  # what fit() sets up before the first step (self.forward, the reference cache)
+    batch = trainer._to_device(source.batch(0))
+    pairs = batch["labels"].shape[0]
+    batch["ref_logps"] = -torch.rand(pairs, 2, generator=torch.Generator().manual_seed(0)) * 20
+    results = {}
+    for fused in (True, False):
+        trainer.fused, trainer._stats = fused, None
+        model.zero_grad()
+        loss_sum = trainer._loss_sum(batch, pairs)
+        loss_sum.backward()
+        results[fused] = (loss_sum.detach(), trainer._stats.clone(),
+                          {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) == 1  # the fused run took the op, the other did not
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-5)
+    for name, grad in results[True][2].items():
+        torch.testing.assert_close(grad, results[False][2][name], rtol=1e-4, atol=1e-6, msg=name)

@@ -112,6 +112,11 @@ CASES = {
           8, True, True, 0.0, 0.0),
          (_d(3, 4), _d(5, 4, seed=1), _d(3, 6, seed=2), _d(5, 6, seed=3), torch.tensor([1, -100, 4]), 2.0,
           "forward_kl", 0.5, 0.6, -100, 2, True, True, 1.5, 2.5)],  # soft-capped student and teacher
+    "linear_preference_loss": lambda: [  # 2 pairs of T = 2: sigmoid (smoothed, T = 0.7, 1 pair/chunk), ipo, simpo
+        (_d(8, 4), _d(5, 4, seed=1), torch.tensor([[1, -100], [4, 0], [2, 3], [0, 1]]),
+         torch.tensor([[1, 1], [0, 1], [1, 1], [1, 0]]), ref, loss, 0.5, 0.3, eps, temp, -100, 1, cap, True, True)
+        for loss, ref, eps, temp, cap in (("sigmoid", _d(2, 2, seed=2), 0.1, 0.7, 0.0),
+                                          ("ipo", _d(2, 2, seed=2), 0.0, 1.0, 1.5), ("simpo", None, 0.2, 1.0, 0.0))],
 }
 
 
@@ -278,6 +283,26 @@ def f_linear_distillation_loss(hs, ws, ht, wt, labels, temperature, divergence, 
                           divergence, beta, alpha, ignore)
 
 
+def f_linear_preference_loss(h, w, tokens, mask, ref, loss, beta, gamma, eps, temperature, ignore, chunk, cap, *_):
+    """Σ over pairs of the DPO / IPO / SimPO loss on sequence log-probs from full float64 logits
+    (soft-capped: cap·tanh(z / cap), when cap > 0)."""
+    z = h.double() @ w.double().t()
+    logp = torch.log_softmax((cap * torch.tanh(z / cap) if cap else z) / temperature, -1)
+    keep = (tokens != ignore) & (mask != 0)
+    picked = logp.gather(-1, torch.where(keep, tokens, 0).reshape(-1, 1)).view(tokens.shape)
+    seq = (picked * keep).sum(1)
+    if loss != "sigmoid":
+        seq = seq / keep.sum(1).clamp(min=1)
+    c, r = seq.chunk(2)
+    if loss == "simpo":
+        u = beta * (c - r) - gamma
+    else:
+        u = beta * ((c - ref[:, 0]) - (r - ref[:, 1]))
+    if loss == "ipo":
+        return ((u / beta - 1 / (2 * beta)) ** 2).sum()
+    return (-(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u)).sum()
+
+
 FORMULAS = {
     "attention": f_attention,
     "attention_varlen": f_attention_varlen,
@@ -302,6 +327,7 @@ FORMULAS = {
         h @ w.t(), t, ignore_index=ignore),
     "linear_logprobs": f_linear_logprobs,
     "linear_distillation_loss": f_linear_distillation_loss,
+    "linear_preference_loss": f_linear_preference_loss,
 }
 
 PARAMS = [(name, i) for name in sorted(DEFINED) for i in range(len(CASES.get(name, lambda: [None])()))]
@@ -427,7 +453,8 @@ def test_kernel_matches_reference(name, backend_name):
     spec = DEFINED[name]
     own_tests = {"fused_linear_cross_entropy": "tests/ops/test_fused_loss.py",
                  "linear_distillation_loss": "tests/ops/test_logprobs_triton.py",
-                 "linear_logprobs": "tests/ops/test_logprobs_triton.py"}
+                 "linear_logprobs": "tests/ops/test_logprobs_triton.py",
+                 "linear_preference_loss": "tests/ops/test_preference.py"}
     if name in own_tests:  # chunked ops whose public function always calls the custom op, not run()
         pytest.skip(f"covered by {own_tests[name]} (its own dispatch)")
     oracle_args, args32, ref32_args = _args(name, 0, grad=True), _args(name, 0, grad=True, dtype=torch.float32), \
