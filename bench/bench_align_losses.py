@@ -44,6 +44,7 @@ import pytest
 import torch
 
 import fastlm
+from bench.common import peak_mb
 from fastlm import ops
 
 CUDA = torch.cuda.is_available()
@@ -164,35 +165,6 @@ def step(fn: Callable[[], torch.Tensor], x: dict) -> Callable[[], None]:
     return run
 
 
-def peak_mb(run: Callable[[], None]) -> float:
-    """Peak memory allocated during one call above what was allocated before it (MiB)."""
-    if CUDA:
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    changes = []  # every allocation (+) and free (−) the profiler saw, with its time
-
-    def walk(nodes):
-        for node in nodes:
-            if type(node.extra_fields).__name__.endswith("Allocation"):
-                changes.append((node.start_time_ns, node.extra_fields.alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    live = peak = 0
-    for _, delta in sorted(changes):
-        live += delta
-        peak = max(peak, live)
-    return peak / 2**20
-
-
 def paths(loss: str) -> list[str]:
     return ["fused"] + (["fused-logprobs"] if loss == "dpo" else []) + ["unfused"] + (
         ["trl"] if _trl() is not None else [])
@@ -208,7 +180,7 @@ def test_align_loss(benchmark, loss, vocab, path):
     x = make_inputs(vocab)
     run = step(loss_fn(loss, path, x), x)
     run()  # warm-up
-    benchmark.extra_info.update(peak_mb=round(peak_mb(run), 1), loss=loss, vocab=vocab, path=path, n=N, h=H,
+    benchmark.extra_info.update(peak_mb=round(peak_mb(run, DEVICE), 1), loss=loss, vocab=vocab, path=path, n=N, h=H,
                                 dtype=str(DTYPE).removeprefix("torch."), device=DEVICE, chunk=CHUNK)
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
 
@@ -221,7 +193,7 @@ def measure(rounds: int = 1) -> list[dict]:
     for loss, vocab, path in CASES:
         x = make_inputs(vocab)
         run = step(loss_fn(loss, path, x), x)
-        peak = peak_mb(run)  # the profiled call doubles as the warm-up
+        peak = peak_mb(run, DEVICE)  # the profiled call doubles as the warm-up
         times = []
         for _ in range(rounds):
             if CUDA:

@@ -22,7 +22,7 @@ them, as the old quick run did; ``BENCH_HF_LAYERS`` overrides the layer count):
 ``gpu`` = Llama-3-8B-shaped layers (hidden 4096, 32 / 8 KV heads, MLP 14336, vocabulary 128256),
 4 of them, bf16 weights, 1 × 4096 tokens; ``tiny`` (tests) = 1 layer, hidden 64, 2 × 32 tokens.
 
-Memory: ``peak_mb`` = the step's peak above what was allocated before it (bench.conftest.peak_mb:
+Memory: ``peak_mb`` = the step's peak above what was allocated before it (bench.common.peak_mb:
 CUDA ``max_memory_allocated``, CPU the torch profiler's allocation records), ``peak_mem_mb`` =
 that + the parameters' bytes (live during the whole step), ``peak_mem_vs_transformers`` = its
 ratio to the transformers case.
@@ -47,7 +47,8 @@ import pytest
 import torch
 
 from bench.bench_decode import in_turns
-from bench.conftest import DEVICE, QUICK, peak_mb
+from bench.common import peak_mb
+from bench.conftest import DEVICE, QUICK
 
 SIZES = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
@@ -180,7 +181,7 @@ def test_train_step(measure, variant):
         assert diff <= 1e-4 * abs(group.losses[PEER]), f"{variant} loss {group.losses[variant]} vs {group.losses[PEER]}"
     step = step_fn(model, group.ids)
     step()  # warm-up before the memory measure (lazy initialisations are not the step's)
-    peak = peak_mb(step)
+    peak = peak_mb(step, DEVICE)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     group.peak_mem_mb[variant] = weights + peak
     info = dict(group.info, loss_diff=float(f"{diff:.3g}"), peak_mb=round(peak, 2),

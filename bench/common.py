@@ -165,3 +165,39 @@ def bar_plot(title: str, labels: Sequence[str], median_ms: Sequence[float], path
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return path
+
+
+def peak_mb(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Peak memory allocated during one ``fn()`` above what was allocated before it (MiB), for
+    tensors on ``device`` ("cpu" or "cuda").
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus the allocation before the call.
+    CPU: the peak of the running sum of every allocation and free that ``torch.profiler``
+    (``profile_memory=True``) records during the call, in time order."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = []
+
+    def walk(nodes):
+        for node in nodes:
+            if type(node.extra_fields).__name__.endswith("Allocation"):
+                changes.append((node.start_time_ns, node.extra_fields.alloc_size))
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    live = peak = 0
+    for _, delta in sorted(changes):
+        live += delta
+        peak = max(peak, live)
+    return peak / 2**20

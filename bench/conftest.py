@@ -31,7 +31,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from bench.common import environment
+from bench.common import environment, peak_mb
 
 DEVICE = os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")  # bench.run --device
 if DEVICE not in ("cpu", "cuda"):
@@ -45,39 +45,6 @@ _L2_FLUSH_BYTES = 256 * 2**20
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Device name, torch / triton / CUDA versions in every results JSON."""
     machine_info["fastlm_env"] = environment(DEVICE)
-
-
-def peak_mb(fn: Callable[[], object]) -> float:
-    """Peak memory allocated during one ``fn()`` above what was allocated before it (MiB).
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after a reset, minus the allocation before the call.
-    CPU: the peak of the running sum of every allocation and free that ``torch.profiler``
-    (``profile_memory=True``) records during the call, in time order."""
-    if torch.cuda.is_available() and DEVICE == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    changes = []
-
-    def walk(nodes):
-        for node in nodes:
-            if type(node.extra_fields).__name__.endswith("Allocation"):
-                changes.append((node.start_time_ns, node.extra_fields.alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    live = peak = 0
-    for _, delta in sorted(changes):
-        live += delta
-        peak = max(peak, live)
-    return peak / 2**20
 
 
 class Measure:
@@ -112,7 +79,7 @@ class Measure:
         if peer is not None and peer != impl:
             bench.extra_info["peer"] = peer
         if memory:
-            bench.extra_info["peak_mb"] = round(peak_mb(fn), 2)
+            bench.extra_info["peak_mb"] = round(peak_mb(fn, DEVICE), 2)
         setup = self._flush_l2 if cuda and flush_l2 else None
         bench.pedantic(call, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
 
