@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastlm import ops
-from fastlm.cache import KVCache, PagedKVCache
+from fastlm.cache import DecodeStepState, KVCache, PagedKVCache
 from fastlm.config import ModelConfig
 from fastlm.hf_conventions import HFModelMixin  # load_adapter, set_adapter, ..., save_pretrained
 from fastlm.rope import Rotary
@@ -114,6 +114,12 @@ class Attention(nn.Module):
         theta = None if self.rotary is None else self.rotary.fused_theta
         if self.rotary is not None and theta is None:  # scaled or partial RoPE: rotated here
             q, k = self.rotary.apply(q, k, positions)
+        if layout.step is not None:  # eager decode step over a static cache: per-step tables shared by the layers
+            if theta is not None:
+                q, k = layout.step.rotate(q, k, theta)
+            k_all, v_all = cache.write(self.layer_index, k, v, layout.step)
+            o = layout.step.attend(q, k_all, v_all, **self.options)
+            return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         if cache is not None:  # the cache stores k/v (rotating q/k by plain RoPE on the way); attend over its view
             length = None if layout.cached is None else layout.cached + t
             q, kv = cache.update(self.layer_index, q, k, v, positions, theta=theta, length=length)
@@ -236,6 +242,9 @@ class BatchLayout:
     cached: with a KV cache, a host bound on the positions every sequence held before this
     forward (0: the prefill of an empty cache); attention reads the cache's first cached + T
     positions. None: the whole cache (a static shape, for a compiled decode step; never a prefill).
+    step: an eager decode step of one token per sequence over a static :class:`KVCache`, with
+    the state its layers share (:class:`fastlm.cache.DecodeStepState`: RoPE tables, scatter
+    index, masks built once); the layers then write and attend through it.
     """
 
     causal: bool = True
@@ -243,6 +252,7 @@ class BatchLayout:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     cached: int | None = None
+    step: DecodeStepState | None = None
 
 
 def packed_positions(cu_seqlens: torch.Tensor, b: int, t: int) -> torch.Tensor:
