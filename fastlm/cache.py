@@ -214,15 +214,14 @@ class DecodeStepState:
         self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[int | None, torch.Tensor | None] = {}
 
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (B, H, 1, D), k (B, Hkv, 1, D) rotated by plain RoPE with base ``theta`` at the
-        step's positions (cos/sin computed once per step and base)."""
+    def rotate(self, x: torch.Tensor, theta: float) -> torch.Tensor:
+        """x (B, H, 1, D) or (B, 1, H, D) rotated by plain RoPE with base ``theta`` at the step's
+        positions, as the reference does (cos/sin computed once per step and base)."""
         tables = self._rope.get(theta)
         if tables is None:
-            cos, sin = rope_cos_sin(self.positions, q.shape[-1], theta, q)  # (B, 1, D)
+            cos, sin = rope_cos_sin(self.positions, x.shape[-1], theta, x)  # (B, 1, D)
             tables = self._rope[theta] = (cos[:, None], sin[:, None])  # (B, 1, 1, D)
-        cos, sin = tables
-        return rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+        return rotate_half(x, *tables)
 
     def _mask(self, window: int | None) -> torch.Tensor | None:
         """(B, 1, 1, length) bool of the keys each query sees, or None: all of them."""

@@ -101,8 +101,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layout: BatchLayout) -> torch.Tensor:
         b, t, _ = x.shape
-        # one GEMM; q (B, T, H·D), k, v (B, T, Hkv·D) are views of its output
-        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        qkv = self.qkv_proj(x)  # one GEMM: (B, T, (H + 2·Hkv)·D)
+        if layout.step is not None and self.qk_norm == "none" and self.rotary is not None \
+                and self.rotary.fused_theta is not None:  # eager decode step, plain RoPE
+            return self._decode_step(qkv, cache, layout.step, self.rotary.fused_theta)
+        # q (B, T, H·D), k, v (B, T, Hkv·D) are views of its output
+        q, k, v = qkv.split(self.qkv_split, dim=-1)
         if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
         # q: (B, T, H, D) -> (B, H, T, D); k, v: (B, Hkv, T, D)
@@ -116,7 +120,7 @@ class Attention(nn.Module):
             q, k = self.rotary.apply(q, k, positions)
         if layout.step is not None:  # eager decode step over a static cache: per-step tables shared by the layers
             if theta is not None:
-                q, k = layout.step.rotate(q, k, theta)
+                q, k = layout.step.rotate(q, theta), layout.step.rotate(k, theta)
             k_all, v_all = cache.write(self.layer_index, k, v, layout.step)
             o = layout.step.attend(q, k_all, v_all, **self.options)
             return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
@@ -144,6 +148,17 @@ class Attention(nn.Module):
         else:
             o = ops.attention(q, k, v, causal=layout.causal, key_lens=layout.key_lens, **self.options)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _decode_step(self, qkv: torch.Tensor, cache: KVCache, step: DecodeStepState, theta: float) -> torch.Tensor:
+        """One eager decode step (T = 1) with plain RoPE and no q/k norm: q and k, adjacent in
+        the fused projection, are rotated as one (B, 1, H + Hkv, D) tensor (the same values)."""
+        b, h, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = qkv.split(((h + hkv) * d, hkv * d), dim=-1)
+        qk = step.rotate(qk.view(b, 1, h + hkv, d), theta)
+        q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)  # (B, H, 1, D), (B, Hkv, 1, D)
+        k_all, v_all = cache.write(self.layer_index, k, v.view(b, 1, hkv, d).transpose(1, 2), step)
+        o = step.attend(q, k_all, v_all, **self.options)  # (B, H, 1, D)
+        return self.o_proj(o.transpose(1, 2).reshape(b, 1, h * d))
 
 
 class MLP(nn.Module):
