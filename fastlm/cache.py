@@ -30,20 +30,28 @@ buffers), the decode step's fast path; the paged cache rotates with ``ops.rope``
 into its pages. The model thus never sees the layout, and calls one attention op on the view.
 
 Bookkeeping around the contract: ``filled`` (a host-side upper bound of lens: capacity checks
-need no device read), ``truncate`` (roll back, e.g. rejected speculative tokens), ``reorder``
-(beam and contrastive search: in place, over the filled positions only) and ``reset``.
+need no device read), ``uniform`` (host-side: every lens equals filled, so an eager decode step
+attends over the view [0, filled] without a mask), ``truncate`` (roll back, e.g. rejected
+speculative tokens), ``reorder`` (beam and contrastive search: in place, over the filled
+positions only) and ``reset``. An eager decode step builds its per-step state once
+(:meth:`KVCache.decode_step`, :class:`DecodeStepState`) and writes each layer with
+:meth:`KVCache.write`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastlm import ops
 from fastlm.config import ModelConfig
+from fastlm.ops.common import wide
 from fastlm.ops.kv_append import rope_append_kv_layer
+from fastlm.ops.rotary import rope_cos_sin, rotate_half
 
 
 class KVView(NamedTuple):
@@ -87,6 +95,9 @@ class KVCache(nn.Module):
         self.register_buffer("lens", torch.zeros(batch_size, dtype=torch.int64, device=device), persistent=False)
         self.max_len = max_len
         self.filled = 0  # host-side upper bound of lens, so capacity checks need no device sync
+        # host-side: every lens[b] == filled (no ragged prefill or truncate since the last reset);
+        # whoever writes lens other than through advance/truncate/reorder/reset must clear it
+        self.uniform = True
 
     @classmethod
     def for_model(
@@ -134,12 +145,31 @@ class KVCache(nn.Module):
         with ``lens`` (B,), only lens[b] of them for sequence b (right-padded ragged prompts)."""
         self.lens += num_new if lens is None else lens.to(self.lens)
         self.filled += num_new
+        if lens is not None:
+            self.uniform = False
 
     def truncate(self, lens: torch.Tensor, filled: int) -> None:
         """Roll back to ``lens`` (B,) valid positions (e.g. rejected speculative tokens);
         ``filled`` is the new host-side upper bound of lens."""
         self.lens.copy_(lens)
         self.filled = filled
+        self.uniform = False
+
+    def decode_step(self, length: int) -> DecodeStepState:
+        """The per-step state of an eager decode step of one token per sequence (see
+        :class:`DecodeStepState`); ``length`` = filled + 1, the host bound after the step."""
+        return DecodeStepState(self, length)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: DecodeStepState
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one decode step's k, v (B, Hkv, 1, D) of ``layer`` at the step's positions;
+        returns the layer's k, v views over [0, step.length) (B, Hkv, length, D). The same
+        writes as :meth:`update` (the reference's scatter), the index built once per step."""
+        k_layer, v_layer = self.k[layer], self.v[layer]
+        k_layer.scatter_(2, step.index, k.to(k_layer.dtype))
+        v_layer.scatter_(2, step.index, v.to(v_layer.dtype))
+        n = step.length
+        return k_layer[:, :, :n], v_layer[:, :, :n]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep sequence index[i] as sequence i (beam and contrastive search): index (B,) int64.
@@ -156,6 +186,69 @@ class KVCache(nn.Module):
     def reset(self) -> None:
         self.lens.zero_()
         self.filled = 0
+        self.uniform = True
+
+
+class DecodeStepState:
+    """What every layer of one eager decode step over a :class:`KVCache` shares, built once per
+    step instead of once per layer (the step's host overhead is its op count): the positions
+    (B, 1) of the new tokens, the scatter index of their k/v, lens + 1 (B,), RoPE cos/sin per
+    base and the attention masks per sliding window. The arithmetic is the reference ops'
+    (``fastlm.ops.rope_append_kv`` and ``fastlm.ops.decode_attention`` on the reference backend),
+    bit for bit: the model takes this path only where those ops would run their references
+    (eager, reference backend; see :meth:`fastlm.model.Model.forward_embeddings`).
+
+    Attention reads positions [0, length), length = filled + 1. With n = lens[b] + 1 (after the
+    step), query b sees keys j < n and, with a sliding window w, j > n - 1 - w. When every
+    sequence has the same length (``cache.uniform``) and the window covers the view, no mask
+    is needed.
+    """
+
+    def __init__(self, cache: KVCache, length: int) -> None:
+        self.length = length
+        self.positions = cache.lens[:, None]  # (B, 1)
+        hkv, d = cache.k.shape[2], cache.k.shape[4]
+        self.index = self.positions[:, None, :, None].expand(-1, hkv, -1, d)  # (B, Hkv, 1, D)
+        self.lens = cache.lens + 1  # (B,) after the step
+        self.uniform = cache.uniform
+        self._rope: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+
+    def rotate(self, x: torch.Tensor, theta: float) -> torch.Tensor:
+        """x (B, H, 1, D) or (B, 1, H, D) rotated by plain RoPE with base ``theta`` at the step's
+        positions, as the reference does (cos/sin computed once per step and base)."""
+        tables = self._rope.get(theta)
+        if tables is None:
+            cos, sin = rope_cos_sin(self.positions, x.shape[-1], theta, x)  # (B, 1, D)
+            tables = self._rope[theta] = (cos[:, None], sin[:, None])  # (B, 1, 1, D)
+        return rotate_half(x, *tables)
+
+    def _mask(self, window: int | None) -> torch.Tensor | None:
+        """(B, 1, 1, length) bool of the keys each query sees, or None: all of them."""
+        if window in self._masks:
+            return self._masks[window]
+        mask = None
+        if not self.uniform or (window is not None and window < self.length):
+            j = torch.arange(self.length, device=self.lens.device)[None, :]  # (1, L)
+            last = self.lens[:, None] - 1  # (B, 1): the new token's position
+            mask = j <= last
+            if window is not None:
+                mask = mask & (j > last - window)
+            mask = mask[:, None, None]
+        self._masks[window] = mask
+        return mask
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+               window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """q (B, H, 1, D) over k, v (B, Hkv, length, D) -> (B, H, 1, D): the reference of
+        ``ops.decode_attention`` (SDPA in float32) with the step's mask; every sequence holds
+        at least its new token, so no query is empty. Soft-capped scores go through the op."""
+        if softcap is not None:
+            return ops.decode_attention(q, k, v, self.lens, scale=scale, window=window, softcap=softcap)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        out = F.scaled_dot_product_attention(wide(q), wide(k), wide(v), attn_mask=self._mask(window), scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.to(q.dtype)
 
 
 class PagedKVCache(nn.Module):

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastlm import ops
-from fastlm.cache import KVCache, PagedKVCache
+from fastlm.cache import DecodeStepState, KVCache, PagedKVCache
 from fastlm.config import ModelConfig
 from fastlm.hf_conventions import HFModelMixin  # load_adapter, set_adapter, ..., save_pretrained
 from fastlm.rope import Rotary
@@ -101,8 +101,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layout: BatchLayout) -> torch.Tensor:
         b, t, _ = x.shape
-        # one GEMM; q (B, T, H·D), k, v (B, T, Hkv·D) are views of its output
-        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        qkv = self.qkv_proj(x)  # one GEMM: (B, T, (H + 2·Hkv)·D)
+        if layout.step is not None and self.qk_norm == "none" and self.rotary is not None \
+                and self.rotary.fused_theta is not None:  # eager decode step, plain RoPE
+            return self._decode_step(qkv, cache, layout.step, self.rotary.fused_theta)
+        # q (B, T, H·D), k, v (B, T, Hkv·D) are views of its output
+        q, k, v = qkv.split(self.qkv_split, dim=-1)
         if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
         # q: (B, T, H, D) -> (B, H, T, D); k, v: (B, Hkv, T, D)
@@ -114,6 +118,12 @@ class Attention(nn.Module):
         theta = None if self.rotary is None else self.rotary.fused_theta
         if self.rotary is not None and theta is None:  # scaled or partial RoPE: rotated here
             q, k = self.rotary.apply(q, k, positions)
+        if layout.step is not None:  # eager decode step over a static cache: per-step tables shared by the layers
+            if theta is not None:
+                q, k = layout.step.rotate(q, theta), layout.step.rotate(k, theta)
+            k_all, v_all = cache.write(self.layer_index, k, v, layout.step)
+            o = layout.step.attend(q, k_all, v_all, **self.options)
+            return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         if cache is not None:  # the cache stores k/v (rotating q/k by plain RoPE on the way); attend over its view
             length = None if layout.cached is None else layout.cached + t
             q, kv = cache.update(self.layer_index, q, k, v, positions, theta=theta, length=length)
@@ -138,6 +148,17 @@ class Attention(nn.Module):
         else:
             o = ops.attention(q, k, v, causal=layout.causal, key_lens=layout.key_lens, **self.options)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _decode_step(self, qkv: torch.Tensor, cache: KVCache, step: DecodeStepState, theta: float) -> torch.Tensor:
+        """One eager decode step (T = 1) with plain RoPE and no q/k norm: q and k, adjacent in
+        the fused projection, are rotated as one (B, 1, H + Hkv, D) tensor (the same values)."""
+        b, h, hkv, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = qkv.split(((h + hkv) * d, hkv * d), dim=-1)
+        qk = step.rotate(qk.view(b, 1, h + hkv, d), theta)
+        q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)  # (B, H, 1, D), (B, Hkv, 1, D)
+        k_all, v_all = cache.write(self.layer_index, k, v.view(b, 1, hkv, d).transpose(1, 2), step)
+        o = step.attend(q, k_all, v_all, **self.options)  # (B, H, 1, D)
+        return self.o_proj(o.transpose(1, 2).reshape(b, 1, h * d))
 
 
 class MLP(nn.Module):
@@ -236,6 +257,9 @@ class BatchLayout:
     cached: with a KV cache, a host bound on the positions every sequence held before this
     forward (0: the prefill of an empty cache); attention reads the cache's first cached + T
     positions. None: the whole cache (a static shape, for a compiled decode step; never a prefill).
+    step: an eager decode step of one token per sequence over a static :class:`KVCache`, with
+    the state its layers share (:class:`fastlm.cache.DecodeStepState`: RoPE tables, scatter
+    index, masks built once); the layers then write and attend through it.
     """
 
     causal: bool = True
@@ -243,6 +267,7 @@ class BatchLayout:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     cached: int | None = None
+    step: DecodeStepState | None = None
 
 
 def packed_positions(cu_seqlens: torch.Tensor, b: int, t: int) -> torch.Tensor:

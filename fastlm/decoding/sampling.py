@@ -25,7 +25,8 @@ def prefill(model, prompts: Prompts, cache) -> torch.Tensor:
     rows = torch.arange(prompts.ids.shape[0], device=prompts.ids.device)
     key_lens = prompts.lens if prompts.ragged else None
     if isinstance(model, Model):
-        hidden = model(prompts.ids, cache=cache, key_lens=key_lens, return_hidden=True)
+        # the ids were range-checked by prepare_prompts: no second host read here
+        hidden = model(prompts.ids, cache=cache, key_lens=key_lens, return_hidden=True, validate=False)
         return model.head(hidden[rows, prompts.lens - 1]).float()
     return model(prompts.ids, cache=cache, key_lens=key_lens)[rows, prompts.lens - 1].float()
 

@@ -22,6 +22,7 @@ import torch
 from fastlm.cache import KVCache
 from fastlm.decoding.common import hits_eos
 from fastlm.model import BatchLayout, Model
+from fastlm.ops.backend import select
 
 
 def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -31,10 +32,20 @@ def decode_logits(model: Model, cache: KVCache, tokens: torch.Tensor, length: in
     None: the whole cache, one static shape for compilation). Attention always reads the cache
     (the prompt is in it): the model's cache path with ``BatchLayout.cached`` >= 1 or None."""
     positions = cache.lens[:, None]  # (B, 1)
-    layout = BatchLayout(cached=None if length is None else length - 1)
+    if length is None:  # compiled: the ops themselves, traced
+        layout = BatchLayout(cached=None)
+    else:  # eager: the layers share one per-step state where the ops would run their references
+        layout = BatchLayout(cached=length - 1, step=cache.decode_step(length) if _references(cache) else None)
     logits = model.forward_embeddings(model.embed(tokens[:, None]), positions, cache, layout)
     cache.lens.add_(1)  # in place: no module attribute is set (fewer guards when compiled)
     return logits[:, -1].float()
+
+
+def _references(cache: KVCache) -> bool:
+    """Whether the cache write and decode attention run their reference ops on the cache's
+    device (then :class:`fastlm.cache.DecodeStepState` computes the same, once per step)."""
+    device = cache.k.device
+    return select("rope_append_kv", device) == "reference" and select("decode_attention", device) == "reference"
 
 
 def pick_greedy(scores: torch.Tensor, finished: torch.Tensor, bad: torch.Tensor, eos: torch.Tensor | None,
@@ -42,9 +53,10 @@ def pick_greedy(scores: torch.Tensor, finished: torch.Tensor, bad: torch.Tensor,
     """Greedy choice with per-sequence finishing, all on the device: scores (B, V) -> (tokens
     (B,) — the first argmax, pad_id where already finished —, finished (B,) updated with the
     eos ids ``eos`` (a 1-D tensor or None), bad (B,) flags of NaN/+inf scores, accumulated)."""
-    tokens = torch.where(finished, pad_id, scores.argmax(dim=-1))
-    bad = bad | torch.isnan(scores).any(-1) | (scores == float("inf")).any(-1)
-    return tokens, finished | hits_eos(tokens, eos), bad
+    best, index = scores.max(dim=-1)  # (B,): the first maximum, NaN if any score is NaN (as argmax)
+    tokens = torch.where(finished, pad_id, index)
+    bad = bad | ~(best < float("inf"))  # a NaN or +inf score makes the row's maximum NaN or +inf
+    return tokens, finished if eos is None else finished | hits_eos(tokens, eos), bad
 
 
 def decode_greedy(model: Model, cache: KVCache, tokens: torch.Tensor, finished: torch.Tensor, bad: torch.Tensor,
