@@ -60,6 +60,15 @@ _LENS = torch.tensor([3, 6])
 _POS = torch.tensor([[0, 1], [2, 3]])
 _QW, _QS = _q8()
 _SAMPLE = (torch.ones(2), torch.full((2,), 7), torch.ones(2), torch.zeros(2))
+_PREF_TOKENS = torch.tensor([[1, 2], [3, 4]])  # one pair (chosen, rejected) of two targets
+
+
+def _dpo_unfused(h, w, t, m, ref, beta=0.1):
+    """DPO's sigmoid loss summed over pairs, from the full logits (rows [chosen..., rejected...])."""
+    logp = torch.log_softmax(h @ w.t(), -1).gather(-1, t.reshape(-1, 1)).view(t.shape)  # (2P, T)
+    chosen, rejected = (logp * m).sum(-1).chunk(2)
+    return -torch.nn.functional.logsigmoid(beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1]))).sum()
+
 CASES = {
     "attention": ((_t(1, 2, 4, 8), _t(1, 1, 4, 8), _t(1, 1, 4, 8)),
                   lambda q, k, v: ops.attention(q, k, v, causal=True),
@@ -104,6 +113,19 @@ CASES = {
     "fused_linear_cross_entropy": ((_t(4, 8), _t(11, 8), torch.tensor([1, 2, -100, 3])),
                                    lambda h, w, t: ops.fused_linear_cross_entropy(h, w, t, validate=False),
                                    lambda h, w, t: torch.nn.functional.cross_entropy(h @ w.t(), t), (0, 1)),
+    # The chunked alignment losses, against the unfused formula on full logits (as the fused CE).
+    "linear_logprobs": ((_t(4, 8), _t(11, 8), torch.tensor([1, 2, 0, 3])),
+                        lambda h, w, t: ops.linear_logprobs(h, w, t, validate=False),
+                        lambda h, w, t: torch.log_softmax(h @ w.t(), -1).gather(-1, t[:, None]).squeeze(-1), (0, 1)),
+    "linear_distillation_loss": ((_t(4, 8), _t(11, 8), _t(4, 6), _t(11, 6)),
+                                 lambda hs, ws, ht, wt: ops.linear_distillation_loss(hs, ws, ht, wt, validate=False),
+                                 lambda hs, ws, ht, wt: torch.nn.functional.kl_div(
+                                     torch.log_softmax(hs @ ws.t(), -1), torch.log_softmax(ht @ wt.t(), -1),
+                                     reduction="batchmean", log_target=True), (0, 1)),
+    "linear_preference_loss": ((_t(4, 8), _t(11, 8), _PREF_TOKENS, torch.ones(2, 2, dtype=torch.bool),
+                                torch.zeros(1, 2)),
+                               lambda h, w, t, m, r: ops.linear_preference_loss(h, w, t, m, r, validate=False),
+                               lambda h, w, t, m, r: _dpo_unfused(h, w, t, m, r), (0, 1)),
 }
 OPS = sorted(CASES)
 
