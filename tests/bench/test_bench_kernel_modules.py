@@ -90,3 +90,17 @@ def test_report_renders_every_group_with_peer_ratios(cases):
         assert f"## {group}" in text
     assert "(vs F.linear)" in text and "(vs unfused torch)" in text and "(vs torch.eager)" in text
     assert "gbps" in text and "tflops" in text
+
+
+def test_every_defined_op_has_a_dispatch_case():
+    """bench_dispatch times every op the registry defines (its own check runs only with pytest on
+    bench/; this keeps a new op from going unmeasured). In a subprocess: importing the module sets
+    torch's thread count and seed."""
+    code = ("from bench import bench_dispatch; from fastlm.ops import registry; "
+            "print(sorted(set(registry.defined_ops()) - set(bench_dispatch.CASES)))")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", f"add a case to bench/bench_dispatch.py for: {result.stdout}"
