@@ -42,7 +42,7 @@ import pytest
 import torch
 
 import fastlm
-from bench.conftest import DEVICE, QUICK
+from bench.conftest import DEVICE, QUICK, OneAtATime
 
 if DEVICE == "cpu":  # one intra-op thread: on the shared 2-core machine two threads per process made
     torch.set_num_threads(1)  # a step 3-10x slower and erratic (spinning workers); every impl runs alike
@@ -137,17 +137,8 @@ class Group:
         return statistics.median(p / t for p, t in zip(self.turns[PEER], self.turns[impl]))
 
 
-_GROUP: dict[tuple, Group] = {}
+_group = OneAtATime(Group)  # (shape) -> its Group, one in memory at a time
 _BANDWIDTH: list[float] = []
-
-
-def _group(shape: tuple) -> Group:
-    if shape not in _GROUP:
-        _GROUP.clear()  # one model (and its transformers copy) in memory at a time
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-        _GROUP[shape] = Group(*shape)
-    return _GROUP[shape]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

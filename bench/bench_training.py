@@ -43,7 +43,7 @@ import torch
 
 import fastlm
 from bench.bench_decode import in_turns
-from bench.conftest import DEVICE, QUICK
+from bench.conftest import DEVICE, QUICK, OneAtATime
 from fastlm import ops
 from fastlm.train.trainer import flops_per_token, peak_flops
 
@@ -129,16 +129,7 @@ class Group:
         return step
 
 
-_GROUP: dict[tuple, Group] = {}
-
-
-def _group(shape: tuple) -> Group:
-    if shape not in _GROUP:
-        _GROUP.clear()  # one model (and its transformers copy) in memory at a time
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-        _GROUP[shape] = Group(*shape)
-    return _GROUP[shape]
+_group = OneAtATime(Group)  # (shape) -> its Group, one in memory at a time
 
 
 @pytest.mark.parametrize("impl", IMPLS)

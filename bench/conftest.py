@@ -90,6 +90,22 @@ class Measure:
         torch.cuda.synchronize()
 
 
+class OneAtATime:
+    """The object of the current case group, built on first use by ``factory(*key)``; a new key
+    drops the previous one first, so one model (and its peer's copy) is in memory at a time."""
+
+    def __init__(self, factory: Callable):
+        self.factory, self.key, self.value = factory, None, None
+
+    def __call__(self, key: tuple):
+        if self.value is None or key != self.key:
+            self.value = None
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+            self.key, self.value = key, self.factory(*key)
+        return self.value
+
+
 @pytest.fixture
 def measure(benchmark) -> Measure:
     """``measure(fn, *, group, impl, peer=None, **info)``: see the module docstring."""

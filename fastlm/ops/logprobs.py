@@ -327,17 +327,24 @@ def logprobs_kernels(steps: RowSteps) -> tuple[Callable, Callable]:
     return forward, backward
 
 
-def distill_kernels(steps: RowSteps) -> tuple[Callable, Callable]:
-    """(forward, backward) kernels of ``fastlm::linear_distillation_loss`` for a backend."""
+def grads_in_forward_kernels(forward_fn: Callable, backward_fn: Callable, steps) -> tuple[Callable, Callable]:
+    """(forward, backward) kernels, in the registry's calling convention, of a loss whose forward
+    computes its gradients (``forward_fn(*args, steps)``) and whose backward scales them
+    (``backward_fn(grad, *args, *outputs, needs=needs)``)."""
 
     def forward(*args):
-        return distill_forward(*args, steps)
+        return forward_fn(*args, steps)
 
     def backward(grad, *args_outputs_needs):
         *args_outputs, needs = args_outputs_needs
-        return distill_backward(grad, *args_outputs, needs=needs)
+        return backward_fn(grad, *args_outputs, needs=needs)
 
     return forward, backward
+
+
+def distill_kernels(steps: RowSteps) -> tuple[Callable, Callable]:
+    """(forward, backward) kernels of ``fastlm::linear_distillation_loss`` for a backend."""
+    return grads_in_forward_kernels(distill_forward, distill_backward, steps)
 
 
 _ref_lp_fwd, _ref_lp_bwd = logprobs_kernels(REFERENCE_STEPS)

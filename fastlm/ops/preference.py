@@ -65,6 +65,7 @@ from fastlm.ops.logprobs import (
     _scaled_logits,
     _soft_cap_,
     _soft_cap_grad_,
+    grads_in_forward_kernels,
 )
 from fastlm.ops.reference import wide
 from fastlm.ops.registry import OpSpec, define_op
@@ -226,15 +227,7 @@ def preference_backward(grad, hidden, weight, tokens, mask, ref_logps, loss, bet
 
 def preference_kernels(steps: PairSteps) -> tuple[Callable, Callable]:
     """(forward, backward) kernels of ``fastlm::linear_preference_loss`` for a backend's steps."""
-
-    def forward(*args):
-        return preference_forward(*args, steps)
-
-    def backward(grad, *args_outputs_needs):
-        *args_outputs, needs = args_outputs_needs
-        return preference_backward(grad, *args_outputs, needs=needs)
-
-    return forward, backward
+    return grads_in_forward_kernels(preference_forward, preference_backward, steps)
 
 
 def _fake(hidden, weight, tokens, mask, ref_logps, loss, beta, gamma, label_smoothing, temperature, ignore_index,
