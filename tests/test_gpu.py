@@ -188,6 +188,19 @@ def _quantize_per_token(dtype):
         [t.float().flatten() for t in ops.quantize_per_token(x, smooth.to(x.device))])
 
 
+def _linear_preference_loss(dtype):
+    g = _g()
+    pairs, t = 3, 7  # rows: [chosen 0..2, rejected 0..2], T targets each
+    hidden, weight = torch.randn(2 * pairs * t, 96, generator=g), torch.randn(1000, 96, generator=g) * 0.2
+    tokens = torch.randint(0, 1000, (2 * pairs, t), generator=g)
+    tokens[:, -1] = -100  # padding
+    mask = torch.ones(2 * pairs, t, dtype=torch.bool)
+    mask[:, :2] = False  # the prompt
+    ref = torch.randn(pairs, 2, generator=g) - 20.0
+    return (hidden, weight), lambda h, w: ops.linear_preference_loss(
+        h, w, tokens.to(h.device), mask.to(h.device), ref.to(h.device), beta=0.2, label_smoothing=0.1).loss
+
+
 def _sample(dtype):
     return (torch.randn(6, 500, generator=_g()),), lambda logits: ops.sample(
         logits, top_k=5, generator=torch.Generator(logits.device).manual_seed(0))
@@ -197,7 +210,8 @@ CASES = {
     "attention": _attention, "attention_varlen": _attention_varlen, "decode_attention": _decode_attention,
     "decode_attention_paged": _decode_attention_paged, "cross_entropy": _cross_entropy,
     "fused_linear_cross_entropy": _fused_linear_cross_entropy, "linear_logprobs": _linear_logprobs,
-    "linear_distillation_loss": _linear_distillation_loss, "rms_norm": _rms_norm, "layer_norm": _layer_norm,
+    "linear_distillation_loss": _linear_distillation_loss, "linear_preference_loss": _linear_preference_loss,
+    "rms_norm": _rms_norm, "layer_norm": _layer_norm,
     "rope": _rope, "swiglu": _swiglu, "gelu": _gelu, "lora_linear": _lora_linear,
     "lora_linear_mixed": _lora_linear_mixed, "int8_linear": _int8_linear, "w8a8_linear": _w8a8_linear,
     "rope_append_kv": _rope_append_kv, "quantize_int8": _quantize_int8, "quantize_per_token": _quantize_per_token,
