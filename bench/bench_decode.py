@@ -13,7 +13,8 @@ steps, ``batch · new_tokens`` tokens per call, so the report shows tokens/s) ti
 - ``transformers-static`` (CUDA only): transformers with ``cache_implementation="static"``, which
   it compiles on its own.
 
-Shapes: CPU float32 — ``tiny`` preset, prompt 32, 64 new tokens, batch 1 and 8 (quick: batch 1);
+Shapes: CPU float32 — the ``tiny`` (4M parameters) and ``small`` (27M) Llama presets, prompt 32,
+64 new tokens, batch 1 and 8 (quick: tiny batch 1);
 CUDA bfloat16 — ``llama-1b`` batch 1/8 (256 new) and 64 (128 new), ``llama-7b`` batch 1/8
 (quick: llama-1b batch 1). Prompt 128 on CUDA. CPU runs use one intra-op thread
 (``torch.set_num_threads(1)``, every implementation alike): on the shared 2-core machine two
@@ -51,7 +52,7 @@ if DEVICE == "cuda":  # (preset, batch, prompt_len, new_tokens)
     SHAPES = [("llama-1b", 1, 128, 256), ("llama-1b", 8, 128, 256), ("llama-1b", 64, 128, 128),
               ("llama-7b", 1, 128, 256), ("llama-7b", 8, 128, 256)]
 else:
-    SHAPES = [("tiny", 1, 32, 64), ("tiny", 8, 32, 64)]
+    SHAPES = [("tiny", 1, 32, 64), ("tiny", 8, 32, 64), ("small", 1, 32, 64), ("small", 8, 32, 64)]
 SHAPES = SHAPES[:1] if QUICK else SHAPES
 IMPLS = ("fastlm", "fastlm-compiled", "transformers", "transformers-static")
 TURNS = 3 if QUICK else 7

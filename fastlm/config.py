@@ -295,6 +295,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         arch="llama", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
         intermediate_size=688, max_position_embeddings=512, tie_word_embeddings=True, norm_eps=1e-5,
     ),
+    # ~27M parameters, a small Llama: the second model of the CPU decode benchmarks.
+    "small": dict(
+        arch="llama", vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+        intermediate_size=1376, max_position_embeddings=1024, tie_word_embeddings=True, norm_eps=1e-5,
+    ),
     "tiny-gpt2": dict(
         arch="gpt2", vocab_size=4096, hidden_size=256, num_layers=4, num_heads=8,
         max_position_embeddings=512, tie_word_embeddings=True,

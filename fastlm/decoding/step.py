@@ -4,14 +4,26 @@
 :class:`DecodeStep` runs it eagerly, or compiled with ``torch.compile`` (fullgraph): on CUDA
 with ``mode="reduce-overhead"``, so the whole step — every layer's kernels — replays as one
 CUDA graph over the static cache (gpt-fast's recipe); on CPU as inductor's generated C++ called
-from a C++ wrapper. The step reads no host-side state (positions and lengths are device
+from a C++ wrapper, compiled with inductor's ``freezing`` and ``max_autotune`` over its C++ GEMM
+templates and aten's BLAS (:data:`CPU_COMPILE_OPTIONS`): each weight matmul becomes a C++ GEMM
+kernel fused with the pointwise code around it (the RMSNorm before it, the SwiGLU or residual
+add after), several times faster than a batch-1 step's sgemv calls on this project's CPU. With
+torch 2.13 these kernels read the weights in place (a weight changed after compiling is seen:
+tests/model/test_compiled_decode.py); freezing may also fold weights into constants of the graph
+(packed copies), which would then go stale, so each compiled step is keyed by the weights'
+identity and version (:func:`weights_version`, read once per ``generate`` call): a weight
+changed in place (an optimizer step, ``load_state_dict``, a LoRA merge, ...) or replaced
+compiles a fresh step. A change made behind autograd's back (``param.data.copy_(...)``, which
+bumps no version) is not seen by that key: call :func:`release_caches` after one.
+The step reads no host-side state (positions and lengths are device
 tensors), so one compiled graph serves every step; the host only counts the filled positions
-for its capacity check. The compiled path keeps its caches on the model between calls
-(:func:`reusable_cache`); :func:`release_caches` frees them.
+for its capacity check. The compiled path keeps its caches and compiled steps on the model
+between calls (:func:`reusable_cache`); :func:`release_caches` frees them.
 """
 
 from __future__ import annotations
 
+import itertools
 import types
 import warnings
 import weakref
@@ -66,30 +78,53 @@ def decode_greedy(model: Model, cache: KVCache, tokens: torch.Tensor, finished: 
 
 
 MAX_COMPILED = 16  # compiled step variants kept per process; further shapes run eagerly
-_COMPILED: OrderedDict[tuple, object] = OrderedDict()
+_COMPILED: OrderedDict[tuple, tuple[int, object]] = OrderedDict()  # bucket -> (weights version, compiled fn)
 _FULL_WARNED: list[bool] = [False]
+_SERIAL = itertools.count()  # names each compiled copy's code object
+#: inductor options of the compiled CPU step: the C++ wrapper (no Python between kernels),
+#: freezing, and max-autotune over inductor's C++ GEMM templates and aten's BLAS for each matmul
+#: (bench/bench_decode.py has the figures); the cost is compile time (~30 s instead of ~10 s
+#: for the tiny preset on the project's CPU).
+CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": True,
+                       "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
-def _compiled(fn, device_type: str, shape: tuple):
+def weights_version(model: torch.nn.Module) -> int:
+    """A key of the current weights: a hash of every parameter's and buffer's (address, version
+    counter). It changes when a tensor is replaced or modified in place through autograd-visible
+    ops (torch.no_grad included); ``.data`` writes do not bump it. O(number of tensors) on the host."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return hash(tuple((t.data_ptr(), t._version) for t in tensors))
+
+
+def _compiled(fn, device_type: str, shape: tuple, version: int = 0):
     """``fn`` compiled for a device type and one shape bucket ``shape`` (model, batch size, cache
-    length): CUDA graphs on CUDA; on CPU a C++ wrapper calls the generated kernels (no Python
-    between them: the step is dominated by launch overhead). None once MAX_COMPILED variants exist.
+    length) over the weights ``version`` (:func:`weights_version`; a new version replaces the
+    bucket's step, which froze the old weights on CPU): CUDA graphs on CUDA; on CPU a C++
+    wrapper calls the generated kernels (:data:`CPU_COMPILE_OPTIONS`). None once MAX_COMPILED
+    variants exist.
 
-    Each bucket compiles its own copy of ``fn``'s code object: dynamo counts recompilations per
-    code object (8 by default, then FailOnRecompileLimitHit under fullgraph), so one shared code
-    object would fail at the 9th (batch, length) bucket of a process — a server or a sweep."""
+    Each compilation compiles its own copy of ``fn``'s code object: dynamo counts recompilations
+    per code object (8 by default, then FailOnRecompileLimitHit under fullgraph), so one shared
+    code object would fail at the 9th (batch, length) bucket of a process — a server or a sweep;
+    and dynamo's guards do not look at weight values, so a step of old frozen weights must never
+    be found again through a shared code object."""
     key = (fn.__name__, device_type, shape)
     if key in _COMPILED:
-        return _COMPILED[key]
+        if _COMPILED[key][0] == version:
+            return _COMPILED[key][1]
+        del _COMPILED[key]  # the weights changed since it was compiled: drop it
     if len(_COMPILED) >= MAX_COMPILED:
         return None
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")  # a distinct code object
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_SERIAL)}")  # a distinct code object
     fresh = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     if device_type == "cuda":
-        _COMPILED[key] = torch.compile(fresh, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        compiled = torch.compile(fresh, fullgraph=True, dynamic=False, mode="reduce-overhead")
     else:
-        _COMPILED[key] = torch.compile(fresh, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-    return _COMPILED[key]
+        compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options=dict(CPU_COMPILE_OPTIONS))
+    _COMPILED[key] = (version, compiled)
+    return compiled
+
 
 
 def _warn_eager(why: str) -> None:
@@ -114,6 +149,8 @@ class DecodeStep:
         self.device_type = cache.k.device.type
         self.compiled = compile
         self.ran_compiled = False
+        # frozen (CPU) steps are only valid for the weights they froze: read their version once per call
+        self.weights_version = weights_version(model) if compile and self.device_type != "cuda" else 0
 
     def _run(self, fn, *args):
         if self.cache.filled == 0:
@@ -123,7 +160,7 @@ class DecodeStep:
         compiled = None
         if self.compiled:  # static shapes: one graph for every step of this bucket
             shape = (id(self.model), self.cache.batch_size, self.cache.max_len, str(self.cache.k.dtype))
-            compiled = _compiled(fn, self.device_type, shape)
+            compiled = _compiled(fn, self.device_type, shape, self.weights_version)
             if compiled is None:
                 _warn_eager(f"{MAX_COMPILED} compiled decode steps exist in this process")
         self.ran_compiled = compiled is not None
@@ -136,7 +173,7 @@ class DecodeStep:
                 out = compiled(self.model, self.cache, *args)
             except FailOnRecompileLimitHit as err:  # e.g. a model's attributes changed between calls
                 _warn_eager(f"torch.compile hit its recompile limit ({err})")
-                _COMPILED[next(k for k, v in _COMPILED.items() if v is compiled)] = None
+                _COMPILED[next(k for k, v in _COMPILED.items() if v[1] is compiled)] = (self.weights_version, None)
                 self.ran_compiled = False
                 out = fn(self.model, self.cache, *args, self.cache.filled + 1)
         else:
@@ -178,5 +215,8 @@ def reusable_cache(model: Model, batch_size: int, max_len: int, min_len: int = 6
 
 
 def release_caches(model: Model) -> None:
-    """Free the static caches :func:`reusable_cache` keeps for ``model``."""
+    """Free the static caches :func:`reusable_cache` keeps for ``model`` and its compiled decode
+    steps; the next ``compile=True`` call compiles again."""
     _STATIC_CACHES.pop(model, None)
+    for key in [k for k in _COMPILED if k[2][0] == id(model)]:
+        del _COMPILED[key]
