@@ -20,12 +20,13 @@ Hidden (N, H), head weight (V, H), N = B·T tokens (``tokens`` = N per call: the
 
 Recorded in ``extra_info`` (bench/conftest.py's ``measure`` fixture): ``peak_mb`` —
 bench.common.peak_mb, the memory allocated during one call above what existed before it (inputs
-excluded, the gradients it returns included): on CPU the peak of the running sum of the allocations and frees torch's profiler
-records (``profile_memory=True``), on CUDA ``torch.cuda.max_memory_allocated``; ``mem_vs_unfused``
-= this peak / the unfused case's peak in the same run (the unfused case runs first in its group);
-``max_abs_diff`` — checked before timing, the largest difference of the loss and both gradients
-(d hidden, d weight) from the unfused path's on the same inputs, which must stay within
-``TOLERANCE`` in float32 (CPU). The speed ratio to the unfused path is the report's ``vs_peer``
+excluded, the gradients it returns included): on CPU the peak of the running sum of the
+allocations and frees torch's profiler records (``profile_memory=True``), on CUDA
+``torch.cuda.max_memory_allocated``; ``mem_vs_unfused`` = this peak / the unfused case's peak in
+the same run (the unfused case runs first in its group); ``max_abs_diff`` — checked before
+timing, the largest difference of the loss and both gradients (d hidden, d weight) from the
+unfused path's on the same inputs; in float32 (CPU) each must be within ``TOLERANCE`` (1e-4) ×
+the unfused value's largest magnitude or the case fails (bfloat16: recorded only). The speed ratio to the unfused path is the report's ``vs_peer``
 (the unfused median / this median, bench/report.py).
 
 Sizes: CPU float32, N = 1024, H = 256, V = 32000 and 128256 (fused chunk: 128 rows; TRL rows at
