@@ -1,10 +1,12 @@
-"""Alignment and distillation losses, fused (fastlm.ops.linear_preference_loss /
-linear_logprobs / linear_distillation_loss) vs the unfused PyTorch path (full (N, V) logits, log_softmax in
-float32) and TRL's helpers on those logits (``selective_log_softmax``, ``entropy_from_logits``,
-``GKDTrainer.generalized_jsd_loss``) where TRL is installed: peak memory and time of one
-forward + backward (d hidden, d weight) in the same run.
+"""Alignment and distillation losses (pytest-benchmark): fastlm's fused losses
+(fastlm.ops.linear_preference_loss / linear_logprobs / linear_distillation_loss) vs the unfused
+PyTorch path (full (N, V) logits, log_softmax in float32; the peer) and TRL's helpers on those
+logits (``selective_log_softmax``, ``entropy_from_logits``, ``GKDTrainer.generalized_jsd_loss``)
+where TRL is installed: time and peak memory of one forward + backward (d hidden, d weight).
 
-Losses (hidden (N, H), head weight (V, H), N = B·T tokens):
+    python -m bench.run --device cpu --only bench_align_losses   # or: pytest bench/bench_align_losses.py --benchmark-only
+
+One group per (loss, V), one case per implementation (``impl``):
   dpo   sequence log-probs (Σ over a completion mask per sequence of T tokens) of policy
         chosen/rejected halves, DPO sigmoid loss against constant reference log-probs, β = 0.1;
         ``fused``: linear_preference_loss (loss and gradients in the forward, chunked by pairs:
@@ -12,62 +14,69 @@ Losses (hidden (N, H), head weight (V, H), N = B·T tokens):
         log-probs, the backward recomputes the logits) then the loss in PyTorch
   grpo  token log-probs and entropy: −mean(exp(logp − logp.detach())·A) − 0.01·mean(H)
   kd    distillation: forward-KL at T = 2 (α = 0.5 with the hard-label CE); the teacher has
-        H_t = 2·H and is constant
+        H_t = 2·H and is constant; ``trl`` is TRL's GKD loss, the generalized JSD at β = 0.5
+        (TRL has no T²·forward-KL + CE mix): a different loss, so it has no ``max_abs_diff``
+Hidden (N, H), head weight (V, H), N = B·T tokens (``tokens`` = N per call: the report's tokens/s).
 
-pytest-benchmark module (run it explicitly: ``pytest bench/bench_align_losses.py
---benchmark-json=...``); each case records in ``benchmark.extra_info``: ``peak_mb`` — on CPU,
-the peak of the running sum of allocations minus frees reported by torch's profiler
-(``profile_memory=True``: every allocation and free event of its event tree, with its size,
-summed in time order) over one extra call, i.e. the peak of memory allocated *during* the call
-above what existed before it (inputs excluded); on CUDA ``torch.cuda.max_memory_allocated``
-over one call minus the memory allocated before it. ``python -m bench.bench_align_losses``
-runs the same cases without pytest and writes bench/results/<device>/align_losses.{json,md}.
+Recorded in ``extra_info`` (bench/conftest.py's ``measure`` fixture): ``peak_mb`` —
+bench.common.peak_mb, the memory allocated during one call above what existed before it (inputs
+excluded, the gradients it returns included): on CPU the peak of the running sum of the
+allocations and frees torch's profiler records (``profile_memory=True``), on CUDA
+``torch.cuda.max_memory_allocated``; ``mem_vs_unfused`` = this peak / the unfused case's peak in
+the same run (the unfused case runs first in its group); ``max_abs_diff`` — checked before
+timing, the largest difference of the loss and both gradients (d hidden, d weight) from the
+unfused path's on the same inputs; in float32 (CPU) each must be within ``TOLERANCE`` (1e-4) ×
+the unfused value's largest magnitude or the case fails (bfloat16: recorded only). The speed ratio to the unfused path is the report's ``vs_peer``
+(the unfused median / this median, bench/report.py).
 
-Sizes: CPU float32, N = 1024, H = 256, V = 32000 and 128256 (fused chunk: 128 rows; TRL rows at V = 32000 only: its per-row
-log-softmax at V = 128256 takes minutes on this CPU); CUDA
-bfloat16, N = 8192, H = 2048 (the triton backend; default chunk). The Triton interpreter is not
-a speed measurement, so CPU rows run the reference backend (chunked plain PyTorch).
+Sizes: CPU float32, N = 1024, H = 256, V = 32000 and 128256 (fused chunk: 128 rows; TRL rows at
+V = 32000 only: its per-row log-softmax at V = 128256 takes minutes on this CPU); quick
+(``BENCH_QUICK=1``): N = 256, H = 64, V = 4096, chunk 32. CUDA bfloat16, N = 8192, H = 2048,
+V = 32000 and 128256 (quick: V = 4096), the triton backend with its default chunks. The Triton
+interpreter is not a speed measurement, so CPU rows run the reference backend (chunked plain
+PyTorch). CPU threads: ``BENCH_THREADS`` (bench/conftest.py).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-import os
-import platform
-import sys
-import time
+import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastlm
-from bench.common import peak_mb
+from bench.conftest import DEVICE, QUICK, OneAtATime
 from fastlm import ops
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-QUICK = os.environ.get("BENCH_ALIGN_QUICK") == "1"  # a seconds-long smoke run (tiny shapes)
-N, H = (8192, 2048) if CUDA else (256, 64) if QUICK else (1024, 256)
+GPU = DEVICE == "cuda"
+DTYPE = torch.bfloat16 if GPU else torch.float32
+DTYPE_NAME = str(DTYPE).removeprefix("torch.")
+N, H = (8192, 2048) if GPU else (256, 64) if QUICK else (1024, 256)
 T = 128  # tokens per sequence (dpo: N / T sequences, half chosen, half rejected)
 VOCABS = (4096,) if QUICK else (32000, 128256)
-CHUNK = None if CUDA else 32 if QUICK else 128
-PAIR_CHUNK = None if CUDA else 1  # linear_preference_loss: pairs per chunk (CPU: 2·T = 256 rows)
-TRL_MAX_VOCAB = 10**9 if CUDA else 32000  # on CPU TRL's per-row log-softmax at V = 128k takes minutes
-BACKEND = "triton" if CUDA else "reference"
+CHUNK = None if GPU else 32 if QUICK else 128
+PAIR_CHUNK = None if GPU else 1  # linear_preference_loss: pairs per chunk (CPU: 2·T = 256 rows)
+TRL_MAX_VOCAB = 10**9 if GPU else 32000  # on CPU TRL's per-row log-softmax at V = 128k takes minutes
+BACKEND = "triton" if GPU else "reference"
 LOSSES = ("dpo", "grpo", "kd")
+PEER = "unfused"
+TOLERANCE = 1e-4  # float32: max |Δ| of loss and gradients vs unfused, relative to the unfused value's max |·|
 
 
-def _trl():
+@functools.cache
+def _trl() -> tuple | None:
+    """TRL's (selective_log_softmax, entropy_from_logits, generalized_jsd_loss or None), or None."""
     try:
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
     except ImportError:
         return None
     try:
-        from trl.experimental.gkd import GKDTrainer
+        with warnings.catch_warnings():  # "trl.experimental is unstable": known; only its GKD loss is used
+            warnings.filterwarnings("ignore", message=".*trl.experimental")
+            from trl.experimental.gkd import GKDTrainer
         jsd = GKDTrainer.generalized_jsd_loss
     except ImportError:
         jsd = None
@@ -105,7 +114,7 @@ def _logits(x: dict) -> torch.Tensor:
 
 
 def loss_fn(loss: str, path: str, x: dict) -> Callable[[], torch.Tensor]:
-    """A closure computing the loss (scalar) by ``path`` in {fused, unfused, trl}."""
+    """A closure computing the loss (scalar) by ``path`` in {fused, fused-logprobs, unfused, trl}."""
     tokens = x["tokens"]
     if path == "fused" and loss == "dpo":
         pairs = N // T // 2
@@ -141,15 +150,15 @@ def loss_fn(loss: str, path: str, x: dict) -> Callable[[], torch.Tensor]:
                 return _dpo_from_token_logps(tok, x)
             return _grpo_from(tok, -(logp.exp() * logp).sum(-1), x)
         return unfused
-    trl = _trl()
-    selective, entropy, jsd = trl
+    if path != "trl":
+        raise ValueError(f"path must be fused, fused-logprobs, unfused or trl, got {path!r}")
+    selective, entropy, jsd = _trl()
 
     def with_trl():
         logits = _logits(x)
         if loss == "kd":
             with torch.no_grad():
                 teacher = (x["teacher_h"] @ x["teacher_w"].T).float()
-            # TRL's GKD loss: generalized JSD (β = 0.5 here: TRL has no T²·forward-KL + CE mix)
             return jsd(logits[None], teacher[None], beta=0.5, temperature=2.0)
         tok = selective(logits, tokens)
         if loss == "dpo":
@@ -158,93 +167,74 @@ def loss_fn(loss: str, path: str, x: dict) -> Callable[[], torch.Tensor]:
     return with_trl
 
 
-def step(fn: Callable[[], torch.Tensor], x: dict) -> Callable[[], None]:
+def step(fn: Callable[[], torch.Tensor], x: dict) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """One forward + backward: (loss detached, d hidden, d weight) by ``torch.autograd.grad`` (no
+    ``.grad`` left behind, so each call allocates its gradients afresh and ``peak_mb`` counts them)."""
     def run():
-        x["hidden"].grad = x["weight"].grad = None
-        fn().backward()
+        loss = fn()
+        return (loss.detach(), *torch.autograd.grad(loss, [x["hidden"], x["weight"]]))
     return run
 
 
 def paths(loss: str) -> list[str]:
-    return ["fused"] + (["fused-logprobs"] if loss == "dpo" else []) + ["unfused"] + (
-        ["trl"] if _trl() is not None else [])
+    """The implementations of ``loss``, the peer first (its peak is the others' ``mem_vs_unfused`` base)."""
+    return [PEER, "fused"] + (["fused-logprobs"] if loss == "dpo" else []) + (["trl"] if _trl() is not None else [])
 
 
 CASES = [(loss, vocab, path) for vocab in VOCABS for loss in LOSSES for path in paths(loss)
          if not (path == "trl" and (vocab > TRL_MAX_VOCAB or (loss == "kd" and _trl()[2] is None)))]
 
 
-@pytest.mark.parametrize("loss,vocab,path", CASES, ids=lambda v: str(v))
-def test_align_loss(benchmark, loss, vocab, path):
-    benchmark.group = f"{loss} V={vocab}"
-    x = make_inputs(vocab)
-    run = step(loss_fn(loss, path, x), x)
-    run()  # warm-up
-    benchmark.extra_info.update(peak_mb=round(peak_mb(run, DEVICE), 1), loss=loss, vocab=vocab, path=path, n=N, h=H,
-                                dtype=str(DTYPE).removeprefix("torch."), device=DEVICE, chunk=CHUNK)
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+class Group:
+    """One (loss, V): the inputs, each path's step, the unfused loss and gradients (the check's
+    oracle, computed once: also the unfused path's warm-up) and the unfused peak once measured."""
+
+    def __init__(self, loss: str, vocab: int):
+        self.loss, self.x = loss, make_inputs(vocab)
+        self.unfused_peak_mb: float | None = None
+        self.want = self.step(PEER)()  # (loss, d hidden, d weight)
+
+    def step(self, path: str) -> Callable[[], tuple[torch.Tensor, ...]]:
+        return step(loss_fn(self.loss, path, self.x), self.x)
+
+    def check(self, path: str) -> float:
+        """Max |Δ| of ``path``'s loss and gradients from the unfused ones; in float32 each must be
+        within TOLERANCE · max |unfused value|."""
+        got = self.step(path)()
+        diffs = []
+        for name, a, b in zip(("loss", "d hidden", "d weight"), got, self.want):
+            diff = float((a.float() - b.float()).abs().max())
+            scale = float(b.float().abs().max())
+            assert math.isfinite(diff), f"{self.loss} {path}: {name} is not finite"
+            if DTYPE == torch.float32:
+                assert diff <= TOLERANCE * scale, \
+                    f"{self.loss} {path}: {name} |Δ| {diff:.3g} from unfused (its max |·| {scale:.3g})"
+            diffs.append(diff)
+        return max(diffs)
 
 
-# ---- without pytest: results table ------------------------------------------------------------
+_group = OneAtATime(Group)  # (loss, vocab) -> its Group, one in memory at a time
 
 
-def measure(rounds: int = 1) -> list[dict]:
-    rows = []
-    for loss, vocab, path in CASES:
-        x = make_inputs(vocab)
-        run = step(loss_fn(loss, path, x), x)
-        peak = peak_mb(run, DEVICE)  # the profiled call doubles as the warm-up
-        times = []
-        for _ in range(rounds):
-            if CUDA:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run()
-            if CUDA:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        rows.append(dict(loss=loss, vocab=vocab, path=path, peak_mb=peak, median_ms=sorted(times)[len(times) // 2] * 1e3))
-        print(rows[-1], file=sys.stderr)
-    for row in rows:
-        base = next(r for r in rows if r["loss"] == row["loss"] and r["vocab"] == row["vocab"] and r["path"] == "unfused")
-        row["mem_vs_unfused"] = row["peak_mb"] / base["peak_mb"]
-        row["speedup_vs_unfused"] = base["median_ms"] / row["median_ms"]
-    return rows
-
-
-def write(rows: list[dict], out: Path) -> None:
-    meta = dict(device=torch.cuda.get_device_name() if CUDA else platform.processor() or platform.machine(),
-                torch=torch.__version__, threads=torch.get_num_threads(), n=N, h=H, t=T,
-                dtype=str(DTYPE).removeprefix("torch."), chunk=CHUNK, pair_chunk=PAIR_CHUNK, backend=BACKEND)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "align_losses.json.tmp"
-    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    tmp.replace(out / "align_losses.json")
-    lines = [
-        "# Alignment / distillation losses: fused vs unfused (forward + backward)",
-        "",
-        ", ".join(f"{k}={v}" for k, v in meta.items()),
-        "",
-        "Peak memory: allocated during one forward+backward above what existed before (inputs excluded); "
-        + ("torch.cuda.max_memory_allocated." if CUDA else
-           "CPU: torch.profiler(profile_memory=True), running sum of allocations and frees."),
-        "",
-        "| loss | V | path | peak MiB | median ms | mem / unfused | speed-up vs unfused |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(f"| {r['loss']} | {r['vocab']} | {r['path']} | {r['peak_mb']:.1f} | {r['median_ms']:.1f} | "
-                     f"{r['mem_vs_unfused']:.2f} | {r['speedup_vs_unfused']:.2f} |")
-    tmp = out / "align_losses.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out / "align_losses.md")
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Run the cases without pytest; write bench/results/<device>/"
-                                                 "align_losses.{json,md}.")
-    parser.add_argument("--rounds", type=int, default=1, help="timed calls per row after the profiled one "
-                        "(median) (default: %(default)s)")
-    write(measure(parser.parse_args().rounds), Path(__file__).resolve().parent / "results" / ("gpu" if CUDA else "cpu"))
+@pytest.mark.parametrize("loss,vocab,path", CASES, ids=[f"{loss}-V{vocab}-{path}" for loss, vocab, path in CASES])
+def test_align_loss(measure, loss, vocab, path):
+    group = _group((loss, vocab))
+    info = dict(loss=loss, vocab=vocab, n=N, h=H, t=T, tokens=N, dtype=DTYPE_NAME)
+    if path.startswith("fused"):
+        info["backend"] = BACKEND
+        if (loss, path) == ("dpo", "fused"):
+            info["pair_chunk"] = PAIR_CHUNK  # pairs per chunk (None: the op's default)
+        else:
+            info["chunk"] = CHUNK  # rows per chunk (None: the op's default)
+    checked = path != PEER and (loss, path) != ("kd", "trl")  # TRL's kd is another loss (JSD)
+    if checked:
+        info["max_abs_diff"] = float(f"{group.check(path):.3g}")  # also this path's warm-up
+    # warm-up: the check's call, or for the peer the Group's oracle call just before
+    measure(group.step(path), group=f"{loss} fwd+bwd N{N} H{H} V{vocab} {DTYPE_NAME}", impl=path, peer=PEER,
+            warmup=0 if checked or path == PEER else 1, **info)
+    peak = measure.benchmark.extra_info.get("peak_mb")
+    if path == PEER:
+        group.unfused_peak_mb = peak
+        measure.benchmark.extra_info["mem_vs_unfused"] = 1.0
+    elif peak is not None and group.unfused_peak_mb:
+        measure.benchmark.extra_info["mem_vs_unfused"] = round(peak / group.unfused_peak_mb, 4)

@@ -47,12 +47,12 @@ def is_pytest_benchmark(name: str) -> bool:
 
 def run_pytest_module(name: str, quick: bool, out: Path, device: str | None = None) -> dict:
     """``pytest bench/<name>.py --benchmark-only --benchmark-json=<out>/<name>.json`` in a child
-    process (quick: ``BENCH_QUICK=1`` and ``BENCH_ALIGN_QUICK=1`` for the modules that read them)."""
+    process (quick: ``BENCH_QUICK=1``)."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR.parent), os.environ.get("PYTHONPATH")]))}
     if quick:
-        env.update(BENCH_QUICK="1", BENCH_ALIGN_QUICK="1")
+        env["BENCH_QUICK"] = "1"
     if device is not None:
         env["BENCH_DEVICE"] = device
     command = [sys.executable, "-m", "pytest", str(BENCH_DIR / f"{name}.py"), "-q", "-p", "no:cacheprovider",
