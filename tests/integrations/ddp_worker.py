@@ -3,6 +3,7 @@ FSDP2 (gloo, CPU), run by torchrun; rank 0 saves the loss and the full gradients
 
 from __future__ import annotations
 
+import datetime
 import sys
 
 import torch
@@ -13,7 +14,8 @@ from tests.integrations.hf_models import batch, build
 
 
 def main(mode: str, out: str) -> None:
-    dist.init_process_group("gloo")
+    # a collective that waits longer than this (a stuck peer) raises instead of hanging the test run
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     ids, mask, labels = batch(batch_size=4, length=10, seed=9, padding=None)
     shard = slice(rank * 4 // world, (rank + 1) * 4 // world)

@@ -3,6 +3,8 @@ and gradients of the unpatched model on the whole batch in one process."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -20,8 +22,16 @@ def test_two_processes_match_one(tmp_path, mode):
     env = torchrun_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "tests.integrations.ddp_worker", mode, str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # its own session: on a timeout the whole group (torchrun and both workers) is killed, no worker lingers
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"torchrun {mode} did not finish in 300 s; its stderr ends with:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
     got = torch.load(out)
 
     ids, mask, labels = batch(batch_size=4, length=10, seed=9, padding=None)
