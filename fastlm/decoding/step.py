@@ -4,17 +4,16 @@
 :class:`DecodeStep` runs it eagerly, or compiled with ``torch.compile`` (fullgraph): on CUDA
 with ``mode="reduce-overhead"``, so the whole step — every layer's kernels — replays as one
 CUDA graph over the static cache (gpt-fast's recipe); on CPU as inductor's generated C++ called
-from a C++ wrapper, compiled with inductor's ``freezing`` and ``max_autotune`` over its C++ GEMM
-templates and aten's BLAS (:data:`CPU_COMPILE_OPTIONS`): each weight matmul becomes a C++ GEMM
-kernel fused with the pointwise code around it (the RMSNorm before it, the SwiGLU or residual
-add after), several times faster than a batch-1 step's sgemv calls on this project's CPU. With
-torch 2.13 these kernels read the weights in place (a weight changed after compiling is seen:
-tests/model/test_compiled_decode.py); freezing may also fold weights into constants of the graph
-(packed copies), which would then go stale, so each compiled step is keyed by the weights'
-identity and version (:func:`weights_version`, read once per ``generate`` call): a weight
-changed in place (an optimizer step, ``load_state_dict``, a LoRA merge, ...) or replaced
-compiles a fresh step. A change made behind autograd's back (``param.data.copy_(...)``, which
-bumps no version) is not seen by that key: call :func:`release_caches` after one.
+from a C++ wrapper, with the weights frozen into the graph (inductor's ``freezing``: the
+parameters become constants, folded and laid out once for its GEMMs) and ``max_autotune``
+choosing each matmul among inductor's C++ GEMM templates and aten's BLAS
+(:data:`CPU_COMPILE_OPTIONS`; measured in bench/bench_decode.py). A frozen step may hold its
+own copy of the weights and never sees later changes to them, so each compiled step is keyed
+by the weights' identity and version (:func:`weights_version`, read once per ``generate``
+call): a weight changed in place (an optimizer step, ``load_state_dict``, a LoRA merge, ...)
+or replaced compiles a fresh step (tests/model/test_compiled_decode.py). A change made behind
+autograd's back (``param.data.copy_(...)``, which bumps no version) is not seen by that key:
+call :func:`release_caches` after one.
 The step reads no host-side state (positions and lengths are device
 tensors), so one compiled graph serves every step; the host only counts the filled positions
 for its capacity check. The compiled path keeps its caches and compiled steps on the model
@@ -82,11 +81,13 @@ _COMPILED: OrderedDict[tuple, tuple[int, object]] = OrderedDict()  # bucket -> (
 _FULL_WARNED: list[bool] = [False]
 _SERIAL = itertools.count()  # names each compiled copy's code object
 #: inductor options of the compiled CPU step: the C++ wrapper (no Python between kernels),
-#: freezing, and max-autotune over inductor's C++ GEMM templates and aten's BLAS for each matmul
-#: (bench/bench_decode.py has the figures); the cost is compile time (~30 s instead of ~10 s
-#: for the tiny preset on the project's CPU).
+#: frozen weights (see :func:`_frozen_on_first_call`), and max-autotune over inductor's C++ GEMM
+#: templates and aten's BLAS for each matmul (bench/bench_decode.py has the figures); the cost is
+#: compile time (~20-30 s instead of ~7 s for the tiny preset on the project's CPU).
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": True,
-                       "max_autotune_gemm_backends": "CPP,ATEN"}
+                       "max_autotune_gemm_backends": "CPP,ATEN",
+                       # quiet: no autotuning table printed into the user's generate call
+                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 def weights_version(model: torch.nn.Module) -> int:
@@ -121,9 +122,37 @@ def _compiled(fn, device_type: str, shape: tuple, version: int = 0):
     if device_type == "cuda":
         compiled = torch.compile(fresh, fullgraph=True, dynamic=False, mode="reduce-overhead")
     else:
-        compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options=dict(CPU_COMPILE_OPTIONS))
+        compiled = _frozen_on_first_call(
+            torch.compile(fresh, fullgraph=True, dynamic=False, options=_known_options(CPU_COMPILE_OPTIONS)))
     _COMPILED[key] = (version, compiled)
     return compiled
+
+
+def _known_options(options: dict) -> dict:
+    """The inductor options this torch knows (torch.compile rejects an unknown one; the
+    reporting switches are newer than some supported torch versions)."""
+    import torch._inductor.config as inductor_config
+
+    return {name: value for name, value in options.items() if hasattr(inductor_config, name)}
+
+
+def _frozen_on_first_call(compiled):
+    """``compiled`` whose first call (the one that traces and compiles) runs with inductor's
+    global ``freezing`` flag set: dynamo reads that flag itself while tracing (to lift the
+    parameters as constants of the graph), so the per-compile ``options`` alone freeze nothing."""
+    traced = []
+
+    def call(*args):
+        if traced:
+            return compiled(*args)
+        with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+            # inductor's autotuner touches a deprecated storage API: torch's own notice, not the user's
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+            out = compiled(*args)
+        traced.append(True)
+        return out
+
+    return call
 
 
 
