@@ -13,7 +13,8 @@ by the weights' identity and version (:func:`weights_version`, read once per ``g
 call): a weight changed in place (an optimizer step, ``load_state_dict``, a LoRA merge, ...)
 or replaced compiles a fresh step (tests/model/test_compiled_decode.py). A change made behind
 autograd's back (``param.data.copy_(...)``, which bumps no version) is not seen by that key:
-call :func:`release_caches` after one.
+call :func:`release_caches` after one. Models over :data:`CPU_FREEZE_MAX_BYTES` of weights
+compile unfrozen (no second copy of their weights; slower steps).
 The step reads no host-side state (positions and lengths are device
 tensors), so one compiled graph serves every step; the host only counts the filled positions
 for its capacity check. The compiled path keeps its caches and compiled steps on the model
@@ -88,6 +89,11 @@ CPU_COMPILE_OPTIONS = {"cpp_wrapper": True, "freezing": True, "max_autotune": Tr
                        "max_autotune_gemm_backends": "CPP,ATEN",
                        # quiet: no autotuning table printed into the user's generate call
                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+#: models whose weights take more bytes compile their CPU step unfrozen (``{"cpp_wrapper": True}``,
+#: weights read in place): a frozen step holds its own laid-out copy of the weights, and with
+#: inductor's working buffers the process grew by ~2.5x the weights' bytes on top of an unfrozen
+#: compile (27M-parameter model, fp32: +260 MB).
+CPU_FREEZE_MAX_BYTES = 2 * 2**30
 
 
 def weights_version(model: torch.nn.Module) -> int:
@@ -98,19 +104,20 @@ def weights_version(model: torch.nn.Module) -> int:
     return hash(tuple((t.data_ptr(), t._version) for t in tensors))
 
 
-def _compiled(fn, device_type: str, shape: tuple, version: int = 0):
+def _compiled(fn, device_type: str, shape: tuple, version: int = 0, freeze: bool = False):
     """``fn`` compiled for a device type and one shape bucket ``shape`` (model, batch size, cache
     length) over the weights ``version`` (:func:`weights_version`; a new version replaces the
     bucket's step, which froze the old weights on CPU): CUDA graphs on CUDA; on CPU a C++
     wrapper calls the generated kernels (:data:`CPU_COMPILE_OPTIONS`). None once MAX_COMPILED
-    variants exist.
+    variants exist. ``freeze`` (CPU): frozen weights and :data:`CPU_COMPILE_OPTIONS`, else only
+    the C++ wrapper.
 
     Each compilation compiles its own copy of ``fn``'s code object: dynamo counts recompilations
     per code object (8 by default, then FailOnRecompileLimitHit under fullgraph), so one shared
     code object would fail at the 9th (batch, length) bucket of a process — a server or a sweep;
     and dynamo's guards do not look at weight values, so a step of old frozen weights must never
     be found again through a shared code object."""
-    key = (fn.__name__, device_type, shape)
+    key = (fn.__name__, device_type, shape, freeze)
     if key in _COMPILED:
         if _COMPILED[key][0] == version:
             return _COMPILED[key][1]
@@ -121,9 +128,11 @@ def _compiled(fn, device_type: str, shape: tuple, version: int = 0):
     fresh = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     if device_type == "cuda":
         compiled = torch.compile(fresh, fullgraph=True, dynamic=False, mode="reduce-overhead")
-    else:
+    elif freeze:
         compiled = _frozen_on_first_call(
             torch.compile(fresh, fullgraph=True, dynamic=False, options=_known_options(CPU_COMPILE_OPTIONS)))
+    else:
+        compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     _COMPILED[key] = (version, compiled)
     return compiled
 
@@ -179,7 +188,10 @@ class DecodeStep:
         self.compiled = compile
         self.ran_compiled = False
         # frozen (CPU) steps are only valid for the weights they froze: read their version once per call
-        self.weights_version = weights_version(model) if compile and self.device_type != "cuda" else 0
+        tensors = [*model.parameters(), *model.buffers()]
+        self.freeze = (compile and self.device_type != "cuda"
+                       and sum(t.numel() * t.element_size() for t in tensors) <= CPU_FREEZE_MAX_BYTES)
+        self.weights_version = weights_version(model) if self.freeze else 0
 
     def _run(self, fn, *args):
         if self.cache.filled == 0:
@@ -189,7 +201,7 @@ class DecodeStep:
         compiled = None
         if self.compiled:  # static shapes: one graph for every step of this bucket
             shape = (id(self.model), self.cache.batch_size, self.cache.max_len, str(self.cache.k.dtype))
-            compiled = _compiled(fn, self.device_type, shape, self.weights_version)
+            compiled = _compiled(fn, self.device_type, shape, self.weights_version, self.freeze)
             if compiled is None:
                 _warn_eager(f"{MAX_COMPILED} compiled decode steps exist in this process")
         self.ran_compiled = compiled is not None

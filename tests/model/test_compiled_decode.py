@@ -171,3 +171,26 @@ def test_compiled_step_sees_weights_changed_after_compiling(monkeypatch):
     assert torch.equal(replaced, fastlm.generate(model, prompt, max_new_tokens=6))
     release_caches(model)
     assert not step._COMPILED
+
+
+def test_models_over_the_freeze_limit_compile_unfrozen(monkeypatch):
+    """Over CPU_FREEZE_MAX_BYTES of weights the CPU step compiles without freezing: it reads the
+    weights in place, so after an in-place change the same compiled step (no recompilation)
+    gives the new weights' tokens."""
+    from fastlm.decoding import step
+
+    monkeypatch.setattr(step, "_COMPILED", type(step._COMPILED)())
+    monkeypatch.setattr(step, "CPU_FREEZE_MAX_BYTES", 0)
+    torch.manual_seed(2)
+    model = Model(CONFIG).eval()
+    prompt = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
+    before = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
+    assert torch.equal(before, fastlm.generate(model, prompt, max_new_tokens=6))
+    (key, (_, first)), = step._COMPILED.items()
+    assert key[-1] is False  # compiled unfrozen
+    with torch.no_grad():
+        model.layers[0].mlp.gate_up_proj.weight.mul_(-8.0)
+    after = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
+    assert torch.equal(after, fastlm.generate(model, prompt, max_new_tokens=6))
+    assert not torch.equal(after[:, 5:], before[:, 5:])
+    assert step._COMPILED[key][1] is first  # the same step, reading the changed weights
