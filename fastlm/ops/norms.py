@@ -110,6 +110,15 @@ def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> 
     return _RMSNorm.apply(x, weight, eps)
 
 
+def layer_norm_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """What the reference backend runs: :func:`layer_norm_reference`'s result through PyTorch's
+    fused ``F.layer_norm`` (one kernel forward, one backward, instead of ~9 and ~20 passes) when
+    x, weight and bias share a float32/float64 dtype; otherwise the reference itself."""
+    if x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and bias.dtype == x.dtype:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return layer_norm_reference(x, weight, bias, eps)
+
+
 # ---- specs --------------------------------------------------------------------------------------
 
 
@@ -138,6 +147,7 @@ define_op(OpSpec(
     differentiable=(0, 1, 2),
     reference_fn=layer_norm_reference,
     reference_backward_fn=layer_norm_backward,
+    reference_eager=layer_norm_eager,
 ))
 
 

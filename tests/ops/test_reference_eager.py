@@ -1,6 +1,7 @@
 """The reference backend's eager paths (``OpSpec.reference_eager``: what ``run`` calls on CPU)
 against the op's reference, the oracle: rope (roll + cached signed tables), rms_norm (a lean
-backward), cross_entropy (PyTorch's fused log_softmax + nll_loss).
+backward), cross_entropy (PyTorch's fused log_softmax + nll_loss), layer_norm and gelu
+(PyTorch's fused F.layer_norm, F.gelu(approximate="tanh")).
 
 Outputs and gradients: in float64 on every case of tests/ops/test_every_op.py plus gradcheck of
 the eager path, and in float32 at training shapes by the 2× rule against the float64 oracle
@@ -25,7 +26,7 @@ EAGER_CASES = [(name, i) for name in EAGER for i in range(len(CASES[name]()))]
 
 
 def test_the_training_ops_have_an_eager_path():
-    assert {"rope", "rms_norm", "cross_entropy", "attention"} <= set(EAGER)
+    assert {"rope", "rms_norm", "cross_entropy", "layer_norm", "gelu", "attention"} <= set(EAGER)
 
 
 def _outputs_and_grads(fn, args, spec, grad_seed=7):
@@ -75,12 +76,18 @@ def _training_args(name):
     if name == "rms_norm":
         return (torch.randn(2, 9, 48, dtype=torch.float64, generator=g) * 3,
                 1 + 0.1 * torch.randn(48, dtype=torch.float64, generator=g), 1e-5)
+    if name == "layer_norm":
+        return (torch.randn(2, 9, 48, dtype=torch.float64, generator=g) * 3 + 1,
+                1 + 0.1 * torch.randn(48, dtype=torch.float64, generator=g),
+                0.1 * torch.randn(48, dtype=torch.float64, generator=g), 1e-5)
+    if name == "gelu":
+        return (torch.randn(2, 9, 48, dtype=torch.float64, generator=g) * 3,)
     targets = torch.randint(0, 300, (37,), generator=g)
     targets[::5] = -100
     return (torch.randn(37, 300, dtype=torch.float64, generator=g) * 4, targets, -100)
 
 
-@pytest.mark.parametrize("name", ["rope", "rms_norm", "cross_entropy"])
+@pytest.mark.parametrize("name", ["rope", "rms_norm", "cross_entropy", "layer_norm", "gelu"])
 def test_eager_path_float32_by_the_2x_rule(name):
     spec = registry.spec_of(name)
 
@@ -145,12 +152,13 @@ def test_rope_tables_made_in_inference_mode_do_not_reach_training():
     assert torch.equal(y, rotary.rope_reference(x.detach(), torch.arange(4), 10000.0))
 
 
-def test_model_training_step_uses_the_eager_paths_and_matches_the_references(monkeypatch):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gpt2"])
+def test_model_training_step_uses_the_eager_paths_and_matches_the_references(monkeypatch, preset):
     """A model's loss and gradients through the eager paths equal those through the references
-    (rope bit for bit; rms_norm and cross_entropy to float32 rounding)."""
+    (rope bit for bit; the others to float32 rounding)."""
     torch.manual_seed(0)
-    model = fastlm.Model(fastlm.preset("tiny", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                                       num_kv_heads=2, intermediate_size=48))
+    kv = {"num_kv_heads": 2, "intermediate_size": 48} if preset == "tiny" else {}
+    model = fastlm.Model(fastlm.preset(preset, vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, **kv))
     ids = torch.randint(0, 64, (2, 9))
 
     def loss_and_grads():
@@ -159,7 +167,7 @@ def test_model_training_step_uses_the_eager_paths_and_matches_the_references(mon
         return loss, grads
 
     eager_loss, eager_grads = loss_and_grads()
-    for name in ("rope", "rms_norm", "cross_entropy"):
+    for name in ("rope", "rms_norm", "cross_entropy", "layer_norm", "gelu"):
         monkeypatch.setattr(registry._DEFINED[name], "reference", registry.spec_of(name).reference)
     ref_loss, ref_grads = loss_and_grads()
     torch.testing.assert_close(eager_loss, ref_loss, atol=1e-6, rtol=1e-6)
@@ -207,3 +215,15 @@ def test_cross_entropy_eager_chunks_and_ignored_rows(monkeypatch):
     bf16 = losses.cross_entropy_eager(logits.to(torch.bfloat16), targets, -100)
     assert bf16.dtype == torch.float32
     torch.testing.assert_close(bf16, losses.cross_entropy_reference(logits.to(torch.bfloat16), targets, -100))
+
+
+def test_layer_norm_and_gelu_eager_low_precision_take_the_reference():
+    from fastlm.ops.activations import gelu_eager, gelu_reference
+    from fastlm.ops.norms import layer_norm_eager, layer_norm_reference
+
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    assert torch.equal(gelu_eager(x), gelu_reference(x))
+    w, b = torch.randn(16), torch.randn(16)
+    assert torch.equal(layer_norm_eager(x, w, b, 1e-5), layer_norm_reference(x, w, b, 1e-5))
+    assert torch.equal(layer_norm_eager(x, w.bfloat16(), b.bfloat16(), 1e-5),
+                       layer_norm_reference(x, w.bfloat16(), b.bfloat16(), 1e-5))
