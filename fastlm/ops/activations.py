@@ -53,6 +53,19 @@ def gelu_backward(grad, x):
     return ((wide(grad) * dydx).to(x.dtype),)
 
 
+# ---- the reference backend's eager path -----------------------------------------------------------
+
+
+def gelu_eager(x: torch.Tensor) -> torch.Tensor:
+    """What the reference backend runs: :func:`gelu_reference`'s tanh approximation through
+    PyTorch's fused ``F.gelu(approximate="tanh")`` (one kernel forward, one backward, instead of
+    ~8 and ~15 passes) for float32/float64 x; the reference itself for other dtypes (it computes
+    in x's dtype)."""
+    if x.dtype in (torch.float32, torch.float64):
+        return F.gelu(x, approximate="tanh")
+    return gelu_reference(x)
+
+
 # ---- specs --------------------------------------------------------------------------------------
 
 
@@ -73,6 +86,7 @@ define_op(OpSpec(
     differentiable=(0,),
     reference_fn=gelu_reference,
     reference_backward_fn=gelu_backward,
+    reference_eager=gelu_eager,
 ))
 
 

@@ -10,6 +10,7 @@ fastlm/ops/triton/losses.py.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastlm.ops.checks import check_dtype, check_floating, check_ndim, check_same_device
 from fastlm.ops.common import wide
@@ -54,6 +55,26 @@ def cross_entropy_backward(grad, logits, targets, ignore_index):
     return (dlogits.to(logits.dtype),)
 
 
+# ---- the reference backend's eager path -----------------------------------------------------------
+
+
+def cross_entropy_eager(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """What the reference backend runs: :func:`cross_entropy_reference`'s loss through PyTorch's
+    fused ``F.cross_entropy`` (log_softmax + nll_loss: two kernels forward, two backward, where
+    autograd through logsumexp and gather takes about ten passes over the (N, V) logits), on
+    the same float32 row chunks (float64 for float64 logits).
+
+    logits (N, V), targets (N,) -> scalar: the sum over non-ignored rows of -log softmax(z_i)[t_i]
+    divided by their number (NaN when every row is ignored, as the reference and PyTorch).
+    """
+    rows = max(1, CROSS_ENTROPY_CHUNK // max(1, logits.shape[-1]))
+    if logits.shape[0] <= rows:
+        return F.cross_entropy(wide(logits), targets, ignore_index=ignore_index)
+    total = sum(F.cross_entropy(wide(chunk), part, ignore_index=ignore_index, reduction="sum")
+                for chunk, part in zip(logits.split(rows), targets.split(rows)))
+    return total / (targets != ignore_index).sum()
+
+
 # ---- spec ---------------------------------------------------------------------------------------
 
 
@@ -65,6 +86,7 @@ define_op(OpSpec(
     differentiable=(0,),
     reference_fn=cross_entropy_reference,
     reference_backward_fn=cross_entropy_backward,
+    reference_eager=cross_entropy_eager,
 ))
 
 

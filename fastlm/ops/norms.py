@@ -69,6 +69,56 @@ def layer_norm_backward(grad, x, weight, bias, eps):
     return dx.to(x.dtype), _sum_to(dy * n, weight), _sum_to(dy, bias)
 
 
+# ---- the reference backend's eager path -----------------------------------------------------------
+
+
+class _RMSNorm(torch.autograd.Function):
+    """rms_norm in one dtype (float32 or float64 x and weight): the reference's forward
+    operations, and a backward of 7 operations (autograd through the forward takes 15):
+    with r = rsqrt(mean(x²) + eps), n = x·r, g = dy·w,
+    dx = r·(g − n·mean(g·n)) and dw = Σ_rows dy·n. Once differentiable (as attention's fused
+    CPU kernel; the kernel backends' backwards are too)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = x.pow(2).mean(dim=-1, keepdim=True).add_(eps).rsqrt_()  # (..., 1)
+        n = x * r
+        ctx.save_for_backward(n, r, weight)
+        return weight * n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        n, r, weight = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            g = dy * weight
+            dx = torch.addcmul(g, n, (g * n).mean(dim=-1, keepdim=True), value=-1.0).mul_(r)
+        if ctx.needs_input_grad[1]:
+            dw = (dy * n).reshape(-1, n.shape[-1]).sum(dim=0)
+        return dx, dw, None
+
+
+def rms_norm_eager(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """What the reference backend runs: :func:`rms_norm_reference`'s forward (the same
+    operations, the same values) with the lean backward of :class:`_RMSNorm` when a gradient is
+    needed and x and weight share a float32/float64 dtype; otherwise (no gradient, bf16/fp16 or
+    mixed dtypes, torch.compile) :func:`rms_norm_reference` itself."""
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled() or x.dtype != weight.dtype
+            or x.dtype not in (torch.float32, torch.float64) or not (x.requires_grad or weight.requires_grad)):
+        return rms_norm_reference(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def layer_norm_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """What the reference backend runs: :func:`layer_norm_reference`'s result through PyTorch's
+    fused ``F.layer_norm`` (one kernel forward, one backward, instead of ~9 and ~20 passes) when
+    x, weight and bias share a float32/float64 dtype; otherwise the reference itself."""
+    if x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and bias.dtype == x.dtype:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return layer_norm_reference(x, weight, bias, eps)
+
+
 # ---- specs --------------------------------------------------------------------------------------
 
 
@@ -87,6 +137,7 @@ define_op(OpSpec(
     differentiable=(0, 1),
     reference_fn=rms_norm_reference,
     reference_backward_fn=rms_norm_backward,
+    reference_eager=rms_norm_eager,
 ))
 define_op(OpSpec(
     "layer_norm",
@@ -96,6 +147,7 @@ define_op(OpSpec(
     differentiable=(0, 1, 2),
     reference_fn=layer_norm_reference,
     reference_backward_fn=layer_norm_backward,
+    reference_eager=layer_norm_eager,
 ))
 
 

@@ -12,6 +12,7 @@ caches and is inference-only (no autograd).
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -99,6 +100,69 @@ def rope_backward(grad, x, positions, theta):
     return ((dy * cos + torch.cat((b, -a), dim=-1)).to(x.dtype),)
 
 
+# ---- the reference backend's eager path -----------------------------------------------------------
+
+# Tables of rope_eager, per positions tensor: the layers of one forward pass the same positions
+# tensor to every rope call, so its tables are computed once per forward instead of once per call.
+# key: (id(positions), head_dim, theta, dtype, device, inference mode) -> (weakref to positions,
+# its version, cos, signed sin).
+# An entry leaves when its positions tensor is freed; a stale id or an in-place change never hits.
+_TABLES: dict[tuple, tuple] = {}
+_TABLES_MAX = 16
+
+
+def _drop_tables(key: tuple, ref: weakref.ref) -> None:
+    entry = _TABLES.get(key)
+    if entry is not None and entry[0] is ref:
+        del _TABLES[key]
+
+
+def _signed_tables(positions: torch.Tensor, head_dim: int, theta: float, like: torch.Tensor):
+    """cos and signed sin [-sin, sin] (halves of D) of :func:`rope_cos_sin`, broadcastable to
+    like (B, H, T, D): (T, D), or (B, 1, T, D) for (B, T) positions, in like's accumulation dtype."""
+    cos, sin = rope_cos_sin(positions, head_dim, theta, like)
+    half = head_dim // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    if positions.dim() == 2:  # (B, T, D) -> broadcast over heads
+        cos, signed = cos[:, None], signed[:, None]
+    return cos, signed
+
+
+def _cached_signed_tables(positions: torch.Tensor, head_dim: int, theta: float, like: torch.Tensor):
+    """:func:`_signed_tables`, memoized on the positions tensor's identity and version counter;
+    tables made in inference mode are kept apart (they cannot be saved for a backward)."""
+    key = (id(positions), head_dim, theta, wide(like).dtype, like.device, torch.is_inference_mode_enabled())
+    entry = _TABLES.get(key)
+    version = positions._version
+    if entry is not None and entry[0]() is positions and entry[1] == version:
+        return entry[2], entry[3]
+    cos, signed = _signed_tables(positions, head_dim, theta, like)
+    if len(_TABLES) >= _TABLES_MAX:
+        _TABLES.clear()
+    ref = weakref.ref(positions, lambda r, key=key: _drop_tables(key, r))
+    _TABLES[key] = (ref, version, cos, signed)
+    return cos, signed
+
+
+def rope_eager(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """What the reference backend runs: :func:`rope_reference`'s values (bit for bit, forward and
+    backward) in fewer operations. With the halves swapped, P([x1, x2]) = [x2, x1] (a roll by D/2),
+    and the signed sin s' = [-sin, sin]:
+
+        y = x·cos + P(x)·s'            (= [x1·cos - x2·sin, x2·cos + x1·sin])
+
+    so autograd's backward is dx = dy·cos + P(dy·s') (P is its own inverse): no split, negation or
+    concatenation of x or dy. cos and s' are computed once per positions tensor (the layers of a
+    forward share it). Under torch.compile, and for inference-tensor positions (no version
+    counter to tell an in-place change), this is :func:`rope_reference` itself.
+    x (B, H, T, D); positions (T,) or (B, T)."""
+    if torch.compiler.is_compiling() or positions.is_inference() or type(positions) is not torch.Tensor:
+        return rope_reference(x, positions, theta)
+    cos, signed = _cached_signed_tables(positions, x.shape[-1], float(theta), x)
+    xf = wide(x)
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * signed).to(x.dtype)
+
+
 # ---- specs --------------------------------------------------------------------------------------
 
 
@@ -110,6 +174,7 @@ define_op(OpSpec(
     differentiable=(0,),
     reference_fn=rope_reference,
     reference_backward_fn=rope_backward,
+    reference_eager=rope_eager,
 ))
 define_op(OpSpec(
     "rope_append_kv",
