@@ -2,11 +2,14 @@
 
     python -m bench.run --device cpu --only bench_training   # or: pytest bench/bench_training.py --benchmark-only
 
-One training step = forward, next-token loss, backward, AdamW update (lr 1e-4; fused AdamW on
+One training step = forward, next-token loss, backward, AdamW update (lr 1e-4, ``fused=True``:
+the default of fastlm's Trainer and of transformers' Trainer with torch >= 2.8, on CPU and
 CUDA), gradients set to None — fp32 on CPU, bf16 autocast over fp32 weights on CUDA. One group
 per model (same weights, same batch), one case per implementation:
 
 - ``fastlm``: ``fastlm.Model`` logits (B, T, V) + ``fastlm.ops.cross_entropy``;
+- ``fastlm-compiled``: the same through ``torch.compile(model)`` (what ``TrainerConfig(compile=True)``
+  does; the first step's compilation is recorded as ``compile_s``, not timed);
 - ``fastlm-fused``: the final hidden states (B·T, H) + ``fastlm.ops.fused_linear_cross_entropy``
   with the head weight (V, H), which never builds the (B·T, V) logits (its point: peak memory
   at large vocabularies);
@@ -37,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import tempfile
+import time
 
 import pytest
 import torch
@@ -54,11 +58,12 @@ if DEVICE == "cuda":  # (preset, batch, seq_len)
 else:
     SHAPES = [("tiny", 4, 64), ("tiny-gpt2", 4, 64)]
 SHAPES = SHAPES[:1] if QUICK else SHAPES
-IMPLS = ("fastlm", "fastlm-fused", "transformers")
+IMPLS = ("fastlm", "fastlm-compiled", "fastlm-fused", "transformers")
 PEER = "transformers"
 TURNS = 3 if QUICK else 7
 DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout")
-LOSSES = {"fastlm": "logits + cross_entropy", "fastlm-fused": "fused linear + cross_entropy",
+LOSSES = {"fastlm": "logits + cross_entropy", "fastlm-compiled": "compiled logits + cross_entropy",
+          "fastlm-fused": "fused linear + cross_entropy",
           "transformers": "logits + F.cross_entropy"}
 
 
@@ -88,7 +93,9 @@ class Group:
         self.info = {"model": preset, "batch": batch, "seq_len": seq_len,
                      "params_m": round(self.model.num_parameters() / 1e6, 1), "tokens": tokens,
                      "flops": self.flops_per_token * tokens}
-        self.losses = {"fastlm": self._fastlm_loss, "fastlm-fused": self._fused_loss, "transformers": self._hf_loss}
+        self.compiled_model = torch.compile(self.model)
+        self.losses = {"fastlm": self._fastlm_loss, "fastlm-compiled": self._compiled_loss,
+                       "fastlm-fused": self._fused_loss, "transformers": self._hf_loss}
         with torch.no_grad(), _autocast():
             first = {name: fn().float().item() for name, fn in self.losses.items()}
         self.loss_diff = {name: abs(value - first[PEER]) for name, value in first.items()}
@@ -96,14 +103,21 @@ class Group:
             for name, diff in self.loss_diff.items():
                 assert diff <= 1e-4 * abs(first[PEER]), f"{name} loss {first[name]} vs transformers {first[PEER]}"
         steps = {impl: self.step_fn(impl) for impl in IMPLS}
-        for step in steps.values():  # warm-up
+        self.compile_s = 0.0
+        for impl, step in steps.items():  # warm-up (the compiled one's first step compiles)
+            start = time.perf_counter()
             step()
+            if impl == "fastlm-compiled":
+                self.compile_s = time.perf_counter() - start
         seconds, _ = in_turns(steps, TURNS)
         self.speedup_in_turns = {impl: statistics.median(p / t for p, t in zip(seconds[PEER], seconds[impl]))
                                  for impl in IMPLS}
 
     def _fastlm_loss(self):
         return ops.cross_entropy(self.model(self.inputs).flatten(0, 1), self.targets)
+
+    def _compiled_loss(self):
+        return ops.cross_entropy(self.compiled_model(self.inputs).flatten(0, 1), self.targets)
 
     def _fused_loss(self):
         hidden = self.model(self.inputs, return_hidden=True).flatten(0, 1)
@@ -116,7 +130,7 @@ class Group:
     def step_fn(self, impl: str):
         """One training step of ``impl`` with its own AdamW over its model's parameters."""
         params = (self.hf if impl == PEER else self.model).parameters()
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=DEVICE == "cuda" or None)
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
         forward_loss = self.losses[impl]
 
         def step():
@@ -138,7 +152,8 @@ def test_training_step(measure, shape, impl):
     group = _group(shape)
     measure(group.step_fn(impl), group=f"train step {shape[0]} {shape[1]}x{shape[2]}", impl=impl, peer=PEER,
             loss=LOSSES[impl], loss_diff=float(f"{group.loss_diff[impl]:.3g}"),
-            speedup_in_turns=round(group.speedup_in_turns[impl], 4), **group.info)
+            speedup_in_turns=round(group.speedup_in_turns[impl], 4), **group.info,
+            **({"compile_s": round(group.compile_s, 2)} if impl == "fastlm-compiled" else {}))
     peak = peak_flops(torch.device(DEVICE))
     if peak is not None:
         achieved = group.info["flops"] / measure.benchmark.stats.stats.median
