@@ -146,6 +146,25 @@ def test_many_batch_sizes_and_lengths_in_one_process(model, monkeypatch, recwarn
     assert len(warned) == 1 and "decode eagerly" in str(warned[0].message)
 
 
+PROMPT = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
+
+
+def _compiled_then_changed(model):
+    """Decode PROMPT compiled (= eager), scale a weight the step reads in place, decode again
+    (compiled = eager, other tokens): the bucket key and the step object before the change."""
+    from fastlm.decoding import step
+
+    before = fastlm.generate(model, PROMPT, max_new_tokens=6, compile=True)
+    assert torch.equal(before, fastlm.generate(model, PROMPT, max_new_tokens=6))
+    (key, (_, first)), = step._COMPILED.items()
+    with torch.no_grad():  # in place: the same tensor, a new version
+        model.layers[0].mlp.gate_up_proj.weight.mul_(-8.0)
+    after = fastlm.generate(model, PROMPT, max_new_tokens=6, compile=True)
+    assert torch.equal(after, fastlm.generate(model, PROMPT, max_new_tokens=6))
+    assert not torch.equal(after[:, 5:], before[:, 5:])  # (other weights, other tokens)
+    return key, first
+
+
 def test_compiled_step_sees_weights_changed_after_compiling(monkeypatch):
     """On CPU the compiled step freezes the weights into its graph; a weight changed in place
     afterwards (as an optimizer step or load_state_dict does) or a replaced parameter gives a
@@ -155,20 +174,12 @@ def test_compiled_step_sees_weights_changed_after_compiling(monkeypatch):
     monkeypatch.setattr(step, "_COMPILED", type(step._COMPILED)())
     torch.manual_seed(1)
     model = Model(CONFIG).eval()
-    prompt = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
-    before = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
-    assert torch.equal(before, fastlm.generate(model, prompt, max_new_tokens=6))
-    (key, (version, first)), = step._COMPILED.items()
-    with torch.no_grad():  # in place: the same tensor, a new version (a weight the step packs)
-        model.layers[0].mlp.gate_up_proj.weight.mul_(-8.0)
-    after = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
-    assert torch.equal(after, fastlm.generate(model, prompt, max_new_tokens=6))
-    assert not torch.equal(after[:, 5:], before[:, 5:])  # (other weights, other tokens)
+    key, first = _compiled_then_changed(model)
     assert len(step._COMPILED) == 1 and step._COMPILED[key][1] is not first  # replaced, not kept beside
     layer = model.layers[0].mlp.down_proj  # a new tensor object in place of the old one
     layer.weight = torch.nn.Parameter(torch.randn_like(layer.weight))
-    replaced = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
-    assert torch.equal(replaced, fastlm.generate(model, prompt, max_new_tokens=6))
+    replaced = fastlm.generate(model, PROMPT, max_new_tokens=6, compile=True)
+    assert torch.equal(replaced, fastlm.generate(model, PROMPT, max_new_tokens=6))
     release_caches(model)
     assert not step._COMPILED
 
@@ -182,15 +193,6 @@ def test_models_over_the_freeze_limit_compile_unfrozen(monkeypatch):
     monkeypatch.setattr(step, "_COMPILED", type(step._COMPILED)())
     monkeypatch.setattr(step, "CPU_FREEZE_MAX_BYTES", 0)
     torch.manual_seed(2)
-    model = Model(CONFIG).eval()
-    prompt = torch.tensor([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
-    before = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
-    assert torch.equal(before, fastlm.generate(model, prompt, max_new_tokens=6))
-    (key, (_, first)), = step._COMPILED.items()
+    key, first = _compiled_then_changed(Model(CONFIG).eval())
     assert key[-1] is False  # compiled unfrozen
-    with torch.no_grad():
-        model.layers[0].mlp.gate_up_proj.weight.mul_(-8.0)
-    after = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
-    assert torch.equal(after, fastlm.generate(model, prompt, max_new_tokens=6))
-    assert not torch.equal(after[:, 5:], before[:, 5:])
     assert step._COMPILED[key][1] is first  # the same step, reading the changed weights
