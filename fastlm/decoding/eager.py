@@ -39,7 +39,7 @@ from torch import nn
 
 from fastlm.cache import KVCache, step_mask
 from fastlm.decoding.common import hits_eos
-from fastlm.model import Model
+from fastlm.model import Embedding, Model
 from fastlm.ops.backend import select
 from fastlm.ops.rotary import rope_cos_sin
 
@@ -59,6 +59,8 @@ def reason_not_lean(model, cache) -> str | None:
         return f"norm {c.norm!r} placed {c.norm_placement!r} (needs pre-norm RMSNorm)"
     if c.qk_norm != "none" or c.attn_softcap is not None or model.pos_embed is not None:
         return "q/k norm, attention soft-cap or learned positions"
+    if type(model.embed) is not Embedding:  # its output is a fresh tensor, added to in place
+        return f"a replaced embedding ({type(model.embed).__name__})"
     if c.mlp != "gated" or c.activation != "silu":
         return f"{c.mlp} MLP with {c.activation} (needs gated SiLU)"
     if any(layer.attn.rotary is None or layer.attn.rotary.fused_theta is None for layer in model.layers):
@@ -123,8 +125,8 @@ class EagerStep:
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of x (B, hidden): x·rsqrt(Σx²/D + eps)·w, as ops.rms_norm's reference."""
-        r = (x * x).sum(-1, keepdim=True).div_(self.width).add_(self.eps).rsqrt_()  # (B, 1)
-        return weight * (x * r)
+        r = torch.addcdiv(self.eps, (x * x).sum(-1, keepdim=True), self.width).rsqrt_()  # (B, 1)
+        return torch.mul(x, r).mul_(weight)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) int64 at positions cache.lens -> float32 logits (B, V)."""
@@ -145,16 +147,17 @@ class EagerStep:
                 cos, sin = rope_cos_sin(self.positions, d, theta, qk)
                 tables = rope[theta] = (cos[:, None], (sin * self.sign)[:, None])
             cos, signed_sin = tables
-            q, k = (qk * cos + qk.roll(d // 2, -1) * signed_sin).split((h, hkv), 1)  # (B, H|Hkv, 1, D)
+            rotated = torch.mul(qk, cos).add_(qk.roll(d // 2, -1).mul_(signed_sin))
+            q, k = rotated.split((h, hkv), 1)  # (B, H|Hkv, 1, D)
             k_cache.scatter_(2, self.index, k)
             v_cache.scatter_(2, self.index, v)
             if window not in masks:
                 masks[window] = step_mask(self.positions, n, window, cache.uniform)
             o = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, n), v_cache.narrow(2, 0, n),
                                                attn_mask=masks[window], scale=scale, enable_gqa=h != hkv)
-            x = x + o_proj(o.reshape(b, h * d))
+            x = x.add_(o_proj(o.reshape(b, h * d)))  # x: this step's own tensor (the embedding's output)
             gate, up = gate_up_proj(self._norm(x, norm2)).split(inter, -1)
-            x = x + down_proj(F.silu(gate) * up)
+            x = x.add_(down_proj(F.silu(gate).mul_(up)))
         logits = self.head(self._norm(x, self.final_norm))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
