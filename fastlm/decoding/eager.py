@@ -120,8 +120,8 @@ class EagerStep:
         self.head = _linear(model.lm_head)
         self.softcap = c.final_softcap
         # views of cache.lens (updated in place): the new tokens' positions and their scatter index
-        self.positions = cache.lens[:, None]  # (B, 1)
-        self.index = self.positions[:, None, :, None].expand(-1, self.hkv, -1, self.d)  # (B, Hkv, 1, D)
+        self.positions = cache.lens[:, None, None]  # (B, 1, 1)
+        self.index = self.positions[..., None].expand(-1, self.hkv, -1, self.d)  # (B, Hkv, 1, D)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of x (B, hidden): x·rsqrt(Σx²/D + eps)·w, as ops.rms_norm's reference."""
@@ -145,14 +145,15 @@ class EagerStep:
             tables = rope.get(theta)
             if tables is None:  # cos, sin (B, 1, 1, D) of this base at the step's positions
                 cos, sin = rope_cos_sin(self.positions, d, theta, qk)
-                tables = rope[theta] = (cos[:, None], (sin * self.sign)[:, None])
+                tables = rope[theta] = (cos, sin * self.sign)
             cos, signed_sin = tables
             rotated = torch.mul(qk, cos).add_(qk.roll(d // 2, -1).mul_(signed_sin))
             q, k = rotated.split((h, hkv), 1)  # (B, H|Hkv, 1, D)
             k_cache.scatter_(2, self.index, k)
             v_cache.scatter_(2, self.index, v)
-            if window not in masks:
-                masks[window] = step_mask(self.positions, n, window, cache.uniform)
+            if window not in masks:  # (B, 1, 1, n) bool or None
+                masks[window] = None if cache.uniform and (window is None or window >= n) else \
+                    step_mask(self.positions[:, 0], n, window, cache.uniform)
             o = F.scaled_dot_product_attention(q, k_cache.narrow(2, 0, n), v_cache.narrow(2, 0, n),
                                                attn_mask=masks[window], scale=scale, enable_gqa=h != hkv)
             x = x.add_(o_proj(o.reshape(b, h * d)))  # x: this step's own tensor (the embedding's output)
