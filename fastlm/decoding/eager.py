@@ -23,10 +23,10 @@ of one token per sequence through a static :class:`fastlm.KVCache` (tests/model/
   window bites.
 
 The step is taken where it is exact: a plain ``Model`` in float32 with pre-norm RMSNorm, plain
-RoPE over whole heads, no q/k norm, no attention soft-cap, a gated SiLU MLP and no learned
-positions, and where the ops it writes out (rms_norm, swiglu, rope_append_kv, decode_attention)
-would run their references (:func:`reason_not_lean`); anything else decodes through
-:class:`fastlm.decoding.step.DecodeStep`.
+RoPE over whole heads, q/k norms per head or none (Qwen3, or Llama, Mistral, Qwen2, Phi-3), no
+attention soft-cap, a gated SiLU MLP and no learned positions, and where the ops it writes out
+(rms_norm, swiglu, rope_append_kv, decode_attention) would run their references
+(:func:`reason_not_lean`); anything else decodes through :class:`fastlm.decoding.step.DecodeStep`.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def reason_not_lean(model, cache) -> str | None:
         return f"dtype {model.dtype} (the lean step is float32)"
     if c.norm != "rms" or c.norm_placement != "pre":
         return f"norm {c.norm!r} placed {c.norm_placement!r} (needs pre-norm RMSNorm)"
-    if c.qk_norm != "none" or c.attn_softcap is not None or model.pos_embed is not None:
-        return "q/k norm, attention soft-cap or learned positions"
+    if c.qk_norm not in ("none", "head") or c.attn_softcap is not None or model.pos_embed is not None:
+        return "q/k norm over the whole projection, attention soft-cap or learned positions"
     if type(model.embed) is not Embedding:  # its output is a fresh tensor, added to in place
         return f"a replaced embedding ({type(model.embed).__name__})"
     if c.mlp != "gated" or c.activation != "silu":
@@ -102,6 +102,7 @@ class EagerStep:
         # 0-dim operands: an op taking a Python number wraps it in a tensor on every call
         self.eps = torch.tensor(c.norm_eps, dtype=torch.float32, device=device)
         self.width = torch.tensor(float(c.hidden_size), dtype=torch.float32, device=device)
+        self.head_width = torch.tensor(float(c.head_dim), dtype=torch.float32, device=device)
         self.one = torch.ones((), dtype=cache.lens.dtype, device=device)
         half = c.head_dim // 2  # the rotate-half sign: [-1] * D/2 + [1] * D/2
         self.sign = torch.cat((torch.full((half,), -1.0), torch.ones(half))).to(device)
@@ -110,8 +111,11 @@ class EagerStep:
         self.layers = []
         for i, block in enumerate(model.layers):
             a = block.attn
+            qk_norm = None  # per-head RMSNorm of q and k (Qwen3): their weights stacked (H + Hkv, 1, D)
+            if c.qk_norm == "head":
+                qk_norm = torch.cat((a.q_norm.weight.expand(self.h, -1), a.k_norm.weight.expand(self.hkv, -1)))[:, None]
             self.layers.append((
-                block.attn_norm.weight, _linear(a.qkv_proj), a.rotary.fused_theta, cache.k[i], cache.v[i],
+                block.attn_norm.weight, _linear(a.qkv_proj), qk_norm, a.rotary.fused_theta, cache.k[i], cache.v[i],
                 a.options.get("scale", 1.0 / math.sqrt(c.head_dim)), a.options.get("window"), _linear(a.o_proj),
                 block.mlp_norm.weight, _linear(block.mlp.gate_up_proj), block.mlp.intermediate_size,
                 _linear(block.mlp.down_proj),
@@ -123,10 +127,11 @@ class EagerStep:
         self.positions = cache.lens[:, None, None]  # (B, 1, 1)
         self.index = self.positions[..., None].expand(-1, self.hkv, -1, self.d)  # (B, Hkv, 1, D)
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm of x (B, hidden): x·rsqrt(Σx²/D + eps)·w, as ops.rms_norm's reference."""
-        r = torch.addcdiv(self.eps, (x * x).sum(-1, keepdim=True), self.width).rsqrt_()  # (B, 1)
-        return torch.mul(x, r).mul_(weight)
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor, width: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm over the last dim (``width`` wide: the hidden size unless given), as
+        ops.rms_norm's reference: x·rsqrt(Σx²/width + eps)·w."""
+        r = torch.addcdiv(self.eps, (x * x).sum(-1, keepdim=True), self.width if width is None else width)
+        return torch.mul(x, r.rsqrt_()).mul_(weight)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) int64 at positions cache.lens -> float32 logits (B, V)."""
@@ -139,9 +144,11 @@ class EagerStep:
         b, h, hkv, d, rows = tokens.shape[0], self.h, self.hkv, self.d, self.qk_rows
         rope, masks = {}, {}
         x = self.embed(tokens)  # (B, hidden)
-        for (norm1, qkv_proj, theta, k_cache, v_cache, scale, window, o_proj,
+        for (norm1, qkv_proj, qk_norm, theta, k_cache, v_cache, scale, window, o_proj,
              norm2, gate_up_proj, inter, down_proj) in self.layers:
             qk, v = qkv_proj(self._norm(x, norm1)).reshape(b, rows + hkv, 1, d).split((rows, hkv), 1)
+            if qk_norm is not None:
+                qk = self._norm(qk, qk_norm, self.head_width)
             tables = rope.get(theta)
             if tables is None:  # cos, sin (B, 1, 1, D) of this base at the step's positions
                 cos, sin = rope_cos_sin(self.positions, d, theta, qk)

@@ -1,6 +1,6 @@
 """The lean eager decode step (fastlm.decoding.eager.EagerStep) computes what the model's forward
 through the cache computes, bit for bit: logits, cache contents and lengths, for equal and ragged
-lengths, sliding windows (with a per-layer RoPE base), biases, MHA, an untied soft-capped head,
+lengths, sliding windows (with a per-layer RoPE base), biases, per-head q/k norms, MHA, an untied soft-capped head,
 scaled embeddings and quantized (wrapped) linears. It is taken wherever it applies and nowhere
 else, and generate gives the same tokens through it as through the general decode step."""
 
@@ -24,6 +24,7 @@ CASES = {
     "window-local-theta": dict(SMALL, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
                                local_rope_theta=100.0),
     "qwen2-qkv-bias": dict(SMALL, arch="qwen2", qkv_bias=True),
+    "qwen3-qk-norm": dict(SMALL, arch="qwen3"),
     "mha-biases": dict(SMALL, num_kv_heads=4, attention_bias=True, mlp_bias=True),
     "untied-softcap-scaled": dict(SMALL, tie_word_embeddings=False, final_softcap=5.0, scale_embeddings=True,
                                   query_pre_attn_scalar=12),
@@ -74,7 +75,7 @@ def test_wrapped_linears_are_called_as_modules():
 
 
 @pytest.mark.parametrize("config, why", [
-    (dict(SMALL, arch="qwen3"), "q/k norm"),
+    (dict(SMALL, arch="olmo2"), "placed 'post'"),
     (dict(SMALL, arch="gemma2", head_dim=16), "norm 'rms_offset'"),
     (dict(SMALL, arch="gpt2", num_kv_heads=4), "norm 'layer'"),
     (dict(SMALL, activation="gelu"), "gated MLP with gelu"),
