@@ -6,7 +6,7 @@ call costs ~1-3 µs whatever its size, an op taking a Python float wraps it in a
 general forward through the cache pays all of that per layer and per step (~258 aten calls a
 step for a 4-layer Llama). This step computes the same thing — bit for bit the model's forward
 of one token per sequence through a static :class:`fastlm.KVCache` (tests/model/test_eager_step.py)
-— with what is constant over a decode loop prepared once, in ~160 aten calls:
+— with what is constant over a decode loop prepared once, in ~150 aten calls:
 
 - hidden states are (B, hidden), not (B, 1, hidden): a linear is one ``mm`` (``addmm`` with a
   bias) on the transposed weight view taken once per loop — the very call ``F.linear`` makes —

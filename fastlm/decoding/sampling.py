@@ -74,7 +74,7 @@ def decode_steps(
     eos = eos_tensor(eos_ids, last.device)
     checks = ops.DeferredChecks()  # NaN/inf logits are flagged on the device, raised at the end
     bad_greedy = torch.zeros(b, dtype=torch.bool, device=last.device)
-    bests = []  # the lean greedy step's row maxima (B,) per step: NaN/+inf checked once, at the end
+    bests = []  # the lean greedy steps' row maxima (B,): NaN/+inf flagged on the device, 64 steps at a time
     pad = torch.tensor(pad_id, device=last.device)
 
     def raise_if_bad() -> None:
@@ -93,6 +93,9 @@ def decode_steps(
             if lean:
                 token, finished, best = step_fn.greedy(token, finished, eos, pad)
                 bests.append(best)
+                if len(bests) == 64:  # folded now and then: a long generation keeps no long list
+                    bad_greedy = bad_greedy | any_bad(bests)
+                    bests.clear()
             else:
                 token, finished, bad_greedy = step_fn.greedy(token, finished, bad_greedy, eos, pad_id)
             yield token, finished

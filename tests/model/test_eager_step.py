@@ -155,22 +155,22 @@ def test_eos_finishes_rows_in_the_lean_greedy_pick(monkeypatch):
     assert (lean[0, 8:] == 0).all() and lean[0, 7] == eos
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_bad_logits_of_one_row_in_a_lean_step_are_reported_with_its_index(monkeypatch, bad):
-    model = _model(**SMALL)
+@pytest.mark.parametrize("bad, at", [(float("nan"), 2), (float("inf"), 2), (float("nan"), 80)])
+def test_bad_logits_of_one_row_in_a_lean_step_are_reported_with_its_index(monkeypatch, bad, at):
+    model = _model(**dict(SMALL, max_position_embeddings=128))
     original, calls = EagerStep.__call__, []
 
-    def poisoned(self, tokens):  # the second lean step's row 1 gets a NaN / +inf score
+    def poisoned(self, tokens):  # lean step ``at``: row 1 gets a NaN / +inf score
         logits = original(self, tokens)
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at:
             logits[1, 3] = bad
         return logits
 
     monkeypatch.setattr(EagerStep, "__call__", poisoned)
     with pytest.raises(ValueError, match=r"sequence\(s\) \[1\] contain NaN or \+inf"):
-        fastlm.generate(model, torch.tensor([[1, 2], [3, 4], [5, 6]]), max_new_tokens=5)
-    assert len(calls) == 4
+        fastlm.generate(model, torch.tensor([[1, 2], [3, 4], [5, 6]]), max_new_tokens=100)  # folds at 64 steps
+    assert len(calls) == 99
 
 
 def test_pick_greedy_keeps_finished_rows_padded():
