@@ -35,7 +35,8 @@ attends over the view [0, filled] without a mask), ``truncate`` (roll back, e.g.
 speculative tokens), ``reorder`` (beam and contrastive search: in place, over the filled
 positions only) and ``reset``. An eager decode step builds its per-step state once
 (:meth:`KVCache.decode_step`, :class:`DecodeStepState`) and writes each layer with
-:meth:`KVCache.write`.
+:meth:`KVCache.write`; plain pre-norm RMSNorm models decode through the leaner
+:class:`fastlm.decoding.eager.EagerStep`, which shares :func:`step_mask`.
 """
 
 from __future__ import annotations
