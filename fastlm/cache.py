@@ -35,7 +35,8 @@ attends over the view [0, filled] without a mask), ``truncate`` (roll back, e.g.
 speculative tokens), ``reorder`` (beam and contrastive search: in place, over the filled
 positions only) and ``reset``. An eager decode step builds its per-step state once
 (:meth:`KVCache.decode_step`, :class:`DecodeStepState`) and writes each layer with
-:meth:`KVCache.write`.
+:meth:`KVCache.write`; plain pre-norm RMSNorm models decode through the leaner
+:class:`fastlm.decoding.eager.EagerStep`, which shares :func:`step_mask`.
 """
 
 from __future__ import annotations
@@ -225,18 +226,9 @@ class DecodeStepState:
 
     def _mask(self, window: int | None) -> torch.Tensor | None:
         """(B, 1, 1, length) bool of the keys each query sees, or None: all of them."""
-        if window in self._masks:
-            return self._masks[window]
-        mask = None
-        if not self.uniform or (window is not None and window < self.length):
-            j = torch.arange(self.length, device=self.lens.device)[None, :]  # (1, L)
-            last = self.lens[:, None] - 1  # (B, 1): the new token's position
-            mask = j <= last
-            if window is not None:
-                mask = mask & (j > last - window)
-            mask = mask[:, None, None]
-        self._masks[window] = mask
-        return mask
+        if window not in self._masks:
+            self._masks[window] = step_mask(self.positions, self.length, window, self.uniform)
+        return self._masks[window]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                window: int | None = None, softcap: float | None = None) -> torch.Tensor:
@@ -249,6 +241,21 @@ class DecodeStepState:
         out = F.scaled_dot_product_attention(wide(q), wide(k), wide(v), attn_mask=self._mask(window), scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out.to(q.dtype)
+
+
+def step_mask(positions: torch.Tensor, length: int, window: int | None, uniform: bool) -> torch.Tensor | None:
+    """The attention mask of a decode step over a static cache's first ``length`` positions:
+    positions (B, 1) of the new tokens (each sequence's length before the step) -> (B, 1, 1,
+    length) bool, key j visible to sequence b iff j <= positions[b] and, with a sliding window
+    w, j > positions[b] - w; None (every key visible) when all lengths are equal (``uniform``)
+    and the window covers the view."""
+    if uniform and (window is None or window >= length):
+        return None
+    j = torch.arange(length, device=positions.device)[None, :]  # (1, L)
+    mask = j <= positions
+    if window is not None:
+        mask = mask & (j > positions - window)
+    return mask[:, None, None]
 
 
 class PagedKVCache(nn.Module):

@@ -15,6 +15,7 @@ import torch
 from fastlm import ops
 from fastlm.decoding.common import (Prompts, StopStrings, apply_repetition_penalty, eos_tensor, hits_eos,
                                      presence)
+from fastlm.decoding.eager import EagerStep, any_bad, reason_not_lean
 from fastlm.decoding.step import DecodeStep, pick_greedy, reusable_cache
 from fastlm.model import Model
 
@@ -51,7 +52,8 @@ def decode_steps(
     """Yield (tokens (B,), finished (B,) bool) for each generated position. With ``paged``, the
     KV cache is a :class:`fastlm.PagedKVCache` whose finished sequences give back their blocks
     at each host check. Otherwise each step is a :class:`DecodeStep` over a static cache,
-    compiled with ``compile`` (the cache is then kept on the model for the next call)."""
+    compiled with ``compile`` (the cache is then kept on the model for the next call), or
+    eagerly, where it can, the lean :class:`fastlm.decoding.eager.EagerStep`."""
     b, t = prompts.ids.shape
     plain = isinstance(model, Model)  # adapter wrappers run their own forward at every step
     if compile and not plain:
@@ -62,17 +64,24 @@ def decode_steps(
     else:
         cache = model.new_cache(b, t + max_new_tokens, paged=paged)
     last = prefill(model, prompts, cache)  # (B, V)
-    step_fn = DecodeStep(model, cache, compile=compile) if plain and not paged else None
+    lean = plain and not paged and not compile and reason_not_lean(model, cache) is None
+    if lean:
+        step_fn = EagerStep(model, cache)
+    else:
+        step_fn = DecodeStep(model, cache, compile=compile) if plain and not paged else None
     present = presence(prompts, last.shape[-1]) if repetition_penalty != 1.0 else None
     finished = torch.zeros(b, dtype=torch.bool, device=last.device)
     eos = eos_tensor(eos_ids, last.device)
     checks = ops.DeferredChecks()  # NaN/inf logits are flagged on the device, raised at the end
     bad_greedy = torch.zeros(b, dtype=torch.bool, device=last.device)
+    bests = []  # the lean greedy steps' row maxima (B,): NaN/+inf flagged on the device, 64 steps at a time
+    pad = torch.tensor(pad_id, device=last.device)
 
     def raise_if_bad() -> None:
         checks.raise_if_any()
-        if bool(bad_greedy.any()):
-            raise ValueError(f"generate: the logits of sequence(s) {bad_greedy.nonzero().flatten().tolist()} "
+        bad = bad_greedy | any_bad(bests) if bests else bad_greedy
+        if bool(bad.any()):
+            raise ValueError(f"generate: the logits of sequence(s) {bad.nonzero().flatten().tolist()} "
                              "contain NaN or +inf")
     # Plain greedy steps pick their tokens inside the decode step (one graph when compiled)
     fused_greedy = step_fn is not None and temperature == 0.0 and present is None and stop_strings is None
@@ -81,7 +90,14 @@ def decode_steps(
     can_finish = eos is not None or stop_strings is not None
     for step in range(max_new_tokens):
         if fused_greedy and step > 0:
-            token, finished, bad_greedy = step_fn.greedy(token, finished, bad_greedy, eos, pad_id)
+            if lean:
+                token, finished, best = step_fn.greedy(token, finished, eos, pad)
+                bests.append(best)
+                if len(bests) == 64:  # folded now and then: a long generation keeps no long list
+                    bad_greedy = bad_greedy | any_bad(bests)
+                    bests.clear()
+            else:
+                token, finished, bad_greedy = step_fn.greedy(token, finished, bad_greedy, eos, pad_id)
             yield token, finished
         else:
             scores = last if present is None else apply_repetition_penalty(last, present, repetition_penalty)
