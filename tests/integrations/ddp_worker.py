@@ -4,6 +4,7 @@ FSDP2 (gloo, CPU), run by torchrun; rank 0 saves the loss and the full gradients
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 
 import torch
@@ -42,7 +43,14 @@ def main(mode: str, out: str) -> None:
     dist.all_gather(losses, loss.detach())
     if rank == 0:
         torch.save({"loss": torch.stack(losses).mean(), "grads": grads}, out)
+    dist.barrier()
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: DDP's reducer still holds the gloo group, and its
+    # destruction at exit joins gloo's threads while this thread holds the GIL one of them waits
+    # for (a worker deadlocked so in CI, in ~ProcessGroupGloo under ~Reducer).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ from tests.distributed_env import ROOT, torchrun_env
 from tests.integrations.hf_models import batch, build
 
 
+def kill_workers(marker: str) -> None:
+    """SIGKILL the processes whose command line holds ``marker`` (torchrun's workers run in
+    their own process groups, so killing torchrun's group leaves them)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # gone meanwhile, or not ours
+
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_match_one(tmp_path, mode):
@@ -22,16 +33,18 @@ def test_two_processes_match_one(tmp_path, mode):
     env = torchrun_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "tests.integrations.ddp_worker", mode, str(out)]
-    # its own session: on a timeout the whole group (torchrun and both workers) is killed, no worker lingers
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"torchrun {mode} did not finish in 300 s; its stderr ends with:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: a lingering worker cannot keep the test reading
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kill_workers(str(out))
+            proc.wait()
+            pytest.fail(f"torchrun {mode} did not finish in 300 s; its output ends with:\n{log.read_text()[-4000:]}")
+    assert proc.returncode == 0, log.read_text()[-4000:]
     got = torch.load(out)
 
     ids, mask, labels = batch(batch_size=4, length=10, seed=9, padding=None)
