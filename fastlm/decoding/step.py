@@ -164,7 +164,6 @@ def _frozen_on_first_call(compiled):
     return call
 
 
-
 def _warn_eager(why: str) -> None:
     if not _FULL_WARNED[0]:
         _FULL_WARNED[0] = True
