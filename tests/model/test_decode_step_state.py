@@ -10,9 +10,8 @@ import torch
 
 import fastlm
 from fastlm.decoding.step import decode_logits
+from tests.model.decode_cases import SMALL, perturbed, prefilled_pair
 
-SMALL = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
-             max_position_embeddings=64)
 CASES = {
     "llama": ("tiny", SMALL),
     "llama-window": ("tiny", dict(SMALL, sliding_window=5)),
@@ -26,24 +25,15 @@ CASES = {
 def _model(case: str) -> fastlm.Model:
     preset, overrides = CASES[case]
     torch.manual_seed(0)
-    model = fastlm.Model(fastlm.preset(preset, **overrides)).eval()
-    with torch.no_grad():  # every parameter perturbed: a dropped norm or bias shows
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return perturbed(fastlm.Model(fastlm.preset(preset, **overrides)))
 
 
 @pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_eager_step_matches_the_ops_path(case, ragged):
     model = _model(case)
-    prompt = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
-    key_lens = torch.tensor([9, 4, 6]) if ragged else None
-    caches = [model.new_cache(3, 24) for _ in range(2)]
-    tokens = torch.tensor([5, 17, 42])
     with torch.no_grad():
-        for cache in caches:
-            model(prompt, cache=cache, key_lens=key_lens)
+        caches, tokens = prefilled_pair(model, ragged)
         assert caches[0].uniform is not ragged
         for _ in range(8):  # past the window of 5
             ours = decode_logits(model, caches[0], tokens, caches[0].filled + 1)

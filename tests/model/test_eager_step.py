@@ -15,9 +15,8 @@ import fastlm
 from fastlm.decoding import eager, sampling
 from fastlm.decoding.eager import EagerStep, reason_not_lean
 from fastlm.quant import quantize
+from tests.model.decode_cases import SMALL, perturbed, prefilled_pair
 
-SMALL = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
-             max_position_embeddings=64)
 CASES = {
     "llama": dict(SMALL),
     "mistral-window": dict(SMALL, arch="mistral", sliding_window=5),
@@ -33,21 +32,12 @@ CASES = {
 
 def _model(**config) -> fastlm.Model:
     torch.manual_seed(0)
-    model = fastlm.Model(fastlm.ModelConfig(**config)).eval()
-    with torch.no_grad():  # every parameter perturbed: a dropped norm or bias shows
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return perturbed(fastlm.Model(fastlm.ModelConfig(**config)))
 
 
 def _check_against_forward(model, ragged: bool, steps: int = 8) -> None:
-    prompt = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
-    key_lens = torch.tensor([9, 4, 6]) if ragged else None
-    caches = [model.new_cache(3, 24) for _ in range(2)]
-    tokens = torch.tensor([5, 17, 42])
     with torch.no_grad():
-        for cache in caches:
-            model(prompt, cache=cache, key_lens=key_lens)
+        caches, tokens = prefilled_pair(model, ragged)
         assert reason_not_lean(model, caches[0]) is None
         step = EagerStep(model, caches[0])
         for _ in range(steps):  # past the window of 5
