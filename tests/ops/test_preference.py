@@ -34,6 +34,17 @@ def make(p, t, h, v, dtype=torch.float64, seed=0, ignore=True):
     return hidden, weight, tokens, mask, ref
 
 
+def pair_logps(logp, tokens, mask, loss):
+    """logp (2P, T, V) token log-probs -> (chosen, rejected) (P,) sequence log-probs over the
+    completion mask (ignored tokens dropped), averaged per token except for the sigmoid loss."""
+    keep = (tokens != IGNORE) & (mask != 0)
+    picked = logp.gather(-1, torch.where(keep, tokens, 0).reshape(-1, 1)).view(tokens.shape)
+    seq = (picked * keep).sum(1)
+    if loss != "sigmoid":
+        seq = seq / keep.sum(1).clamp(min=1)
+    return seq.chunk(2)
+
+
 def unfused(hidden, weight, tokens, mask, ref, *, loss, beta, gamma=0.5, label_smoothing=0.0, temperature=1.0,
             softcap=None):
     """(losses, chosen rewards, rejected rewards, chosen logps, rejected logps) from the full logits."""
@@ -41,12 +52,7 @@ def unfused(hidden, weight, tokens, mask, ref, *, loss, beta, gamma=0.5, label_s
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     logp = torch.log_softmax(z / temperature, -1)
-    keep = (tokens != IGNORE) & (mask != 0)
-    picked = logp.gather(-1, torch.where(keep, tokens, 0).reshape(-1, 1)).view(tokens.shape)
-    seq = (picked * keep).sum(1)
-    if loss != "sigmoid":
-        seq = seq / keep.sum(1).clamp(min=1)
-    c, r = seq.chunk(2)
+    c, r = pair_logps(logp, tokens, mask, loss)
     if loss == "simpo":
         out = simpo_loss(c, r, beta=beta, gamma=gamma, label_smoothing=label_smoothing)
     else:
@@ -133,12 +139,7 @@ def test_bfloat16_2x_rule(loss):
 
     def torch_bf16(h, w):
         logp = torch.log_softmax((h @ w.t()).float(), -1)
-        keep = (tokens != IGNORE) & (mask != 0)
-        picked = logp.gather(-1, torch.where(keep, tokens, 0).reshape(-1, 1)).view(tokens.shape)
-        seq = (picked * keep).sum(1)
-        if loss != "sigmoid":
-            seq = seq / keep.sum(1).clamp(min=1)
-        c, r = seq.chunk(2)
+        c, r = pair_logps(logp, tokens, mask, loss)
         if loss == "simpo":
             return simpo_loss(c, r, **kw)[0].sum()
         return dpo_loss(c, r, ref_in[:, 0], ref_in[:, 1], **kw)[0].sum()
