@@ -72,9 +72,13 @@ def reason_not_lean(model, cache) -> str | None:
     return None
 
 
-def _linear(module: nn.Module):
-    """h (B, in) -> (B, out): for a plain nn.Linear the call F.linear makes on 2-D input
-    (mm / addmm on the weight's transposed view, taken once); any other module is called."""
+def _linear(module: nn.Module, packed: dict):
+    """h (B, in) -> (B, out): the module's packed call where ``packed`` has one
+    (:func:`fastlm.decoding.packed.packed_linears`), else for a plain nn.Linear the call F.linear
+    makes on 2-D input (mm / addmm on the weight's transposed view, taken once); any other
+    module is called."""
+    if module in packed:
+        return packed[module]
     if type(module) is not nn.Linear:
         return module
     wt, bias = module.weight.t(), module.bias
@@ -88,14 +92,17 @@ class EagerStep:
     -> (next tokens, finished, best scores). One decode step of ``model`` over ``cache``, which
     must hold each sequence's prompt; cache.lens advances by one and cache.filled with it.
     Build it once per decode loop (it keeps views of the weights and of cache.lens); check
-    :func:`reason_not_lean` first."""
+    :func:`reason_not_lean` first. ``linears``: calls to use for some of the model's linears
+    ({module: h -> out}, e.g. prepacked weights from :func:`fastlm.decoding.packed.packed_linears`);
+    without them every step is bit for bit the model's forward."""
 
-    def __init__(self, model: Model, cache: KVCache) -> None:
+    def __init__(self, model: Model, cache: KVCache, linears: dict | None = None) -> None:
         why = reason_not_lean(model, cache)
         if why is not None:
             raise ValueError(f"EagerStep: cannot run this model: {why}")
         c = model.config
         self.cache = cache
+        packed = {} if linears is None else linears
         self.h, self.hkv, self.d = c.num_heads, c.num_kv_heads, c.head_dim
         self.qk_rows = self.h + self.hkv
         device = cache.k.device
@@ -115,13 +122,13 @@ class EagerStep:
             if c.qk_norm == "head":
                 qk_norm = torch.cat((a.q_norm.weight.expand(self.h, -1), a.k_norm.weight.expand(self.hkv, -1)))[:, None]
             self.layers.append((
-                block.attn_norm.weight, _linear(a.qkv_proj), qk_norm, a.rotary.fused_theta, cache.k[i], cache.v[i],
-                a.options.get("scale", 1.0 / math.sqrt(c.head_dim)), a.options.get("window"), _linear(a.o_proj),
-                block.mlp_norm.weight, _linear(block.mlp.gate_up_proj), block.mlp.intermediate_size,
-                _linear(block.mlp.down_proj),
+                block.attn_norm.weight, _linear(a.qkv_proj, packed), qk_norm, a.rotary.fused_theta, cache.k[i], cache.v[i],
+                a.options.get("scale", 1.0 / math.sqrt(c.head_dim)), a.options.get("window"), _linear(a.o_proj, packed),
+                block.mlp_norm.weight, _linear(block.mlp.gate_up_proj, packed), block.mlp.intermediate_size,
+                _linear(block.mlp.down_proj, packed),
             ))
         self.final_norm = model.final_norm.weight
-        self.head = _linear(model.lm_head)
+        self.head = _linear(model.lm_head, packed)
         self.softcap = c.final_softcap
         # views of cache.lens (updated in place): the new tokens' positions and their scatter index
         self.positions = cache.lens[:, None, None]  # (B, 1, 1)

@@ -16,7 +16,8 @@ from fastlm import ops
 from fastlm.decoding.common import (Prompts, StopStrings, apply_repetition_penalty, eos_tensor, hits_eos,
                                      presence)
 from fastlm.decoding.eager import EagerStep, any_bad, reason_not_lean
-from fastlm.decoding.step import DecodeStep, pick_greedy, reusable_cache
+from fastlm.decoding.packed import packed_linears
+from fastlm.decoding.step import DecodeStep, pick_greedy, reusable_cache, weights_version
 from fastlm.model import Model
 
 
@@ -53,7 +54,8 @@ def decode_steps(
     KV cache is a :class:`fastlm.PagedKVCache` whose finished sequences give back their blocks
     at each host check. Otherwise each step is a :class:`DecodeStep` over a static cache,
     compiled with ``compile`` (the cache is then kept on the model for the next call), or
-    eagerly, where it can, the lean :class:`fastlm.decoding.eager.EagerStep`."""
+    eagerly, where it can, the lean :class:`fastlm.decoding.eager.EagerStep` (on the CPU over
+    prepacked weights: :mod:`fastlm.decoding.packed`)."""
     b, t = prompts.ids.shape
     plain = isinstance(model, Model)  # adapter wrappers run their own forward at every step
     if compile and not plain:
@@ -66,7 +68,7 @@ def decode_steps(
     last = prefill(model, prompts, cache)  # (B, V)
     lean = plain and not paged and not compile and reason_not_lean(model, cache) is None
     if lean:
-        step_fn = EagerStep(model, cache)
+        step_fn = EagerStep(model, cache, packed_linears(model, b, weights_version(model)))
     else:
         step_fn = DecodeStep(model, cache, compile=compile) if plain and not paged else None
     present = presence(prompts, last.shape[-1]) if repetition_penalty != 1.0 else None

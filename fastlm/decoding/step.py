@@ -33,6 +33,7 @@ import torch
 
 from fastlm.cache import KVCache
 from fastlm.decoding.common import hits_eos
+from fastlm.decoding.packed import release_packs
 from fastlm.model import BatchLayout, Model
 from fastlm.ops.backend import select
 
@@ -255,8 +256,10 @@ def reusable_cache(model: Model, batch_size: int, max_len: int, min_len: int = 6
 
 
 def release_caches(model: Model) -> None:
-    """Free the static caches :func:`reusable_cache` keeps for ``model`` and its compiled decode
-    steps; the next ``compile=True`` call compiles again."""
+    """Free the static caches :func:`reusable_cache` keeps for ``model``, its compiled decode
+    steps and its prepacked weights (:mod:`fastlm.decoding.packed`); the next ``compile=True``
+    call compiles again."""
+    release_packs(model)
     _STATIC_CACHES.pop(model, None)
     for key in [k for k in _COMPILED if k[2][0] == id(model)]:
         del _COMPILED[key]
