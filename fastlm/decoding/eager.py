@@ -122,8 +122,9 @@ class EagerStep:
             if c.qk_norm == "head":
                 qk_norm = torch.cat((a.q_norm.weight.expand(self.h, -1), a.k_norm.weight.expand(self.hkv, -1)))[:, None]
             self.layers.append((
-                block.attn_norm.weight, _linear(a.qkv_proj, packed), qk_norm, a.rotary.fused_theta, cache.k[i], cache.v[i],
-                a.options.get("scale", 1.0 / math.sqrt(c.head_dim)), a.options.get("window"), _linear(a.o_proj, packed),
+                block.attn_norm.weight, _linear(a.qkv_proj, packed), qk_norm, a.rotary.fused_theta,
+                cache.k[i], cache.v[i], a.options.get("scale", 1.0 / math.sqrt(c.head_dim)),
+                a.options.get("window"), _linear(a.o_proj, packed),
                 block.mlp_norm.weight, _linear(block.mlp.gate_up_proj, packed), block.mlp.intermediate_size,
                 _linear(block.mlp.down_proj, packed),
             ))

@@ -1,7 +1,8 @@
 """Prepacked decode weights (fastlm.decoding.packed): each packed GEMM is within twice the error of a
-plain float32 dot product (sequential sums, the order any float32 BLAS may take) of the float64 product; the lean step over packs stays as close to a float64 forward as
-the unpacked step (2x rule); generate takes them on the CPU in float32, rebuilds them when the weights
-or the linears change, and packs nothing where it does not apply."""
+plain float32 dot product (sequential sums, an order any float32 BLAS may take) of the float64
+product; the lean step over packs stays as close to a float64 forward as the unpacked step (2x
+rule); generate takes them on the CPU in float32, rebuilds them when the weights or the linears
+change, and packs nothing where it does not apply."""
 
 from __future__ import annotations
 
