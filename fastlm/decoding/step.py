@@ -5,8 +5,9 @@
 with ``mode="reduce-overhead"``, so the whole step — every layer's kernels — replays as one
 CUDA graph over the static cache (gpt-fast's recipe); on CPU as inductor's generated C++ called
 from a C++ wrapper, with the weights frozen into the graph (inductor's ``freezing``: the
-parameters become constants, folded and laid out once for its GEMMs) and ``max_autotune``
-choosing each matmul among inductor's C++ GEMM templates and aten's BLAS
+parameters become constants, folded and laid out once for its GEMMs: prepacked for MKL's
+sgemm at batch 1, for oneDNN's above, see :class:`_OneDnnPacks`) and ``max_autotune`` choosing
+each matmul among inductor's C++ GEMM templates and the library call
 (:data:`CPU_COMPILE_OPTIONS`; measured in bench/bench_decode.py). A frozen step may hold its
 own copy of the weights and never sees later changes to them, so each compiled step is keyed
 by the weights' identity and version (:func:`weights_version`, read once per ``generate``
@@ -23,17 +24,19 @@ between calls (:func:`reusable_cache`); :func:`release_caches` frees them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 import warnings
 import weakref
 from collections import OrderedDict
+from unittest import mock
 
 import torch
 
 from fastlm.cache import KVCache
 from fastlm.decoding.common import hits_eos
-from fastlm.decoding.packed import release_packs
+from fastlm.decoding.packed import pack_kind, release_packs
 from fastlm.model import BatchLayout, Model
 from fastlm.ops.backend import select
 
@@ -131,7 +134,8 @@ def _compiled(fn, device_type: str, shape: tuple, version: int = 0, freeze: bool
         compiled = torch.compile(fresh, fullgraph=True, dynamic=False, mode="reduce-overhead")
     elif freeze:
         compiled = _frozen_on_first_call(
-            torch.compile(fresh, fullgraph=True, dynamic=False, options=_known_options(CPU_COMPILE_OPTIONS)))
+            torch.compile(fresh, fullgraph=True, dynamic=False, options=_known_options(CPU_COMPILE_OPTIONS)),
+            onednn=pack_kind(shape[1]) == "onednn")
     else:
         compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     _COMPILED[key] = (version, compiled)
@@ -146,16 +150,43 @@ def _known_options(options: dict) -> dict:
     return {name: value for name, value in options.items() if hasattr(inductor_config, name)}
 
 
-def _frozen_on_first_call(compiled):
+class _OneDnnPacks:
+    """``torch.ops.mkldnn`` as inductor's weight-prepack pass sees it while a frozen step of a
+    batch of several rows compiles: the pass packs a float32 weight for MKL's sgemm unless oneDNN
+    is the platform's GEMM library (aarch64's ACL), and for a few rows oneDNN's packed GEMM reads
+    the weights about 1.8x faster on this project's CPU (:mod:`fastlm.decoding.packed` has the
+    figures). Every other name is ``torch.ops.mkldnn``'s."""
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.mkldnn, name)
+
+    @staticmethod
+    def _is_mkldnn_acl_supported() -> bool:
+        return True
+
+
+def _onednn_packing():
+    """A context in which inductor packs float32 linear weights for oneDNN (:class:`_OneDnnPacks`);
+    a no-op where this torch's pass is laid out otherwise."""
+    from torch._inductor.fx_passes import mkldnn_fusion
+
+    if getattr(mkldnn_fusion, "mkldnn", None) is not torch.ops.mkldnn:
+        return contextlib.nullcontext()
+    return mock.patch.object(mkldnn_fusion, "mkldnn", _OneDnnPacks())
+
+
+def _frozen_on_first_call(compiled, onednn: bool = False):
     """``compiled`` whose first call (the one that traces and compiles) runs with inductor's
     global ``freezing`` flag set: dynamo reads that flag itself while tracing (to lift the
-    parameters as constants of the graph), so the per-compile ``options`` alone freeze nothing."""
+    parameters as constants of the graph), so the per-compile ``options`` alone freeze nothing.
+    ``onednn``: the frozen linear weights are packed for oneDNN's GEMM (:func:`_onednn_packing`)."""
     traced = []
 
     def call(*args):
         if traced:
             return compiled(*args)
-        with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
+        packing = _onednn_packing() if onednn else contextlib.nullcontext()
+        with torch._inductor.config.patch(freezing=True), packing, warnings.catch_warnings():
             # inductor's autotuner touches a deprecated storage API: torch's own notice, not the user's
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
             out = compiled(*args)

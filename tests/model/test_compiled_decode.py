@@ -196,3 +196,27 @@ def test_models_over_the_freeze_limit_compile_unfrozen(monkeypatch):
     key, first = _compiled_then_changed(Model(CONFIG).eval())
     assert key[-1] is False  # compiled unfrozen
     assert step._COMPILED[key][1] is first  # the same step, reading the changed weights
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("batch, onednn", [(1, False), (3, True)])
+def test_frozen_steps_of_several_rows_pack_their_weights_for_onednn(monkeypatch, batch, onednn):
+    """The frozen CPU step of a batch of several rows packs its linear weights for oneDNN's GEMM:
+    inductor's prepack pass asks our stand-in for torch.ops.mkldnn which library to pack for
+    (so a torch whose pass no longer asks fails here), the stand-in is gone after compiling, and
+    the tokens are eager decoding's; a batch of one keeps MKL's packing."""
+    from torch._inductor.fx_passes import mkldnn_fusion
+
+    from fastlm.decoding import step
+
+    monkeypatch.setattr(step, "_COMPILED", type(step._COMPILED)())
+    asked = []
+    monkeypatch.setattr(step._OneDnnPacks, "_is_mkldnn_acl_supported", staticmethod(lambda: asked.append(1) or True))
+    torch.manual_seed(3)
+    model = Model(CONFIG).eval()
+    prompt = torch.randint(0, 64, (batch, 5), generator=torch.Generator().manual_seed(5))
+    compiled = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
+    assert bool(asked) == onednn
+    assert mkldnn_fusion.mkldnn is torch.ops.mkldnn
+    assert torch.equal(compiled, fastlm.generate(model, prompt, max_new_tokens=6))
+    release_caches(model)
