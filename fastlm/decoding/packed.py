@@ -77,6 +77,7 @@ def packed_linears(model: nn.Module, batch: int, version: int) -> dict[nn.Linear
     if (kind is None or not linears or torch.is_grad_enabled()
             or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights)
             or sum(w.numel() * w.element_size() for w in weights) > PACK_MAX_BYTES):
+        _PACKS.pop(model, None)  # e.g. moved to another device since: its old packs go
         return {}
     key = (version, kind, tuple(linears))  # a linear replaced by a wrapper changes the names
     kept = _PACKS.get(model)

@@ -135,8 +135,10 @@ def test_nothing_is_packed_where_it_does_not_apply(monkeypatch):
         assert packed_linears(copy.deepcopy(model).to(torch.bfloat16), 8, version) == {}
         with torch.backends.mkldnn.flags(enabled=False):
             assert packed_linears(model, 8, version) == {}
+        assert packed_linears(model, 8, version) and model in packed._PACKS
         monkeypatch.setattr(packed, "PACK_MAX_BYTES", 0)
         assert packed_linears(model, 8, version) == {}
+        assert model not in packed._PACKS, "packs of weights no longer packable were kept"
 
 
 @needs_packs
