@@ -33,6 +33,7 @@ from collections import OrderedDict
 from unittest import mock
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastlm.cache import KVCache
 from fastlm.decoding.common import hits_eos
@@ -102,10 +103,29 @@ CPU_FREEZE_MAX_BYTES = 2 * 2**30
 
 def weights_version(model: torch.nn.Module) -> int:
     """A key of the current weights: a hash of every parameter's and buffer's (address, version
-    counter). It changes when a tensor is replaced or modified in place through autograd-visible
-    ops (torch.no_grad included); ``.data`` writes do not bump it. O(number of tensors) on the host."""
+    counter, optimizer steps taken over it). It changes when a tensor is replaced, modified in
+    place through autograd-visible ops (torch.no_grad included), or stepped by a
+    ``torch.optim`` optimizer — counted by a post-step hook (:func:`_count_optimizer_steps`,
+    registered on the first call), since the fused AdamW/Adam/SGD kernels bump no version
+    counter. ``.data`` writes and other version-less kernels are not seen (call
+    :func:`release_caches` after one). O(number of tensors) on the host."""
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_optimizer_steps))
     tensors = [*model.parameters(), *model.buffers()]
-    return hash(tuple((t.data_ptr(), t._version) for t in tensors))
+    return hash(tuple((t.data_ptr(), t._version, _OPTIMIZER_STEPS.get(t, 0)) for t in tensors))
+
+
+_STEP_HOOK: list = []  # the registered optimizer post-step hook's handle, once registered
+_OPTIMIZER_STEPS = WeakIdKeyDictionary()  # parameter -> optimizer steps counted (keyed by identity)
+
+
+def _count_optimizer_steps(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer's step: count one more step over each of its parameters."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            _OPTIMIZER_STEPS[param] = _OPTIMIZER_STEPS.get(param, 0) + 1
 
 
 def _compiled(fn, device_type: str, shape: tuple, version: int = 0, freeze: bool = False):

@@ -52,3 +52,16 @@ def test_training_group_losses_agree_and_a_step_trains(preset):
         changed = sum(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
         assert changed > len(before) // 2, f"{impl}: AdamW moved {changed} of {len(before)} tensors"
         assert all(p.grad is None for p in model.parameters())
+
+
+def test_decode_gemm_groups_run_the_models_linears():
+    from bench import bench_decode_gemm
+
+    model = fastlm.Model(fastlm.preset("tiny"))
+    step = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(bench_decode_gemm.linear_shapes("tiny")) == sorted(tuple(s) for s in step)
+    group = bench_decode_gemm.Group("tiny", 2)  # asserts every packed GEMM agrees with mm itself
+    assert group.bytes == sum(s.numel() for s in step) * 4
+    outputs = group.calls["mm"]()
+    assert [tuple(o.shape) for o in outputs] == [(2, out) for out, _ in bench_decode_gemm.linear_shapes("tiny")]
+    assert bench_decode_gemm.PEER == bench_decode_gemm.IMPLS[0] and set(group.calls) <= set(bench_decode_gemm.IMPLS)

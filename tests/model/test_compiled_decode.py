@@ -220,3 +220,28 @@ def test_frozen_steps_of_several_rows_pack_their_weights_for_onednn(monkeypatch,
     assert mkldnn_fusion.mkldnn is torch.ops.mkldnn
     assert torch.equal(compiled, fastlm.generate(model, prompt, max_new_tokens=6))
     release_caches(model)
+
+
+def test_compiled_step_sees_a_fused_optimizer_step(monkeypatch):
+    """A fused AdamW step bumps no version counter; the optimizer post-step hook behind
+    weights_version counts it, so the frozen step of the old weights is not reused: the tokens
+    are those of a fresh copy of the stepped model decoded over its plain weights."""
+    import copy
+
+    from fastlm.decoding import packed, step
+
+    monkeypatch.setattr(step, "_COMPILED", type(step._COMPILED)())
+    torch.manual_seed(4)
+    model = Model(CONFIG).eval()
+    before = fastlm.generate(model, PROMPT, max_new_tokens=6, compile=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in model.parameters()]
+    optimizer.step()
+    assert [p._version for p in model.parameters()] == versions  # what the hook is there for
+    after = fastlm.generate(model, PROMPT, max_new_tokens=6, compile=True)
+    monkeypatch.setattr(packed, "PACK_MAX_BYTES", 0)
+    assert torch.equal(after, fastlm.generate(copy.deepcopy(model), PROMPT, max_new_tokens=6))
+    assert not torch.equal(after[:, 5:], before[:, 5:])
+    release_caches(model)

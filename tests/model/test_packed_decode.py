@@ -115,6 +115,23 @@ def test_generate_decodes_over_packs_kept_until_the_weights_change(monkeypatch):
 
 
 @needs_packs
+def test_a_fused_optimizer_step_rebuilds_the_packs(monkeypatch):
+    """Fused AdamW bumps no version counter: the packs follow its step all the same (the tokens
+    are a fresh copy's over plain weights), as a PPO loop's rollouts after each update need."""
+    model = _model()
+    prompt = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(6))
+    before = fastlm.generate(model, prompt, max_new_tokens=8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    after = fastlm.generate(model, prompt, max_new_tokens=8)
+    monkeypatch.setattr(packed, "PACK_MAX_BYTES", 0)
+    assert torch.equal(after, fastlm.generate(copy.deepcopy(model), prompt, max_new_tokens=8))
+    assert not torch.equal(after, before)
+
+
+@needs_packs
 def test_packs_follow_linears_moved_into_a_wrapper():
     model = _model()
     with torch.no_grad():
