@@ -4,7 +4,8 @@ Discovers the ``bench/bench_*.py`` modules (pytest-benchmark modules: bench/conf
 each in its own ``pytest --benchmark-only`` process (``BENCH_DEVICE``, and ``BENCH_QUICK=1`` with
 --quick), leaving ``<out>/<module>.json`` (pytest-benchmark's JSON), its log, and the report
 bench/report.py renders from the JSON (``<module>.md``, ``.png``); then ``<out>/summary.md``.
-A module whose pytest run fails is reported as failed; the run exits 1 after finishing all.
+A module whose pytest run fails is reported as failed; the run exits 1 after finishing all. A
+module whose every case skipped on this device is reported as skipped.
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ def run_pytest_module(name: str, quick: bool, out: Path, device: str | None = No
                "--benchmark-only", f"--benchmark-json={out / (name + '.json')}"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=BENCH_DIR.parent)
     (out / f"{name}.log").write_text(result.stdout + result.stderr, encoding="utf-8")
-    files = [f"{name}.json", f"{name}.log"]
-    if (out / f"{name}.json").is_file():  # the tables and plot, also after a partial failure
-        files += [p.name for p in report.write(out / f"{name}.json")]
-    row = {"module": name, "status": "ok" if result.returncode == 0 else "failed",
+    files = [f"{name}.log"]
+    json_path = out / f"{name}.json"
+    timed = json_path.is_file() and json_path.stat().st_size > 0
+    if timed:  # the tables and plot, also after a partial failure
+        files += [json_path.name, *(p.name for p in report.write(json_path))]
+    elif json_path.is_file():  # every case skipped (e.g. a CPU-only module on CUDA): an empty file
+        json_path.unlink()
+    status = "failed" if result.returncode else "ok" if timed else "skipped"
+    row = {"module": name, "status": status,
            "error": None if result.returncode == 0 else f"pytest exit {result.returncode} (see {name}.log)",
            "files": ", ".join(files), "seconds": time.perf_counter() - start}
     if result.returncode:
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = f"# Benchmark summary\n\n{stamp}, {'quick' if args.quick else 'full'} run\n\n{env_lines}\n\n{markdown_table(rows)}"
     atomic_write_text(args.out / "summary.md", summary)
     print(f"wrote {args.out / 'summary.md'}")
-    failed = [r["module"] for r in rows if r["status"] != "ok"]
+    failed = [r["module"] for r in rows if r["status"] == "failed"]
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -20,3 +20,12 @@ def test_a_failing_pytest_module_is_reported_not_raised(tmp_path, monkeypatch):
     row = run.run_pytest_module("bench_broken", quick=True, out=tmp_path / "out")
     assert row["status"] == "failed" and "pytest exit" in row["error"]
     assert (tmp_path / "out" / "bench_broken.log").read_text()
+
+
+def test_a_module_whose_cases_all_skip_is_reported_skipped(tmp_path, monkeypatch):
+    (tmp_path / "bench_cpu_only.py").write_text(
+        "import pytest\n\n\ndef test_skips(benchmark):\n    pytest.skip('CPU only')\n")
+    monkeypatch.setattr(run, "BENCH_DIR", tmp_path)
+    row = run.run_pytest_module("bench_cpu_only", quick=True, out=tmp_path / "out")
+    assert row["status"] == "skipped" and row["error"] is None and row["files"] == "bench_cpu_only.log"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bench_cpu_only.log"]
