@@ -4,25 +4,29 @@ A decode step multiplies a few rows (the batch) by every weight of the model, so
 is a sweep of skinny GEMMs bound by how fast the weights stream from memory. ``F.linear``'s
 MKL sgemm reads the (out, in) weight in its plain layout; oneDNN and MKL can first copy a
 weight into their own blocked layout once ("prepacking", as inductor's frozen graphs and
-IPEX do) and then run each step's GEMM over it. Measured on this project's CPU (AMD EPYC, one
-thread, fp32, a whole model's linears in sequence, weights not in cache; see
-bench/results/cpu/bench_decode.md for the end-to-end figures):
+IPEX do) and then run each step's GEMM over it. One sweep of every linear of a decode step,
+in order, float32, one thread, on this project's CPU (AMD EPYC; bench/bench_decode_gemm.py,
+bench/results/cpu/bench_decode_gemm.md; end to end: bench_decode.md):
 
-=============  ======  =================  ==============
-model, batch   ``mm``  oneDNN prepacked   MKL prepacked
-=============  ======  =================  ==============
-27M, 1         12.6    11.3               9.5  ms
-27M, 8         19.8    11.1               18.7 ms
-4M, 8          3.45    1.87               3.04 ms
-=============  ======  =================  ==============
+=============  ========  =================  ==============
+model, batch   ``mm``    oneDNN prepacked   MKL prepacked
+=============  ========  =================  ==============
+27M, 1         11.5      9.4                7.9 ms
+27M, 8         18.1      9.4                17.8 ms
+4M, 1          1.98      0.90               1.20 ms
+4M, 8          3.41      1.62               2.58 ms
+=============  ========  =================  ==============
 
 so a batch of one uses MKL's packed GEMM (``mkl._mkl_linear``, which needs the batch size it
-was packed for) and larger batches oneDNN's (``mkldnn._linear_pointwise``, any batch). The sums
-are those of the same products in another order: logits differ from ``F.linear``'s by float32
-rounding (tests/model/test_packed_decode.py checks both against float64).
+was packed for; it wins where the weights stream from memory, the case that matters, and loses
+to oneDNN only on a model small enough to sit in the caches) and larger batches oneDNN's
+(``mkldnn._linear_pointwise``, any batch). The sums are those of the same products in another
+order: logits differ from ``F.linear``'s by float32 rounding (tests/model/test_packed_decode.py
+checks both against float64).
 
 Packing copies every weight once: the packs are kept per model, for the weights' version
-(:func:`fastlm.decoding.step.weights_version`) and kind, and rebuilt when either changes; a
+(:func:`fastlm.decoding.step.weights_version`: in-place changes and optimizer steps included)
+and kind, and rebuilt when either changes; a
 model over :data:`PACK_MAX_BYTES` of linear weights is not packed (no second copy of a large
 model), nor one on another device or dtype, nor where torch has neither library.
 :func:`release_packs` drops a model's packs.
