@@ -12,7 +12,9 @@ than the caches), float32, one case per GEMM:
   unpacked step run) — the peer;
 - ``onednn``: ``mkldnn._linear_pointwise`` over weights packed by ``mkldnn._reorder_linear_weight``;
 - ``mkl``: ``mkl._mkl_linear`` over weights packed by ``mkl._mkl_reorder_linear_weight`` for
-  the group's batch.
+  the group's batch;
+- ``read``: ``torch.sum`` of every weight — no GEMM, one read of the same bytes: what streaming
+  the weights alone costs on this machine (a floor for any step that reads them all once).
 
 ``bytes`` = the weights' bytes per call (the report's GB/s). Each case's outputs are checked
 against ``mm``'s first (float32 rounding: |Δ| ≤ 1e-3). CPU only (CUDA runs skip): on the GPU
@@ -32,7 +34,7 @@ if DEVICE == "cpu":
     torch.set_num_threads(1)
 SHAPES = [("tiny", 1), ("tiny", 8), ("small", 1), ("small", 8)]
 SHAPES = SHAPES[:2] if QUICK else SHAPES
-IMPLS = ("mm", "onednn", "mkl")
+IMPLS = ("mm", "onednn", "mkl", "read")
 PEER = "mm"
 
 
@@ -60,9 +62,10 @@ class Group:
         if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
             self.calls["mkl"] = self._mkl()
         want = self.calls["mm"]()
-        for name, call in self.calls.items():
+        for name, call in self.calls.items():  # (read is not a product: added after the check)
             got = call()
             assert all((a - b).abs().max() <= 1e-3 for a, b in zip(got, want)), f"{name} differs from mm"
+        self.calls["read"] = lambda: [w.sum() for w in self.weights]
 
     def _mm(self):
         pairs = [(self.inputs[w.shape[1]], w) for w in self.weights]

@@ -8,18 +8,17 @@ IPEX do) and then run each step's GEMM over it. One sweep of every linear of a d
 in order, float32, one thread, on this project's CPU (AMD EPYC; bench/bench_decode_gemm.py,
 bench/results/cpu/bench_decode_gemm.md; end to end: bench_decode.md):
 
-=============  ========  =================  ==============
-model, batch   ``mm``    oneDNN prepacked   MKL prepacked
-=============  ========  =================  ==============
-27M, 1         11.5      9.4                7.9 ms
-27M, 8         18.1      9.4                17.8 ms
-4M, 1          1.98      0.90               1.20 ms
-4M, 8          3.41      1.62               2.58 ms
-=============  ========  =================  ==============
+=============  ========  =================  ==============  ==================
+model, batch   ``mm``    oneDNN prepacked   MKL prepacked   reading them (sum)
+=============  ========  =================  ==============  ==================
+27M, 1         11.9      9.3                8.1             5.0 ms
+27M, 8         18.4      9.3                17.6            4.3 ms
+4M, 1          1.81      0.90               0.85            0.27 ms
+4M, 8          3.24      1.25               2.27            0.26 ms
+=============  ========  =================  ==============  ==================
 
 so a batch of one uses MKL's packed GEMM (``mkl._mkl_linear``, which needs the batch size it
-was packed for; it wins where the weights stream from memory, the case that matters, and loses
-to oneDNN only on a model small enough to sit in the caches) and larger batches oneDNN's
+was packed for) and larger batches oneDNN's
 (``mkldnn._linear_pointwise``, any batch). The sums are those of the same products in another
 order: logits differ from ``F.linear``'s by float32 rounding (tests/model/test_packed_decode.py
 checks both against float64).

@@ -174,7 +174,7 @@ class _OneDnnPacks:
     """``torch.ops.mkldnn`` as inductor's weight-prepack pass sees it while a frozen step of a
     batch of several rows compiles: the pass packs a float32 weight for MKL's sgemm unless oneDNN
     is the platform's GEMM library (aarch64's ACL), and for a few rows oneDNN's packed GEMM reads
-    the weights about 1.8x faster on this project's CPU (:mod:`fastlm.decoding.packed` has the
+    the weights about twice as fast on this project's CPU (:mod:`fastlm.decoding.packed` has the
     figures). Every other name is ``torch.ops.mkldnn``'s."""
 
     def __getattr__(self, name):
