@@ -18,17 +18,15 @@ model, batch   ``mm``    oneDNN prepacked   MKL prepacked   reading them (sum)
 =============  ========  =================  ==============  ==================
 
 so a batch of one uses MKL's packed GEMM (``mkl._mkl_linear``, which needs the batch size it
-was packed for) and larger batches oneDNN's
-(``mkldnn._linear_pointwise``, any batch). The sums are those of the same products in another
-order: logits differ from ``F.linear``'s by float32 rounding (tests/model/test_packed_decode.py
-checks both against float64).
+was packed for) and larger batches oneDNN's (``mkldnn._linear_pointwise``, any batch). The sums
+are those of the same products in another order: logits differ from ``F.linear``'s by float32
+rounding (tests/model/test_packed_decode.py checks both against float64).
 
 Packing copies every weight once: the packs are kept per model, for the weights' version
 (:func:`fastlm.decoding.step.weights_version`: in-place changes and optimizer steps included)
-and kind, and rebuilt when either changes; a
-model over :data:`PACK_MAX_BYTES` of linear weights is not packed (no second copy of a large
-model), nor one on another device or dtype, nor where torch has neither library.
-:func:`release_packs` drops a model's packs.
+and kind, and rebuilt when either changes; a model over :data:`PACK_MAX_BYTES` of linear
+weights is not packed (no second copy of a large model), nor one on another device or dtype,
+nor where torch has neither library. :func:`release_packs` drops a model's packs.
 """
 
 from __future__ import annotations
