@@ -1,9 +1,8 @@
 """Speculative decoding (Leviathan et al., 2023; Chen et al., 2023) with a small draft model.
 
 Each round the draft proposes γ tokens x_1..x_γ per sequence (drawn from its filtered
-distribution q, or greedily) through the same decode step as plain generation (the lean
-:class:`fastlm.decoding.eager.EagerStep` where it applies, else
-:class:`fastlm.decoding.step.DecodeStep`); the target scores the last emitted token and the
+distribution q, or greedily) through the same decode step as plain generation
+(:class:`fastlm.decoding.step.DecodeStep`); the target scores the last emitted token and the
 proposals in one forward pass over the whole batch, giving its filtered distributions
 p_1..p_γ+1. Greedy: accept while x_i = argmax p_i, then emit argmax p at the first mismatch (or
 the bonus p_γ+1): the output equals the target's own greedy decoding. Sampling: accept x_i with
@@ -23,9 +22,7 @@ from __future__ import annotations
 import torch
 
 from fastlm.decoding.common import eos_tensor, hits_eos
-from fastlm.decoding.eager import EagerStep, reason_not_lean
-from fastlm.decoding.packed import packed_linears
-from fastlm.decoding.step import DecodeStep, weights_version
+from fastlm.decoding.step import DecodeStep
 from fastlm.model import Model
 from fastlm.ops.reference import filtered_probs
 
@@ -37,18 +34,12 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
 
 class _Drafter:
     """One draft token per call: the draft's next-token logits (B, V) after feeding tokens (B,),
-    through plain generation's eager step — :class:`~fastlm.decoding.eager.EagerStep` (over
-    prepacked weights on the CPU) where it applies, else :class:`DecodeStep` — once the cache
-    holds the prompt, or the model's own forward (an empty cache: a one-token prompt; adapter
-    wrappers)."""
+    through :class:`DecodeStep` (a plain Model whose cache holds the prompt) or the model's own
+    forward (an empty cache: a one-token prompt; adapter wrappers)."""
 
     def __init__(self, draft, cache) -> None:
         self.draft, self.cache = draft, cache
-        self.step = None
-        if isinstance(draft, Model) and reason_not_lean(draft, cache) is None:
-            self.step = EagerStep(draft, cache, packed_linears(draft, cache.batch_size, weights_version(draft)))
-        elif isinstance(draft, Model):
-            self.step = DecodeStep(draft, cache)
+        self.step = DecodeStep(draft, cache) if isinstance(draft, Model) else None
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.step is not None and self.cache.filled:

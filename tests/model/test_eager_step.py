@@ -172,18 +172,3 @@ def test_pick_greedy_keeps_finished_rows_padded():
     assert tokens.tolist() == [1, 0] and now.tolist() == [False, False]
     assert eager.any_bad([torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), 0.0])]).tolist() == [True,
                                                                                                              True]
-
-
-def test_speculative_drafts_through_the_lean_step(monkeypatch):
-    """A plain float32 draft proposes through the lean step (plain generation's), and the output
-    is still the target's own greedy decoding."""
-    target = _model(**CASES["llama"])
-    draft = _model(**dict(SMALL, num_layers=1))
-    prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(7))
-    alone = fastlm.generate(target, prompt, max_new_tokens=12)
-    calls = []
-    original = EagerStep.__call__
-    monkeypatch.setattr(EagerStep, "__call__", lambda self, tokens: calls.append(1) or original(self, tokens))
-    speculative = fastlm.generate(target, prompt, max_new_tokens=12, draft_model=draft, num_draft_tokens=3)
-    assert calls, "the draft did not take the lean step"
-    assert torch.equal(speculative, alone)
