@@ -28,6 +28,10 @@ Timed in turns as well (bench_decode's scheme): before the cases, every implemen
 step per turn, ``TURNS`` turns; ``speedup_in_turns`` = the median over the turns of
 (transformers' time / this case's time in the same turn), robust to a shared machine whose speed
 drifts between the cases (the table's ``vs_peer`` is the ratio of the cases' medians).
+``matmul_ms`` (eager cases): the step's own matmul calls (``aten.mm``/``addmm``/``bmm``, forward
+and backward) replayed alone on operands of the same layouts (``bench.common.matmul_floor_ms``,
+fastest of 5): no step making those calls is faster, and the peer's time over it bounds the
+speed-up any work outside the matmuls could bring (``matmul_calls``: how many).
 Correctness first: before any step, the fastlm loss, the fused loss and transformers' loss on
 the batch agree (fp32: |Δ| ≤ 1e-4·loss; recorded as ``loss_diff`` on every device).
 
@@ -47,6 +51,7 @@ import torch
 
 import fastlm
 from bench.bench_decode import in_turns
+from bench.common import matmul_floor_ms
 from bench.conftest import DEVICE, QUICK, OneAtATime
 from fastlm import ops
 from fastlm.train.trainer import flops_per_token, peak_flops
@@ -112,6 +117,8 @@ class Group:
         seconds, _ = in_turns(steps, TURNS)
         self.speedup_in_turns = {impl: statistics.median(p / t for p, t in zip(seconds[PEER], seconds[impl]))
                                  for impl in IMPLS}
+        # the floor of each eager step: its own matmul calls alone (compiled code calls its own)
+        self.matmul = {impl: matmul_floor_ms(steps[impl]) for impl in IMPLS if impl != "fastlm-compiled"}
 
     def _fastlm_loss(self):
         return ops.cross_entropy(self.model(self.inputs).flatten(0, 1), self.targets)
@@ -153,6 +160,8 @@ def test_training_step(measure, shape, impl):
     measure(group.step_fn(impl), group=f"train step {shape[0]} {shape[1]}x{shape[2]}", impl=impl, peer=PEER,
             loss=LOSSES[impl], loss_diff=float(f"{group.loss_diff[impl]:.3g}"),
             speedup_in_turns=round(group.speedup_in_turns[impl], 4), **group.info,
+            **({"matmul_ms": round(group.matmul[impl][0], 2), "matmul_calls": group.matmul[impl][1]}
+               if impl in group.matmul else {}),
             **({"compile_s": round(group.compile_s, 2)} if impl == "fastlm-compiled" else {}))
     peak = peak_flops(torch.device(DEVICE))
     if peak is not None:

@@ -16,6 +16,7 @@ import os
 import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from fastlm._files import atomic_write, atomic_write_text
 
@@ -201,3 +202,58 @@ def peak_mb(fn: Callable[[], object], device: str = "cpu") -> float:
         live += delta
         peak = max(peak, live)
     return peak / 2**20
+
+
+def matmul_floor_ms(fn: Callable[[], object], repeats: int = 5) -> tuple[float, int]:
+    """The time of only the matrix multiplications one ``fn()`` makes: (ms, number of calls).
+
+    Records every ``aten.mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` call of one ``fn()`` (the
+    linears of a forward and of its backward; not the GEMMs inside fused kernels such as SDPA)
+    with its operands' shapes, strides and dtypes, then replays those calls alone on random
+    operands of the same layouts, in the same order, ``repeats`` times: the fastest replay. No
+    implementation of ``fn`` can be faster than this with the same matmul calls; its time over
+    the floor is everything else (norms, attention, loss, optimizer, Python)."""
+    import time
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    kinds = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+    calls = []
+
+    class Operand(NamedTuple):  # a tensor argument's layout
+        shape: torch.Size
+        stride: tuple
+        dtype: torch.dtype
+        device: torch.device
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in kinds:
+                calls.append((func, [Operand(a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor)
+                                     else a for a in args], kwargs))
+            return func(*args, **kwargs)
+
+    with Record():
+        fn()
+
+    def operand(a):
+        if not isinstance(a, Operand):
+            return a
+        return torch.empty_strided(a.shape, a.stride, dtype=a.dtype, device=a.device).normal_()
+
+    replay = [(func, [operand(a) for a in args], kwargs) for func, args, kwargs in calls]
+    cuda = any(isinstance(a, Operand) and a.device.type == "cuda" for _, args, _ in calls for a in args)
+    best = float("inf")
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for func, args, kwargs in replay:
+            func(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3, len(calls)

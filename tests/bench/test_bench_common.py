@@ -70,3 +70,22 @@ def test_write_results_meta_and_notes(tmp_path):
     md = paths["md"].read_text()
     assert "- model: runs/x\n- heldout_tokens: 1234\n" in md and md.endswith("| w8a8 | 12.35 |\n\n- goal met\n")
     assert "meta" not in json.loads(common.write_results("bench_z", [], tmp_path)["json"].read_text())
+
+
+def test_matmul_floor_records_forward_and_backward_matmuls_and_times_only_them():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)  # addmm forward; backward: mm for the input, mm for the weight
+    x = torch.randn(16, 64, requires_grad=True)
+    batched = torch.randn(3, 8, 8)
+
+    def step():
+        layer(x).relu().sum().backward()
+        torch.bmm(batched, batched)
+        torch.randn(256, 256).exp()  # not a matmul: not replayed
+
+    ms, calls = common.matmul_floor_ms(step)
+    assert calls == 4 and 0 < ms < 1e3
+    # the replay is fastest-of-N over the recorded calls: slower than nothing, faster than a big matmul
+    big = torch.randn(512, 512)
+    ms_big, big_calls = common.matmul_floor_ms(lambda: big @ big @ big @ big)
+    assert big_calls == 3 and ms_big > ms
