@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlm.ops.attn import _attention_core, softcap_scores
+from fastlm.ops.attn import _attention_core
 from fastlm.ops.checks import (
     check_floating,
     check_heads,
@@ -61,8 +61,6 @@ def decode_attention_reference(
     if window is not None:
         visible = visible & (j > last_visible - window)
     visible = visible[:, None]  # (B, 1, Tq, Lmax)
-    if q.device.type == "cpu" and torch.compiler.is_compiling():  # e.g. the compiled decode step
-        return _decode_attention_loops(q, k_cache, v_cache, visible, last_visible, scale, softcap)
     if softcap is not None:  # SDPA has no soft-cap: the materialized reference core
         return _attention_core(q, k_cache, v_cache, visible, scale, softcap)[0]
     # The same float32 softmax as _attention_core, through PyTorch's fused attention (no
@@ -71,25 +69,6 @@ def decode_attention_reference(
                                          enable_gqa=q.shape[1] != k_cache.shape[1])
     # A query that sees no key (cache_lens < Tq) gets zeros, as in _attention_core.
     return torch.where(last_visible[:, None] >= 0, out, 0.0).to(q.dtype)
-
-
-def _decode_attention_loops(q, k_cache, v_cache, visible, last_visible, scale, softcap):
-    """The same float32 math as products and sums over broadcast views, for inductor on CPU:
-    it fuses them into loops over the cache (no GQA copy; only the scores (B, Hkv, G, Tq,
-    Lmax) are stored), about twice as fast as its SDPA call with a mask at decode shapes
-    (e.g. 83 vs 186 µs at B 8, H 8, Hkv 4, D 32, Lmax 128; 9.5 vs 17.7 ms at B 4, H 32, Hkv 8,
-    D 128, Lmax 2048, one thread of this project's CPU). Eager PyTorch would materialize the
-    products: only traced. Shapes as :func:`decode_attention_reference`, with
-    visible (B, 1, Tq, Lmax) and last_visible (B, Tq, 1)."""
-    b, h, tq, d = q.shape
-    hkv = k_cache.shape[1]
-    qg = wide(q).view(b, hkv, h // hkv, tq, 1, d)  # query head h reads key/value head h // G
-    k, v = wide(k_cache)[:, :, None, None], wide(v_cache)[:, :, None, None]  # (B, Hkv, 1, 1, Lmax, D)
-    scores = softcap_scores((qg * k).sum(-1) * scale, softcap)  # (B, Hkv, G, Tq, Lmax)
-    probs = torch.softmax(scores.masked_fill(~visible[:, :, None], float("-inf")), dim=-1)
-    out = (probs[..., None] * v).sum(-2)  # (B, Hkv, G, Tq, D)
-    out = torch.where(last_visible[:, None, None] >= 0, out, 0.0)  # a query that sees no key: 0
-    return out.reshape(b, h, tq, d).to(q.dtype)
 
 
 def gather_pages(pages: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
