@@ -28,10 +28,11 @@ Timed in turns as well (bench_decode's scheme): before the cases, every implemen
 step per turn, ``TURNS`` turns; ``speedup_in_turns`` = the median over the turns of
 (transformers' time / this case's time in the same turn), robust to a shared machine whose speed
 drifts between the cases (the table's ``vs_peer`` is the ratio of the cases' medians).
-``matmul_ms`` (eager cases): the step's own matmul calls (``aten.mm``/``addmm``/``bmm``, forward
-and backward) replayed alone on operands of the same layouts (``bench.common.matmul_floor_ms``,
-fastest of 5): no step making those calls is faster, and the peer's time over it bounds the
-speed-up any work outside the matmuls could bring (``matmul_calls``: how many).
+``matmul_ms`` (``fastlm`` and ``transformers``): the step's own matmul calls (``aten.mm``,
+``addmm``, ``bmm``; forward and backward) replayed alone on operands of the same layouts
+(``bench.common.matmul_floor_ms``, fastest of 5): no step making those calls is faster, and
+the peer's time over it bounds the speed-up any work outside the matmuls could bring
+(``matmul_calls``: how many).
 Correctness first: before any step, the fastlm loss, the fused loss and transformers' loss on
 the batch agree (fp32: |Δ| ≤ 1e-4·loss; recorded as ``loss_diff`` on every device).
 
@@ -117,8 +118,9 @@ class Group:
         seconds, _ = in_turns(steps, TURNS)
         self.speedup_in_turns = {impl: statistics.median(p / t for p, t in zip(seconds[PEER], seconds[impl]))
                                  for impl in IMPLS}
-        # the floor of each eager step: its own matmul calls alone (compiled code calls its own)
-        self.matmul = {impl: matmul_floor_ms(steps[impl]) for impl in IMPLS if impl != "fastlm-compiled"}
+        # the floor of a step: its own matmul calls alone (only where they are all aten calls:
+        # compiled code calls its own, and a custom op's inner calls are not seen)
+        self.matmul = {impl: matmul_floor_ms(steps[impl]) for impl in ("fastlm", PEER)}
 
     def _fastlm_loss(self):
         return ops.cross_entropy(self.model(self.inputs).flatten(0, 1), self.targets)
