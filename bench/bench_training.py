@@ -29,10 +29,10 @@ step per turn, ``TURNS`` turns; ``speedup_in_turns`` = the median over the turns
 (transformers' time / this case's time in the same turn), robust to a shared machine whose speed
 drifts between the cases (the table's ``vs_peer`` is the ratio of the cases' medians).
 ``matmul_ms`` (``fastlm`` and ``transformers``): the step's own matmul calls (``aten.mm``,
-``addmm``, ``bmm``; forward and backward) replayed alone on operands of the same layouts
-(``bench.common.matmul_floor_ms``, fastest of 5): no step making those calls is faster, and
-the peer's time over it bounds the speed-up any work outside the matmuls could bring
-(``matmul_calls``: how many).
+``addmm``, ``bmm``; forward and backward), each timed alone on operands of the same layouts
+(fastest of 5 back-to-back runs, summed: ``bench.common.matmul_floor_ms``): no step making
+those calls is faster, and the peer's time over it bounds the speed-up any work outside the
+matmuls could bring (``matmul_calls``: how many).
 Correctness first: before any step, the fastlm loss, the fused loss and transformers' loss on
 the batch agree (fp32: |Δ| ≤ 1e-4·loss; recorded as ``loss_diff`` on every device).
 
