@@ -72,20 +72,29 @@ def test_write_results_meta_and_notes(tmp_path):
     assert "meta" not in json.loads(common.write_results("bench_z", [], tmp_path)["json"].read_text())
 
 
-def test_matmul_floor_records_forward_and_backward_matmuls_and_times_only_them():
+def _check_matmul_floor(device, big_size):
     torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 32)  # addmm forward; backward: mm for the input, mm for the weight
-    x = torch.randn(16, 64, requires_grad=True)
-    batched = torch.randn(3, 8, 8)
+    layer = torch.nn.Linear(64, 32, device=device)  # addmm forward; backward: mm for the input and the weight
+    x = torch.randn(16, 64, requires_grad=True, device=device)
+    batched = torch.randn(3, 8, 8, device=device)
 
     def step():
         layer(x).relu().sum().backward()
         torch.bmm(batched, batched)
-        torch.randn(256, 256).exp()  # not a matmul: not replayed
+        torch.randn(256, 256, device=device).exp()  # not a matmul: not replayed
 
     ms, calls = common.matmul_floor_ms(step)
     assert calls == 4 and 0 < ms < 1e3
     # each recorded call's fastest of N runs, summed: above zero, below three big matmuls
-    big = torch.randn(512, 512)
+    big = torch.randn(big_size, big_size, device=device)
     ms_big, big_calls = common.matmul_floor_ms(lambda: big @ big @ big @ big)
     assert big_calls == 3 and ms_big > ms
+
+
+def test_matmul_floor_records_forward_and_backward_matmuls_and_times_only_them():
+    _check_matmul_floor("cpu", 512)
+
+
+@pytest.mark.gpu
+def test_matmul_floor_on_cuda_times_kernels_with_events():
+    _check_matmul_floor("cuda", 4096)  # three 4096³ fp32 matmuls: milliseconds on any GPU
