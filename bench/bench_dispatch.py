@@ -5,21 +5,29 @@
     python -m bench.report /tmp/dispatch.json      # the suite's per-group tables (vs_peer = vs reference)
 
 For every op defined in the registry (fastlm.ops.registry.defined_ops: a new op without a case
-here fails ``test_every_op_has_a_case``), on tiny CPU tensors, four timings in one group:
+here fails ``test_every_op_has_a_case``), on tiny CPU tensors, in one run:
 
-- ``public`` / ``reference``: ``fastlm.ops.<op>(...)`` against the op's reference called directly
-  (the same arithmetic: on CPU the auto-selected backend is the reference), no autograd;
-- ``public-grad`` / ``reference-grad``: the same with inputs that require grad, forward and
-  backward (``out.sum().backward()``);
-- ``kernel-path`` / ``kernel-path-grad``: the path a Triton/CUDA kernel call takes — the
-  ``triton`` backend forced (available on CPU under ``TRITON_INTERPRET=1``) with the op's
-  reference registered as its "kernel" (and its reference backward as the backward kernel), so
-  the difference to ``reference``/``reference-grad`` is the dispatch from the public function to a
-  kernel backend, no-op kernel aside.
+- ``public`` / ``reference``: ``fastlm.ops.<op>(...)`` against what it ends in, called directly:
+  the function the reference backend runs (``run()``'s ``entry.reference``: the op's eager
+  reference, e.g. attention through SDPA) on the very arguments the public function passed to
+  ``run()`` (recorded from one call), so the difference is the checks, ``run()`` and the cached
+  backend decision — no arithmetic. Ops whose public function never reaches ``run()`` (the fused
+  linear losses call their custom op directly) are compared with their unfused formula instead,
+  and the table marks them;
+- ``public`` / ``reference`` with autograd: the same with inputs that require grad, forward and
+  backward (``out.sum().backward()``; the baseline's differentiable arguments are leaves);
+- ``kernel-path``: the path a Triton/CUDA kernel call takes — the ``triton`` backend forced
+  (available on CPU under ``TRITON_INTERPRET=1``) with the function the reference backend runs
+  registered as its "kernel" (and the reference backward formula as its backward kernel). Without
+  autograd its baseline is ``reference`` (the same function called directly); with autograd it is
+  ``function`` (alone in group ``<op>-function-grad``; in group ``<op>-grad`` the kernel path's
+  peer stays ``reference``, whose backward is autograd's): a minimal hand-written
+  ``torch.autograd.Function`` calling the same forward and backward kernels directly — what a
+  kernel call with autograd costs without fastlm's dispatch.
 
-Each case goes through bench/conftest.py's ``measure``: group ``<op>-nograd`` / ``<op>-grad``,
-``impl`` = the path, ``peer`` = ``reference``, ``op`` and ``grad`` in extra_info. The added cost of
-a path is its time minus the reference's in the same group (``write_table`` uses the minimum over
+Each case goes through bench/conftest.py's ``measure``: group ``<op>-nograd`` / ``<op>-grad`` /
+``<op>-function-grad``, ``impl`` = the path, ``op`` and ``grad`` in extra_info. The added cost of a
+path is its time minus its baseline's in the same run (``write_table`` uses the minimum over
 rounds: the least disturbed estimate on a shared machine).
 Targets (issue 15): ≤ 5 µs added per call without autograd, ≤ 15 µs with it.
 """
@@ -139,6 +147,70 @@ def _inputs(op, grad):
     return [t.clone().requires_grad_(grad and i in diff) for i, t in enumerate(inputs)]
 
 
+def _run_args(op, grad):
+    """The arguments the public function passes to ``run()`` for ``op`` (recorded from one call on
+    this case's inputs), or None when it does not reach ``run()`` exactly once. With ``grad``, the
+    differentiable arguments that required grad become fresh leaves (so the baseline's backward
+    stops at them)."""
+    entry, seen = registry._DEFINED[op], []
+    function = entry.reference
+
+    def record(*args):
+        seen.append(args)
+        return function(*args)
+
+    entry.reference = record
+    try:
+        CASES[op][1](*_inputs(op, grad))
+    finally:
+        entry.reference = function
+    if len(seen) != 1:
+        return None
+    leaves = set(entry.differentiable) if grad else set()
+    return [a.detach().requires_grad_(i in leaves and a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for i, a in enumerate(seen[0])]
+
+
+def _direct(op):
+    """What the reference backend runs for ``op``, output as ``run()`` returns it."""
+    entry = registry._DEFINED[op]
+    return (lambda *args: entry.reference(*args)[0]) if entry.reference_aux else entry.reference
+
+
+class _HandWritten(torch.autograd.Function):
+    """A kernel with autograd as one would write it by hand: the forward and backward kernels
+    called directly (no checks, no backend decision): the kernel path's baseline with autograd."""
+
+    @staticmethod
+    def forward(ctx, forward, backward, spec, *args):
+        out = forward(*args)
+        outputs = tuple(out) if spec.outputs_to_backward else ()
+        ctx.backward, ctx.spec, ctx.num_outputs = backward, spec, len(outputs)
+        ctx.slots = [_TENSOR if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.save_for_backward(*(a for a in args if isinstance(a, torch.Tensor)), *outputs)
+        if spec.auxiliary_outputs:
+            ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad, *aux_grads):
+        saved = ctx.saved_tensors
+        tensors = iter(saved[:len(saved) - ctx.num_outputs])
+        args = [next(tensors) if slot is _TENSOR else slot for slot in ctx.slots]
+        diff = ctx.spec.differentiable
+        needs = [bool(ctx.needs_input_grad[i + 3]) and args[i] is not None for i in diff]
+        grads = iter(ctx.backward(grad, *args, *saved[len(saved) - ctx.num_outputs:], needs))
+        result = [None] * len(args)
+        for i, need in zip(diff, needs):
+            if args[i] is not None:
+                g = next(grads)
+                result[i] = g if need else None
+        return (None, None, None, *result)
+
+
+_TENSOR = object()
+
+
 def _call(fn, args, grad):
     if not grad:
         return lambda: fn(*args)
@@ -152,90 +224,128 @@ def _call(fn, args, grad):
 
 @pytest.fixture
 def kernel_path(monkeypatch):
-    """The triton backend forced, the reference registered as its kernel (a no-op kernel path)."""
+    """The triton backend forced, with the function the reference backend runs registered as its
+    kernel and the reference backward as its backward kernel (a no-op-cost kernel path)."""
     def use(op):
         spec = registry.spec_of(op)
-        monkeypatch.setitem(backend._KERNELS, (op, "triton"), backend._KERNELS[(op, "reference")])
+        monkeypatch.setitem(backend._KERNELS, (op, "triton"), registry._DEFINED[op].reference)
         if spec.differentiable:
             monkeypatch.setitem(backend._KERNELS, (f"{op}_backward", "triton"),
                                 backend._KERNELS[(f"{op}_backward", "reference")])
-    monkeypatch.setattr(backend._forced, "name", "triton")
+        monkeypatch.setattr(backend._forced, "name", "triton")
     return use
 
 
-def _bench(measure, op, grad, path, fn):
-    """One case through bench/conftest.py's ``measure``: group ``<op>-grad|nograd``, impl = the path,
-    peer = ``reference``; up to 200 rounds of one call (50 with BENCH_QUICK; the table uses the
-    minimum), no memory probe, no L2 flush (CPU tensors, also on a CUDA machine)."""
-    measure(fn, group=f"{op}-{'grad' if grad else 'nograd'}", impl=path, peer="reference", warmup=5,
-            max_rounds=50 if QUICK else 200, memory=False, flush_l2=False, op=op, grad=grad)
-
-
-@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("op", OPS)
-def test_reference(measure, op, grad):
-    if grad and not CASES[op][3]:
-        pytest.skip("not differentiable")
-    _bench(measure, op, grad, "reference", _call(CASES[op][2], _inputs(op, grad), grad))
-
-
-@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("op", OPS)
-def test_public(measure, op, grad):
-    if grad and not CASES[op][3]:
-        pytest.skip("not differentiable")
-    _bench(measure, op, grad, "public", _call(CASES[op][1], _inputs(op, grad), grad))
+def _bench(measure, op, grad, path, fn, group=None, **info):
+    """One case through bench/conftest.py's ``measure``: group ``<op>-grad|nograd`` unless given,
+    impl = the path; 100 warm-up calls (Python's adaptive interpreter and the allocator settle:
+    with 5 the first cases of a run read up to 20 µs slow), then up to 2000 rounds of one call
+    (50 with BENCH_QUICK; the table uses the minimum), no memory probe, no L2 flush (CPU tensors,
+    also on a CUDA machine)."""
+    group = group or f"{op}-{'grad' if grad else 'nograd'}"
+    peer = None if path in ("reference", "function") else "reference"
+    measure(fn, group=group, impl=path, peer=peer, warmup=100, max_rounds=50 if QUICK else 2000, memory=False,
+            flush_l2=False, op=op, grad=grad, **info)
 
 
 KERNEL_OPS = [op for op in OPS if op not in ("fused_linear_cross_entropy", "attention_varlen", "attention")]
 # fused_linear_cross_entropy always calls its custom op; attention_varlen's reference loops on the host;
-# attention's registered reference kernel is the explicit formula, not the SDPA path it is compared with.
+# attention's eager reference (SDPA) returns no logsumexp, which a kernel of the op must.
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("op", KERNEL_OPS)
-def test_kernel_path(measure, kernel_path, op, grad):
-    if grad and not CASES[op][3]:
-        pytest.skip("not differentiable")
-    kernel_path(op)
-    _bench(measure, op, grad, "kernel-path", _call(CASES[op][1], _inputs(op, grad), grad))
+def _paths(op: str, grad: bool) -> list[str]:
+    paths = ["reference", "public"]
+    if op in KERNEL_OPS:
+        paths += ["kernel-path", "function"] if grad else ["kernel-path"]
+    return paths
+
+
+# op-major: an op's baseline and paths run one after the other (cases far apart in a run drift apart)
+DISPATCH_CASES = [(op, grad, path) for op in OPS for grad in (False, True) if not grad or CASES[op][3]
+                  for path in _paths(op, grad)]
+
+
+@pytest.mark.parametrize("op, grad, path", DISPATCH_CASES,
+                         ids=[f"{op}-{'grad' if grad else 'nograd'}-{path}" for op, grad, path in DISPATCH_CASES])
+def test_dispatch(measure, kernel_path, op, grad, path):
+    """One path of one op: ``reference`` (the reference backend's function on run()'s arguments;
+    the unfused formula where the public function does not reach run()), ``public``,
+    ``kernel-path``, and with autograd ``function`` (the same kernels through :class:`_HandWritten`)."""
+    group = f"{op}-function-grad" if path == "function" else None
+    if path == "public":
+        return _bench(measure, op, grad, path, _call(CASES[op][1], _inputs(op, grad), grad))
+    if path == "kernel-path":
+        kernel_path(op)
+        return _bench(measure, op, grad, path, _call(CASES[op][1], _inputs(op, grad), grad), group=group)
+    args = _run_args(op, grad)
+    if path == "reference" and args is None:
+        return _bench(measure, op, grad, path, _call(CASES[op][2], _inputs(op, grad), grad), baseline="formula")
+    if args is None:
+        pytest.skip("the public function does not reach run()")
+    if path == "reference":
+        return _bench(measure, op, grad, path, _call(_direct(op), args, grad), baseline="run")
+    spec = registry.spec_of(op)
+    forward, backward_kernel = registry._DEFINED[op].reference, backend._KERNELS[(f"{op}_backward", "reference")]
+
+    def function(*a):
+        out = _HandWritten.apply(forward, backward_kernel, spec, *a)
+        return out[0] if spec.auxiliary_outputs else out
+
+    _bench(measure, op, grad, path, _call(function, args, True), group=group)
 
 
 def write_table(json_path: str, md_path: str, note: str = "") -> str:
-    """The markdown table of a --benchmark-json run: per op, median µs and added µs per call."""
+    """The markdown table of a --benchmark-json run: per op, µs per call and added µs per path
+    (minimum over rounds), the paths over the targets listed below it."""
     data = json.loads(open(json_path).read())
-    med: dict[tuple[str, bool, str], float] = {}
+    best: dict[tuple[str, bool, str], float] = {}
+    formula: set[str] = set()
     for b in data["benchmarks"]:
         if "bench_dispatch.py::" not in b.get("fullname", "bench_dispatch.py::"):
             continue  # a JSON of several modules: this module's cases only
         info = b["extra_info"]
         path = info.get("impl") or info["path"]  # "path": JSON written before the measure fixture
-        med[(info["op"], info["grad"], path)] = b["stats"]["min"] * 1e6
+        best[(info["op"], info["grad"], path)] = b["stats"]["min"] * 1e6
+        if info.get("baseline") == "formula":
+            formula.add(info["op"])
     lines = [
         "# Dispatch overhead per call (CPU, tiny tensors)",
         "",
         f"Machine: {data['machine_info'].get('cpu', {}).get('brand_raw', '?')}, torch {torch.__version__}; "
         f"{note}",
-        "µs per call: the minimum over the rounds (pytest-benchmark through bench/conftest.py's `measure`: up to 200 "
-        "rounds of one call; on a shared machine the minimum is",
-        "the least disturbed estimate). `added` = path − reference in the same run. `—`: not applicable.",
-        "`kernel-path`: triton forced with the reference as a no-op-cost kernel "
-        "(what a GPU kernel call pays on the host).",
         "",
-        "| op | reference | public (added) | kernel path (added) | reference fwd+bwd | public fwd+bwd (added) "
-        "| kernel path fwd+bwd (added) |",
+        "µs per call: the minimum over the rounds (pytest-benchmark through bench/conftest.py's `measure`: up to 2000 "
+        "rounds of one call; on a shared machine the minimum is the least disturbed estimate); `added` = the path "
+        "− its baseline in the same run; `—`: not applicable.",
+        "- `direct`: the function the reference backend runs, called on the arguments the public function passed "
+        "to `run()` (no checks, no dispatch); † marks the ops whose public function does not reach `run()` (the "
+        "fused linear losses call their custom op), compared with the unfused formula instead: their `added` is "
+        "an algorithm's cost, not dispatch.",
+        "- `kernel path`: the triton backend forced, with that same function as a no-op-cost kernel (what a "
+        "GPU kernel call pays on the host); with autograd its baseline is `hand-written Function`: the same "
+        "forward and backward kernels through a minimal `torch.autograd.Function`.",
+        "",
+        "| op | direct | public (added) | kernel path (added) | direct fwd+bwd | public fwd+bwd (added) "
+        "| kernel path fwd+bwd (added over the hand-written Function) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    over: list[str] = []
 
-    def cell(op, grad, path):
-        ref, value = med.get((op, grad, "reference")), med.get((op, grad, path))
-        return "—" if ref is None or value is None else f"{value:.1f} ({value - ref:+.1f})"
+    def cell(op, grad, path, base="reference"):
+        ref, value = best.get((op, grad, base)), best.get((op, grad, path))
+        if ref is None or value is None:
+            return "—"
+        if op not in formula and value - ref > (15.0 if grad else 5.0):
+            over.append(f"{op} {path}{' fwd+bwd' if grad else ''} +{value - ref:.1f}")
+        return f"{value:.1f} ({value - ref:+.1f})"
 
-    for op in sorted({k[0] for k in med}):
-        ref, ref_g = med.get((op, False, "reference")), med.get((op, True, "reference"))
-        lines.append(f"| {op} | {ref:.1f} | {cell(op, False, 'public')} | {cell(op, False, 'kernel-path')} | "
-                     f"{'—' if ref_g is None else f'{ref_g:.1f}'} | {cell(op, True, 'public')} | "
-                     f"{cell(op, True, 'kernel-path')} |")
+    for op in sorted({k[0] for k in best}):
+        ref, ref_g = best.get((op, False, "reference")), best.get((op, True, "reference"))
+        lines.append(f"| {op}{' †' if op in formula else ''} | {ref:.1f} | {cell(op, False, 'public')} | "
+                     f"{cell(op, False, 'kernel-path')} | {'—' if ref_g is None else f'{ref_g:.1f}'} | "
+                     f"{cell(op, True, 'public')} | {cell(op, True, 'kernel-path', 'function')} |")
+    lines += ["", "Over the targets (≤ 5 µs added without autograd, ≤ 15 µs with it; † ops aside): "
+              + ("; ".join(over) if over else "none") + "."]
     text = "\n".join(lines) + "\n"
     with open(md_path, "w") as f:
         f.write(text)
