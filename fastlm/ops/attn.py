@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from fastlm.ops.checks import (
+    check_attention_inputs,
     check_floating,
-    check_heads,
     check_lengths,
     check_ndim,
     check_same_device,
@@ -317,18 +317,16 @@ def attention(
     Gemma 2): s ← softcap·tanh(s / softcap) before masking and softmax.
     A query row that sees no key returns zeros (and zero gradients), never NaN. Differentiable.
     """
-    check_ndim("attention", q=(q, 4), k=(k, 4), v=(v, 4))
-    check_floating("attention", q=q, k=k, v=v)
-    check_same_dtype("attention", q=q, k=k, v=v)
-    check_same_device("attention", q=q, k=k, v=v)
-    check_heads("attention", q, k, v)
+    check_attention_inputs("attention", q, k, v)
     if key_lens is not None:
         check_lengths("attention key_lens", key_lens, q.shape[0], q.device)
     window, softcap = check_window_softcap("attention", window, softcap, bool(causal))
     return run("attention", q.device, q, k, v, bool(causal), scale, key_lens, window, softcap)
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> list[int] | None:
+    """``cu`` as cumulative offsets of ``total`` packed rows; returns them read to the host (one
+    device→host copy), or None under torch.compile (values unchecked)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"attention_varlen: expected {name} to be a torch.Tensor, got {type(cu).__name__}")
     if cu.dim() != 1 or cu.shape[0] < 1:
@@ -338,20 +336,23 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.dev
     if cu.device != device:
         raise ValueError(f"attention_varlen: expected {name} on {device}, got {cu.device}")
     if torch.compiler.is_compiling():  # value checks need the data (a device sync): eager only
-        return
+        return None
     offsets = cu.tolist()
     if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"attention_varlen: {name} must start at 0 and be non-decreasing, got {offsets}")
     if offsets[-1] != total:
         raise ValueError(f"attention_varlen: {name}[-1] = {offsets[-1]} must equal the {total} packed tokens")
+    return offsets
 
 
-def _check_max_seqlen(name: str, value: int, cu: torch.Tensor) -> None:
+def _check_max_seqlen(name: str, value: int, offsets: list[int] | None) -> None:
+    """``value`` against the longest sequence of ``offsets`` (the cu_seqlens read once by
+    :func:`_check_cu_seqlens`; None under torch.compile: not checked)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"attention_varlen: {name} must be an integer >= 0, got {value!r}")
-    if torch.compiler.is_compiling() or cu.shape[0] < 2:
+    if offsets is None or len(offsets) < 2:
         return
-    longest = int((cu[1:] - cu[:-1]).max())
+    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
     if value < longest:
         raise ValueError(f"attention_varlen: {name}={value} is shorter than the longest sequence ({longest})")
 
@@ -395,14 +396,17 @@ def attention_varlen(
         raise ValueError(
             f"attention_varlen: the {q.shape[1]} query heads must be a multiple of the "
             f"{k.shape[1]} key/value heads (GQA)")
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    if cu_seqlens_k is cu_seqlens_q and k.shape[0] == q.shape[0]:  # self-attention: read the offsets once
+        offsets_k = offsets_q
+    else:
+        offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(
             f"attention_varlen: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
             f"got shapes {tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, offsets_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, offsets_k)
     window, softcap = check_window_softcap("attention_varlen", window, softcap, bool(causal))
     return run("attention_varlen", q.device, q, k, v, cu_seqlens_q, cu_seqlens_k,
                int(max_seqlen_q), int(max_seqlen_k), bool(causal), None if scale is None else float(scale),

@@ -96,3 +96,28 @@ def check_lengths(op: str, lens: torch.Tensor, batch: int, device: torch.device)
         raise TypeError(f"{op}: expected int32 or int64 lengths, got {lens.dtype}")
     if lens.device != device:
         raise ValueError(f"{op}: expected lengths on {device}, got {lens.device}")
+
+
+def attention_inputs_ok(q, k, v) -> bool:
+    """Whether q, k, v pass :func:`check_attention_inputs`, in one pass of plain comparisons."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        return False
+    qs, ks, dtype, device = q.shape, k.shape, q.dtype, q.device
+    return (len(qs) == 4 and len(ks) == 4 and ks == v.shape and dtype.is_floating_point and k.dtype == dtype
+            and v.dtype == dtype and k.device == device and v.device == device and qs[0] == ks[0]
+            and qs[3] == ks[3] and ks[1] != 0 and qs[1] % ks[1] == 0)
+
+
+def check_attention_inputs(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names=("q", "k", "v")) -> None:
+    """q (B, H, Tq, D), k and v (B, Hkv, Tk, D): tensors of 4 dims, one floating dtype, one
+    device, :func:`check_heads`. Valid inputs cost one pass of plain comparisons
+    (:func:`attention_inputs_ok`, the per-call path); the detailed checks, which name the fault,
+    run only when it says no."""
+    if attention_inputs_ok(q, k, v):
+        return
+    qn, kn, vn = names
+    check_ndim(op, **{qn: (q, 4), kn: (k, 4), vn: (v, 4)})
+    check_floating(op, **{qn: q, kn: k, vn: v})
+    check_same_dtype(op, **{qn: q, kn: k, vn: v})
+    check_same_device(op, **{qn: q, kn: k, vn: v})
+    check_heads(op, q, k, v)

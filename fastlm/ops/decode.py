@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from fastlm.ops.attn import _attention_core
 from fastlm.ops.checks import (
+    check_attention_inputs,
     check_floating,
-    check_heads,
     check_lengths,
     check_ndim,
     check_same_device,
@@ -105,6 +105,43 @@ define_op(OpSpec(
 ))
 
 
+def _paged_inputs_ok(q, k_pages, v_pages, block_table, cache_lens) -> bool:
+    """Whether :func:`_check_paged_inputs` would pass, in one pass of plain comparisons (the
+    per-call path; the detailed checks run only when this says no)."""
+    tensor = torch.Tensor
+    if not (isinstance(q, tensor) and isinstance(k_pages, tensor) and isinstance(v_pages, tensor)
+            and isinstance(block_table, tensor) and isinstance(cache_lens, tensor)):
+        return False
+    qs, ks, dtype, device = q.shape, k_pages.shape, q.dtype, q.device
+    return (len(qs) == 4 and len(ks) == 4 and ks == v_pages.shape and block_table.dim() == 2
+            and dtype.is_floating_point and k_pages.dtype == dtype and v_pages.dtype == dtype
+            and k_pages.device == device and v_pages.device == device and block_table.device == device
+            and cache_lens.device == device and ks[1] and not qs[1] % ks[1] and qs[3] == ks[3]
+            and block_table.shape[0] == qs[0] and cache_lens.shape == (qs[0],)
+            and block_table.dtype in (torch.int32, torch.int64))
+
+
+def _check_paged_inputs(q, k_pages, v_pages, block_table, cache_lens) -> None:
+    """The inputs of :func:`decode_attention_paged`, each fault named."""
+    check_ndim("decode_attention_paged", q=(q, 4), k_pages=(k_pages, 4), v_pages=(v_pages, 4),
+               block_table=(block_table, 2))
+    check_floating("decode_attention_paged", q=q, k_pages=k_pages, v_pages=v_pages)
+    check_same_dtype("decode_attention_paged", q=q, k_pages=k_pages, v_pages=v_pages)
+    check_same_device("decode_attention_paged", q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
+                      cache_lens=cache_lens)
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"decode_attention_paged: k_pages {tuple(k_pages.shape)} and v_pages {tuple(v_pages.shape)} differ")
+    if not k_pages.shape[1] or q.shape[1] % k_pages.shape[1] or q.shape[-1] != k_pages.shape[-1]:
+        raise ValueError(
+            f"decode_attention_paged: q (B, H={q.shape[1]}, Tq, D={q.shape[-1]}) does not fit pages with "
+            f"Hkv={k_pages.shape[1]}, D={k_pages.shape[-1]} (H must be a multiple of Hkv, D equal)"
+        )
+    if block_table.shape[0] != q.shape[0] or cache_lens.shape != (q.shape[0],):
+        raise ValueError("decode_attention_paged: block_table and cache_lens need one row per sequence of q")
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"decode_attention_paged: expected an integer block_table, got {block_table.dtype}")
+
+
 # ---- public functions ---------------------------------------------------------------------------
 
 
@@ -127,11 +164,7 @@ def decode_attention(
     j <= p, and with a sliding window (int >= 1) only j > p - window. softcap (float > 0):
     scores s ← softcap·tanh(s / softcap). Returns (B, H, Tq, D).
     """
-    check_ndim("decode_attention", q=(q, 4), k_cache=(k_cache, 4), v_cache=(v_cache, 4))
-    check_floating("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
-    check_same_dtype("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
-    check_same_device("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
-    check_heads("decode_attention", q, k_cache, v_cache)
+    check_attention_inputs("decode_attention", q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     check_lengths("decode_attention cache_lens", cache_lens, q.shape[0], q.device)
     window, softcap = check_window_softcap("decode_attention", window, softcap)
     return run("decode_attention", q.device, q, k_cache, v_cache, cache_lens, scale, window, softcap)
@@ -156,23 +189,8 @@ def decode_attention_paged(
     the same as :func:`fastlm.ops.decode_attention` on the gathered cache (sliding ``window`` and
     ``softcap`` as there).
     """
-    check_ndim("decode_attention_paged", q=(q, 4), k_pages=(k_pages, 4), v_pages=(v_pages, 4),
-               block_table=(block_table, 2))
-    check_floating("decode_attention_paged", q=q, k_pages=k_pages, v_pages=v_pages)
-    check_same_dtype("decode_attention_paged", q=q, k_pages=k_pages, v_pages=v_pages)
-    check_same_device("decode_attention_paged", q=q, k_pages=k_pages, v_pages=v_pages, block_table=block_table,
-                      cache_lens=cache_lens)
-    if k_pages.shape != v_pages.shape:
-        raise ValueError(f"decode_attention_paged: k_pages {tuple(k_pages.shape)} and v_pages {tuple(v_pages.shape)} differ")
-    if q.shape[1] % k_pages.shape[1] or q.shape[-1] != k_pages.shape[-1]:
-        raise ValueError(
-            f"decode_attention_paged: q (B, H={q.shape[1]}, Tq, D={q.shape[-1]}) does not fit pages with "
-            f"Hkv={k_pages.shape[1]}, D={k_pages.shape[-1]} (H must be a multiple of Hkv, D equal)"
-        )
-    if block_table.shape[0] != q.shape[0] or cache_lens.shape != (q.shape[0],):
-        raise ValueError("decode_attention_paged: block_table and cache_lens need one row per sequence of q")
-    if block_table.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"decode_attention_paged: expected an integer block_table, got {block_table.dtype}")
+    if not _paged_inputs_ok(q, k_pages, v_pages, block_table, cache_lens):
+        _check_paged_inputs(q, k_pages, v_pages, block_table, cache_lens)
     window, softcap = check_window_softcap("decode_attention_paged", window, softcap)
     return run("decode_attention_paged", q.device, q, k_pages, v_pages, block_table, cache_lens, scale, window,
                softcap)

@@ -189,6 +189,32 @@ def int8_linear(
     """y = x·Wᵀ + bias, W[o, i] = qweight[o, i]·scales[o] (per channel, scales (out,)) or
     qweight[o, i]·scales[o, i // (in/G)] (group-wise, scales (out, G), G dividing in).
     x (..., in) float, qweight int8 (out, in), bias (out,) -> (..., out) in x's dtype."""
+    if not _linear_inputs_ok(x, qweight, scales, bias, grouped=True):
+        _check_int8_linear(x, qweight, scales, bias)
+    return run("int8_linear", x.device, x, qweight, scales, bias)
+
+
+def _linear_inputs_ok(x, qweight, scales, bias, grouped: bool) -> bool:
+    """Whether the int8 linears' shared checks pass — x (..., in) float, qweight int8 (out, in),
+    float scales (out,) (or (out, G), G dividing in, when ``grouped``), bias (out,) or None, one
+    device — in one pass of plain comparisons (the per-call path; the checks that name the fault
+    run only when this says no)."""
+    tensor = torch.Tensor
+    if not (isinstance(x, tensor) and isinstance(qweight, tensor) and isinstance(scales, tensor)
+            and (bias is None or isinstance(bias, tensor))):
+        return False
+    ws, ss, device = qweight.shape, scales.shape, x.device
+    if len(ws) != 2 or qweight.dtype != torch.int8 or not x.dim() or x.shape[-1] != ws[1]:
+        return False
+    out_f, in_f = ws
+    scales_ok = ss == (out_f,) or (grouped and len(ss) == 2 and ss[0] == out_f and ss[1] >= 1 and not in_f % ss[1])
+    return (scales_ok and x.dtype.is_floating_point and scales.dtype.is_floating_point and qweight.device == device
+            and scales.device == device and (bias is None or (bias.device == device and bias.shape == (out_f,)
+                                                              and bias.dtype.is_floating_point)))
+
+
+def _check_int8_linear(x, qweight, scales, bias) -> None:
+    """:func:`int8_linear`'s inputs, each fault named."""
     check_floating("int8_linear", x=x, scales=scales)
     check_ndim("int8_linear", qweight=(qweight, 2))
     check_dtype("int8_linear", qweight, torch.int8, "qweight")
@@ -205,9 +231,10 @@ def int8_linear(
             f"int8_linear: expected scales of shape ({out_f},) (per channel) or ({out_f}, G) with G "
             f"dividing {in_f} (group-wise), got {tuple(scales.shape)}"
         )
-    if bias is not None and bias.shape != (out_f,):
-        raise ValueError(f"int8_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
-    return run("int8_linear", x.device, x, qweight, scales, bias)
+    if bias is not None:
+        check_floating("int8_linear", bias=bias)
+        if bias.shape != (out_f,):
+            raise ValueError(f"int8_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
 
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -276,6 +303,15 @@ def w8a8_linear(
     the smoothing factors are finite and > 0 (two device→host reads) for callers that checked them
     once (fastlm.quant.W8A8Linear, at construction and load).
     """
+    if smooth is None and _linear_inputs_ok(x, qweight, w_scales, bias, grouped=False) and qweight.shape[1]:
+        return run("w8a8_linear", x.device, x, qweight, w_scales, bias, None)
+    _check_w8a8_linear(x, qweight, w_scales, bias)
+    _check_smooth("w8a8_linear", smooth, qweight.shape[1], x.device, check_values)
+    return run("w8a8_linear", x.device, x, qweight, w_scales, bias, smooth)
+
+
+def _check_w8a8_linear(x, qweight, w_scales, bias) -> None:
+    """:func:`w8a8_linear`'s inputs but the smoothing factors, each fault named."""
     check_floating("w8a8_linear", x=x)
     check_ndim("w8a8_linear", qweight=(qweight, 2))
     check_dtype("w8a8_linear", qweight, torch.int8, "qweight")
@@ -293,5 +329,3 @@ def w8a8_linear(
         check_floating("w8a8_linear", bias=bias)
         if bias.shape != (out_f,):
             raise ValueError(f"w8a8_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
-    _check_smooth("w8a8_linear", smooth, in_f, x.device, check_values)
-    return run("w8a8_linear", x.device, x, qweight, w_scales, bias, smooth)

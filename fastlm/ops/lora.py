@@ -131,6 +131,13 @@ def lora_linear(
 
     x (..., in), weight W (out, in), lora_a A (r, in), lora_b B (out, r), bias (out,) -> (..., out).
     """
+    if not _lora_inputs_ok(x, weight, lora_a, lora_b, bias, mixed=False):
+        _check_lora_inputs(x, weight, lora_a, lora_b, bias)
+    return run("lora_linear", x.device, x, weight, lora_a, lora_b, float(scale), bias)
+
+
+def _check_lora_inputs(x, weight, lora_a, lora_b, bias) -> None:
+    """:func:`lora_linear`'s inputs, each fault named."""
     tensors = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
     if bias is not None:
         tensors["bias"] = bias
@@ -149,7 +156,6 @@ def lora_linear(
         raise ValueError(f"lora_linear: expected lora_b of shape ({out_f}, {r}) (out, r), got {tuple(lora_b.shape)}")
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"lora_linear: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
-    return run("lora_linear", x.device, x, weight, lora_a, lora_b, float(scale), bias)
 
 
 def lora_linear_mixed(
@@ -173,6 +179,50 @@ def lora_linear_mixed(
     each row with its own adapter. ``validate=False`` skips the range check of adapter_index
     (a device sync), for callers that build valid indices themselves.
     """
+    if not _lora_inputs_ok(x, weight, lora_a, lora_b, bias, mixed=True):
+        _check_mixed_inputs(x, weight, lora_a, lora_b, bias)
+    out_f, in_f = weight.shape
+    n = lora_a.shape[0]
+    if not isinstance(scales, torch.Tensor):
+        scales = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=x.device)
+    device = x.device
+    if not (scales.shape == (n,) and scales.dtype.is_floating_point and isinstance(adapter_index, torch.Tensor)
+            and adapter_index.dtype in (torch.int32, torch.int64) and adapter_index.shape == x.shape[:-1]
+            and scales.device == device and adapter_index.device == device):
+        _check_mixed_index(x, weight, lora_a, lora_b, bias, scales, adapter_index)
+    if validate and not torch.compiler.is_compiling() and adapter_index.numel() and (
+            (adapter_index < -1) | (adapter_index >= n)).any():
+        raise ValueError(f"lora_linear_mixed: adapter_index values must be in [-1, {n}) (-1: no adapter)")
+    if scales.dtype != torch.float32:
+        scales = scales.float()
+    if x.dim() == 2:  # already (N, in): no view in between (two autograd nodes fewer)
+        return run("lora_linear_mixed", x.device, x, weight, lora_a, lora_b, scales, adapter_index, bias)
+    out = run("lora_linear_mixed", x.device, x.reshape(-1, in_f), weight, lora_a, lora_b, scales,
+              adapter_index.reshape(-1), bias)
+    return out.view(*x.shape[:-1], out_f)
+
+
+def _lora_inputs_ok(x, weight, lora_a, lora_b, bias, mixed: bool) -> bool:
+    """Whether the LoRA linears' tensors pass their checks — one floating dtype and device; W (out,
+    in), x (..., in); A (r, in) and B (out, r), or stacked (n, r, in) and (n, out, r) when
+    ``mixed``; bias (out,) or None — in one pass of plain comparisons (the per-call path; the
+    checks that name the fault run only when this says no)."""
+    tensor = torch.Tensor
+    if not (isinstance(x, tensor) and isinstance(weight, tensor) and isinstance(lora_a, tensor)
+            and isinstance(lora_b, tensor) and (bias is None or isinstance(bias, tensor))):
+        return False
+    ws, a_shape, b_shape, dtype, device = weight.shape, lora_a.shape, lora_b.shape, x.dtype, x.device
+    if len(ws) != 2 or not x.dim() or x.shape[-1] != ws[1] or len(a_shape) != 2 + mixed or a_shape[-1] != ws[1]:
+        return False
+    adapters = a_shape[:1] if mixed else ()
+    return (b_shape == (*adapters, ws[0], a_shape[-2]) and dtype.is_floating_point and weight.dtype == dtype
+            and lora_a.dtype == dtype and lora_b.dtype == dtype and weight.device == device
+            and lora_a.device == device and lora_b.device == device
+            and (bias is None or (bias.dtype == dtype and bias.device == device and bias.shape == ws[:1])))
+
+
+def _check_mixed_inputs(x, weight, lora_a, lora_b, bias) -> None:
+    """:func:`lora_linear_mixed`'s tensors but the scales and indices, each fault named."""
     tensors = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
     if bias is not None:
         tensors["bias"] = bias
@@ -190,8 +240,12 @@ def lora_linear_mixed(
                          f"got {tuple(lora_b.shape)}")
     if bias is not None and bias.shape != (out_f,):
         raise ValueError(f"lora_linear_mixed: expected bias of shape ({out_f},), got {tuple(bias.shape)}")
-    if not isinstance(scales, torch.Tensor):
-        scales = torch.tensor([float(s) for s in scales], dtype=torch.float32, device=x.device)
+    check_same_device("lora_linear_mixed", **tensors)
+
+
+def _check_mixed_index(x, weight, lora_a, lora_b, bias, scales, adapter_index) -> None:
+    """:func:`lora_linear_mixed`'s scales (a tensor by now) and adapter_index, each fault named."""
+    n = lora_a.shape[0]
     if scales.shape != (n,) or not scales.dtype.is_floating_point:
         raise ValueError(f"lora_linear_mixed: expected {n} floating-point scales (one per adapter), "
                          f"got {scales.dtype} {tuple(scales.shape)}")
@@ -200,11 +254,7 @@ def lora_linear_mixed(
     if adapter_index.shape != x.shape[:-1]:
         raise ValueError(f"lora_linear_mixed: expected adapter_index of shape {tuple(x.shape[:-1])} (x's rows), "
                          f"got {tuple(adapter_index.shape)}")
+    tensors = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    if bias is not None:
+        tensors["bias"] = bias
     check_same_device("lora_linear_mixed", **tensors, scales=scales, adapter_index=adapter_index)
-    if validate and not torch.compiler.is_compiling() and adapter_index.numel() and (
-            (adapter_index < -1) | (adapter_index >= n)).any():
-        raise ValueError(f"lora_linear_mixed: adapter_index values must be in [-1, {n}) (-1: no adapter)")
-    x2 = x.reshape(-1, in_f)
-    out = run("lora_linear_mixed", x.device, x2, weight, lora_a, lora_b, scales.to(torch.float32),
-              adapter_index.reshape(-1), bias)
-    return out.view(*x.shape[:-1], out_f)

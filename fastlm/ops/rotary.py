@@ -237,7 +237,11 @@ def rope_append_kv(
 
 
 def _check_args(q, k, v, positions, k_cache, v_cache, theta) -> float | None:
-    """Shapes, dtypes and devices of :func:`rope_append_kv`'s arguments; returns theta as a float."""
+    """Shapes, dtypes and devices of :func:`rope_append_kv`'s arguments; returns theta as a float.
+    Valid arguments pass one pass of plain comparisons (:func:`_args_ok`, the per-call path); the
+    checks below, which name the fault, run only when it says no."""
+    if _args_ok(q, k, v, positions, k_cache, v_cache, theta):
+        return None if theta is None else float(theta)
     name = "rope_append_kv"
     check_ndim(name, q=(q, 4), k=(k, 4), v=(v, 4), k_cache=(k_cache, 4), v_cache=(v_cache, 4),
                positions=(positions, 2))
@@ -260,6 +264,26 @@ def _check_args(q, k, v, positions, k_cache, v_cache, theta) -> float | None:
     if theta is not None and (d % 2 or theta <= 0):
         raise ValueError(f"{name}: RoPE needs an even head dim and theta > 0, got D={d}, theta={theta}")
     return None if theta is None else float(theta)
+
+
+def _args_ok(q, k, v, positions, k_cache, v_cache, theta) -> bool:
+    """Whether :func:`_check_args` passes (the same conditions, without naming the fault)."""
+    tensor = torch.Tensor
+    if not (isinstance(q, tensor) and isinstance(k, tensor) and isinstance(v, tensor) and isinstance(positions, tensor)
+            and isinstance(k_cache, tensor) and isinstance(v_cache, tensor)):
+        return False
+    qs, ks, cs = q.shape, k.shape, k_cache.shape
+    dtype, cache_dtype, device = q.dtype, k_cache.dtype, q.device
+    if len(qs) != 4 or len(ks) != 4 or len(cs) != 4 or ks != v.shape or cs != v_cache.shape:
+        return False
+    b, h, t, d = qs
+    return (dtype.is_floating_point and k.dtype == dtype and v.dtype == dtype and cache_dtype.is_floating_point
+            and v_cache.dtype == cache_dtype and k.device == device and v.device == device
+            and positions.device == device and k_cache.device == device and v_cache.device == device
+            and ks[0] == b and ks[2] == t and ks[3] == d and not h % max(ks[1], 1)
+            and cs[0] == b and cs[1] == ks[1] and cs[3] == d and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and positions.shape == (b, t) and not positions.dtype.is_floating_point and positions.dtype != torch.bool
+            and (theta is None or (not d % 2 and theta > 0)))
 
 
 def rope_append_kv_layer(

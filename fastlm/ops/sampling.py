@@ -325,11 +325,40 @@ def _row_tensor(name: str, value: torch.Tensor, batch: int, device: torch.device
     return value.to(torch.int64 if integer else torch.float32)
 
 
+# (batch, vocab, device, each scalar parameter with its type) -> the four (B,) tensors built from
+# them: a decode loop samples with the same settings every step, and building them is four
+# allocations (four kernel launches on a GPU) per token. Read-only: every backend only reads them.
+_SCALAR_PARAMS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_SCALAR_PARAMS_MAX = 32
+
+
 def _row_params(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> tuple[torch.Tensor, ...]:
     """The four (B,) parameter tensors; scalars are validated here (no sync), tensors' values
-    by the kernels (status bits)."""
+    by the kernels (status bits). All-scalar settings are built once per batch size, device and
+    values (``_SCALAR_PARAMS``; not while torch.compile traces)."""
     batch, vocab = logits.shape
     device = logits.device
+    tensor, key = torch.Tensor, None
+    if not (isinstance(temperature, tensor) or isinstance(top_k, tensor) or isinstance(top_p, tensor)
+            or isinstance(min_p, tensor) or torch.compiler.is_compiling()):
+        key = (batch, vocab, device, type(temperature), temperature, type(top_k), top_k, type(top_p), top_p,
+               type(min_p), min_p)
+        try:
+            cached = _SCALAR_PARAMS.get(key)
+        except TypeError:  # an unhashable (so invalid) setting: validated, and refused, below
+            cached = key = None
+        if cached is not None:
+            return cached
+    out = _build_row_params(batch, vocab, device, temperature, top_k, top_p, min_p)
+    if key is not None:
+        if len(_SCALAR_PARAMS) >= _SCALAR_PARAMS_MAX:
+            _SCALAR_PARAMS.clear()
+        _SCALAR_PARAMS[key] = out
+    return out
+
+
+def _build_row_params(batch: int, vocab: int, device: torch.device, temperature, top_k, top_p,
+                      min_p) -> tuple[torch.Tensor, ...]:
     out = []
     for name, value, default, integer, valid, allowed in (
         ("temperature", temperature, 1.0, False, lambda t: math.isfinite(t) and t >= 0, "a number >= 0 and finite"),
