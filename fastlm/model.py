@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastlm import ops
+from fastlm.ops.attn import check_cu_seqlens, check_max_seqlen
 from fastlm.cache import DecodeStepState, KVCache, PagedKVCache
 from fastlm.config import ModelConfig
 from fastlm.hf_conventions import HFModelMixin  # load_adapter, set_adapter, ..., save_pretrained
@@ -143,7 +144,8 @@ class Attention(nn.Module):
 
             n = layout.max_seqlen
             o = ops.attention_varlen(flat(q), flat(k), flat(v), layout.cu_seqlens, layout.cu_seqlens,
-                                     max_seqlen_q=n, max_seqlen_k=n, causal=layout.causal, **self.options)
+                                     max_seqlen_q=n, max_seqlen_k=n, causal=layout.causal, validate=False,
+                                     **self.options)  # (values checked once, in Model.forward)
             o = o.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         else:
             o = ops.attention(q, k, v, causal=layout.causal, key_lens=layout.key_lens, **self.options)
@@ -357,8 +359,9 @@ class Model(HFModelMixin, nn.Module):
         (B, T, hidden) replaces the token embeddings (e.g. with soft-prompt vectors prepended;
         input_ids is then ignored and may be None). See the class and :class:`BatchLayout` for
         cache, key_lens, cu_seqlens/max_seqlen and causal. ``validate=False`` skips the
-        (host-synchronizing) check that token ids are in range, for ids known to be valid such
-        as sampled ones in a decode loop."""
+        (host-synchronizing) checks of values — token ids in range, cu_seqlens' offsets and
+        max_seqlen (once per forward, not per layer) — for inputs known to be valid, such as
+        sampled ids in a decode loop or a training batch checked at the data boundary."""
         if inputs_embeds is not None:
             self._check_embeds(inputs_embeds)
             input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.int64, device=inputs_embeds.device)
@@ -431,6 +434,9 @@ class Model(HFModelMixin, nn.Module):
             raise ValueError("Model: give either key_lens (padding) or cu_seqlens (packing), not both")
         if cu_seqlens is not None and max_seqlen is None:
             raise ValueError("Model: cu_seqlens needs max_seqlen (the longest document, a host int)")
+        if cu_seqlens is not None:  # the layers' attention_varlen skips these value checks
+            offsets = check_cu_seqlens("Model", "cu_seqlens", cu_seqlens, input_ids.numel(), self.device, validate)
+            check_max_seqlen("Model", "max_seqlen", max_seqlen, offsets)
         vocab = self.config.vocab_size
         if validate and not torch.compiler.is_compiling() and ((input_ids < 0) | (input_ids >= vocab)).any():
             raise ValueError(f"Model: token ids must be in [0, {vocab})")

@@ -324,37 +324,39 @@ def attention(
     return run("attention", q.device, q, k, v, bool(causal), scale, key_lens, window, softcap)
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> list[int] | None:
-    """``cu`` as cumulative offsets of ``total`` packed rows; returns them read to the host (one
-    device→host copy), or None under torch.compile (values unchecked)."""
+def check_cu_seqlens(op: str, name: str, cu: torch.Tensor, total: int, device: torch.device,
+                     values: bool = True) -> list[int] | None:
+    """``cu`` (num_seqs + 1,) int32 on ``device`` as cumulative offsets of ``total`` packed rows.
+    With ``values`` (and not under torch.compile) the offsets are read to the host (one
+    device→host copy), checked (0 first, non-decreasing, ``total`` last) and returned; else None."""
     if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"attention_varlen: expected {name} to be a torch.Tensor, got {type(cu).__name__}")
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(cu).__name__}")
     if cu.dim() != 1 or cu.shape[0] < 1:
-        raise ValueError(f"attention_varlen: expected {name} of shape (num_seqs + 1,), got {tuple(cu.shape)}")
+        raise ValueError(f"{op}: expected {name} of shape (num_seqs + 1,), got {tuple(cu.shape)}")
     if cu.dtype != torch.int32:
-        raise TypeError(f"attention_varlen: expected {name} of dtype torch.int32, got {cu.dtype}")
+        raise TypeError(f"{op}: expected {name} of dtype torch.int32, got {cu.dtype}")
     if cu.device != device:
-        raise ValueError(f"attention_varlen: expected {name} on {device}, got {cu.device}")
-    if torch.compiler.is_compiling():  # value checks need the data (a device sync): eager only
+        raise ValueError(f"{op}: expected {name} on {device}, got {cu.device}")
+    if not values or torch.compiler.is_compiling():  # value checks need the data (a device sync): eager only
         return None
     offsets = cu.tolist()
     if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"attention_varlen: {name} must start at 0 and be non-decreasing, got {offsets}")
+        raise ValueError(f"{op}: {name} must start at 0 and be non-decreasing, got {offsets}")
     if offsets[-1] != total:
-        raise ValueError(f"attention_varlen: {name}[-1] = {offsets[-1]} must equal the {total} packed tokens")
+        raise ValueError(f"{op}: {name}[-1] = {offsets[-1]} must equal the {total} packed tokens")
     return offsets
 
 
-def _check_max_seqlen(name: str, value: int, offsets: list[int] | None) -> None:
-    """``value`` against the longest sequence of ``offsets`` (the cu_seqlens read once by
-    :func:`_check_cu_seqlens`; None under torch.compile: not checked)."""
+def check_max_seqlen(op: str, name: str, value: int, offsets: list[int] | None) -> None:
+    """``value`` an int >= 0 and, given the offsets :func:`check_cu_seqlens` read, at least the
+    longest sequence's length."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"attention_varlen: {name} must be an integer >= 0, got {value!r}")
+        raise ValueError(f"{op}: {name} must be an integer >= 0, got {value!r}")
     if offsets is None or len(offsets) < 2:
         return
     longest = max(b - a for a, b in zip(offsets, offsets[1:]))
     if value < longest:
-        raise ValueError(f"attention_varlen: {name}={value} is shorter than the longest sequence ({longest})")
+        raise ValueError(f"{op}: {name}={value} is shorter than the longest sequence ({longest})")
 
 
 def attention_varlen(
@@ -370,6 +372,7 @@ def attention_varlen(
     scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Attention over packed variable-length sequences (flash-attn's varlen API).
 
@@ -382,6 +385,9 @@ def attention_varlen(
     j > i + Tk - Tq - window; softcap (float > 0): scores s ← softcap·tanh(s / softcap).
     scale defaults to 1/sqrt(D). Returns (total_q, H, D);
     rows that see no key are 0. Differentiable. Equal to ``fastlm.ops.attention`` on each sequence.
+    ``validate=False`` skips the checks of the offsets' values and of max_seqlen_* against them
+    (a device→host read of cu_seqlens), for callers that checked them once (the model, once per
+    forward instead of once per layer); shapes, dtypes and devices are always checked.
     """
     check_ndim("attention_varlen", q=(q, 3), k=(k, 3), v=(v, 3))
     check_floating("attention_varlen", q=q, k=k, v=v)
@@ -396,17 +402,18 @@ def attention_varlen(
         raise ValueError(
             f"attention_varlen: the {q.shape[1]} query heads must be a multiple of the "
             f"{k.shape[1]} key/value heads (GQA)")
-    offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    op = "attention_varlen"
+    offsets_q = check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, validate)
     if cu_seqlens_k is cu_seqlens_q and k.shape[0] == q.shape[0]:  # self-attention: read the offsets once
         offsets_k = offsets_q
     else:
-        offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        offsets_k = check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, validate)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(
             f"attention_varlen: cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
             f"got shapes {tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q, offsets_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k, offsets_k)
+    check_max_seqlen(op, "max_seqlen_q", max_seqlen_q, offsets_q)
+    check_max_seqlen(op, "max_seqlen_k", max_seqlen_k, offsets_k)
     window, softcap = check_window_softcap("attention_varlen", window, softcap, bool(causal))
     return run("attention_varlen", q.device, q, k, v, cu_seqlens_q, cu_seqlens_k,
                int(max_seqlen_q), int(max_seqlen_k), bool(causal), None if scale is None else float(scale),
