@@ -93,6 +93,23 @@ define_op(OpSpec(
 # ---- public function ----------------------------------------------------------------------------
 
 
+def _inputs_ok(logits, targets) -> bool:
+    """Whether :func:`_check_inputs` passes, in one pass of plain comparisons (the per-call path)."""
+    return (isinstance(logits, torch.Tensor) and isinstance(targets, torch.Tensor) and logits.dim() == 2
+            and targets.dim() == 1 and logits.dtype.is_floating_point and targets.dtype == torch.int64
+            and targets.device == logits.device and targets.shape[0] == logits.shape[0])
+
+
+def _check_inputs(logits, targets) -> None:
+    """:func:`cross_entropy`'s logits and targets, each fault named."""
+    check_ndim("cross_entropy", logits=(logits, 2), targets=(targets, 1))
+    check_floating("cross_entropy", logits=logits)
+    check_dtype("cross_entropy", targets, torch.int64, "targets")
+    check_same_device("cross_entropy", logits=logits, targets=targets)
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"cross_entropy: {logits.shape[0]} rows of logits but {targets.shape[0]} targets")
+
+
 def cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, *, validate: bool = True
 ) -> torch.Tensor:
@@ -101,12 +118,8 @@ def cross_entropy(
     logits (N, V) float, targets (N,) int64 -> scalar float32. ``validate=False`` skips the
     target-range check (a device→host read) for callers that checked their data already.
     """
-    check_ndim("cross_entropy", logits=(logits, 2), targets=(targets, 1))
-    check_floating("cross_entropy", logits=logits)
-    check_dtype("cross_entropy", targets, torch.int64, "targets")
-    check_same_device("cross_entropy", logits=logits, targets=targets)
-    if targets.shape[0] != logits.shape[0]:
-        raise ValueError(f"cross_entropy: {logits.shape[0]} rows of logits but {targets.shape[0]} targets")
+    if not _inputs_ok(logits, targets):
+        _check_inputs(logits, targets)
     vocab = logits.shape[1]
     out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab)) if validate else None
     if validate and not torch.compiler.is_compiling() and out_of_range.any():

@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-from fastlm.ops import checks, decode, int8, lora, rotary
+from fastlm.ops import checks, decode, int8, lora, losses, rotary
 
 
 def _variants(value):
@@ -128,3 +128,7 @@ def test_lora_inputs(mixed, bias):
         return lora._lora_inputs_ok(x, weight, lora_a, lora_b, bias, mixed=mixed)
 
     _agree(fast, detailed, args)
+
+
+def test_cross_entropy_inputs():
+    _agree(losses._inputs_ok, losses._check_inputs, {"logits": _t(4, 7), "targets": torch.zeros(4, dtype=torch.long)})
