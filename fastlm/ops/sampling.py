@@ -342,7 +342,7 @@ def _row_params(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> tuple
     if not (isinstance(temperature, tensor) or isinstance(top_k, tensor) or isinstance(top_p, tensor)
             or isinstance(min_p, tensor) or torch.compiler.is_compiling()):
         key = (batch, vocab, device, type(temperature), temperature, type(top_k), top_k, type(top_p), top_p,
-               type(min_p), min_p)
+               type(min_p), min_p, torch.is_inference_mode_enabled())  # (inference tensors stay in their mode)
         try:
             cached = _SCALAR_PARAMS.get(key)
         except TypeError:  # an unhashable (so invalid) setting: validated, and refused, below

@@ -55,3 +55,14 @@ def test_an_invalid_setting_is_refused_every_time(monkeypatch, bad):
     for _ in range(2):
         with pytest.raises(ValueError, match="sample: "):
             ops.sample(logits, **bad)
+
+
+def test_tensors_built_in_inference_mode_are_not_reused_outside_it(monkeypatch):
+    """Inference tensors cannot be saved for backward: logits that require grad, sampled after
+    the same settings were used under inference_mode, still work."""
+    calls = _built(monkeypatch)
+    logits = torch.randn(2, 6)
+    with torch.inference_mode():
+        ops.sample(logits, temperature=0.5)
+    params = sampling._row_params(logits, 0.5, None, None, None)
+    assert len(calls) == 2 and not any(t.is_inference() for t in params)
