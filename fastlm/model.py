@@ -26,10 +26,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastlm import ops
-from fastlm.ops.attn import check_cu_seqlens, check_max_seqlen
 from fastlm.cache import DecodeStepState, KVCache, PagedKVCache
 from fastlm.config import ModelConfig
 from fastlm.hf_conventions import HFModelMixin  # load_adapter, set_adapter, ..., save_pretrained
+from fastlm.ops.attn import check_cu_seqlens, check_max_seqlen
 from fastlm.rope import Rotary
 
 

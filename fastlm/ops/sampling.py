@@ -325,9 +325,10 @@ def _row_tensor(name: str, value: torch.Tensor, batch: int, device: torch.device
     return value.to(torch.int64 if integer else torch.float32)
 
 
-# (batch, vocab, device, each scalar parameter with its type) -> the four (B,) tensors built from
-# them: a decode loop samples with the same settings every step, and building them is four
-# allocations (four kernel launches on a GPU) per token. Read-only: every backend only reads them.
+# (batch, vocab, device, each scalar parameter with its type, inference mode) -> the four (B,)
+# tensors built from them: a decode loop samples with the same settings every step, and building
+# them is four allocations (four kernel launches on a GPU) per token. Read-only: every backend
+# only reads them.
 _SCALAR_PARAMS: dict[tuple, tuple[torch.Tensor, ...]] = {}
 _SCALAR_PARAMS_MAX = 32
 
