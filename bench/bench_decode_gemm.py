@@ -13,6 +13,9 @@ than the caches), float32, one case per GEMM:
 - ``onednn``: ``mkldnn._linear_pointwise`` over weights packed by ``mkldnn._reorder_linear_weight``;
 - ``mkl``: ``mkl._mkl_linear`` over weights packed by ``mkl._mkl_reorder_linear_weight`` for
   the group's batch;
+- ``fastlm``: fastlm's AVX-512 skinny GEMM (``torch.ops.fastlm_cpu.skinny_linear``,
+  :mod:`fastlm.decoding.cpu_gemm`) over weights packed into 16-column panels, where it runs
+  (AVX-512 and a C++ compiler: built on first use);
 - ``read``: ``torch.sum`` of every weight — no GEMM, one read of the same bytes: what streaming
   the weights alone costs on this machine (a floor for any step that reads them all once).
 
@@ -29,12 +32,13 @@ import torch.nn.functional as F
 
 import fastlm
 from bench.conftest import DEVICE, QUICK, OneAtATime
+from fastlm.decoding import cpu_gemm
 
 if DEVICE == "cpu":
     torch.set_num_threads(1)
 SHAPES = [("tiny", 1), ("tiny", 8), ("small", 1), ("small", 8)]
 SHAPES = SHAPES[:2] if QUICK else SHAPES
-IMPLS = ("mm", "onednn", "mkl", "read")
+IMPLS = ("mm", "onednn", "mkl", "fastlm", "read")
 PEER = "mm"
 
 
@@ -61,6 +65,8 @@ class Group:
             self.calls["onednn"] = self._onednn()
         if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
             self.calls["mkl"] = self._mkl()
+        if cpu_gemm.available():
+            self.calls["fastlm"] = self._fastlm()
         want = self.calls["mm"]()
         for name, call in self.calls.items():  # (read is not a product: added after the check)
             got = call()
@@ -80,6 +86,10 @@ class Group:
         triples = [(self.inputs[w.shape[1]], torch.ops.mkl._mkl_reorder_linear_weight(w, b), w) for w in self.weights]
         return lambda: [torch.ops.mkl._mkl_linear(x, p, w, None, b) for x, p, w in triples]
 
+    def _fastlm(self):
+        triples = [(self.inputs[w.shape[1]], cpu_gemm.pack_weight(w), w.shape[0]) for w in self.weights]
+        return lambda: [cpu_gemm.skinny_linear(x, p, n) for x, p, n in triples]
+
 
 _group = OneAtATime(Group)
 
@@ -91,7 +101,7 @@ def test_decode_linears(measure, shape, impl):
         pytest.skip("prepacked CPU weights: CPU only")
     group = _group(shape)
     if impl not in group.calls:
-        pytest.skip(f"this torch has no {impl} packed GEMM")
+        pytest.skip(f"no {impl} packed GEMM here" + (f" ({cpu_gemm.status()[1]})" if impl == "fastlm" else ""))
     preset, batch = shape
     measure(group.calls[impl], group=f"decode linears {preset} batch {batch}", impl=impl, peer=PEER,
             model=preset, batch=batch, dtype="float32", bytes=group.bytes, warmup=2)

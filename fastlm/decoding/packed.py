@@ -4,29 +4,34 @@ A decode step multiplies a few rows (the batch) by every weight of the model, so
 is a sweep of skinny GEMMs bound by how fast the weights stream from memory. ``F.linear``'s
 MKL sgemm reads the (out, in) weight in its plain layout; oneDNN and MKL can first copy a
 weight into their own blocked layout once ("prepacking", as inductor's frozen graphs and
-IPEX do) and then run each step's GEMM over it. One sweep of every linear of a decode step,
-in order, float32, one thread, on this project's CPU (AMD EPYC; bench/bench_decode_gemm.py,
-bench/results/cpu/bench_decode_gemm.md; end to end: bench_decode.md):
+IPEX do) and then run each step's GEMM over it, and so does fastlm's own AVX-512 kernel
+(:mod:`fastlm.decoding.cpu_gemm`: 16-column panels streamed once while the rows accumulate in
+registers). One sweep of every linear of a decode step, in order, float32, one thread, on this
+project's CPU (AMD EPYC; bench/bench_decode_gemm.py, bench/results/cpu/bench_decode_gemm.md;
+end to end: bench_decode.md), ms:
 
-=============  ========  =================  ==============  ==================
-model, batch   ``mm``    oneDNN prepacked   MKL prepacked   reading them (sum)
-=============  ========  =================  ==============  ==================
-27M, 1         11.9      9.3                8.1             5.0 ms
-27M, 8         18.4      9.3                17.6            4.3 ms
-4M, 1          1.81      0.90               0.85            0.27 ms
-4M, 8          3.24      1.25               2.27            0.26 ms
-=============  ========  =================  ==============  ==================
+=============  ========  =================  ==============  ========  ==================
+model, batch   ``mm``    oneDNN prepacked   MKL prepacked   fastlm    reading them (sum)
+=============  ========  =================  ==============  ========  ==================
+27M, 1         12.2      9.4                8.1             5.4       5.0
+27M, 8         19.1      9.5                18.5            7.0       4.6
+4M, 1          1.37      0.69               0.66            0.35      0.26
+4M, 8          2.58      1.31               1.99            0.70      0.26
+=============  ========  =================  ==============  ========  ==================
 
-so a batch of one uses MKL's packed GEMM (``mkl._mkl_linear``, which needs the batch size it
-was packed for) and larger batches oneDNN's (``mkldnn._linear_pointwise``, any batch). The sums
-are those of the same products in another order: logits differ from ``F.linear``'s by float32
-rounding (tests/model/test_packed_decode.py checks both against float64).
+so up to :data:`fastlm.decoding.cpu_gemm.MAX_ROWS` rows the step runs fastlm's kernel where it
+runs (AVX-512 and a C++ compiler to build it; :func:`decode_pack_kind`); otherwise (or with
+``FASTLM_CPU_KERNELS=0``) a batch of one uses MKL's packed GEMM (``mkl._mkl_linear``, which
+needs the batch size it was packed for) and larger batches oneDNN's
+(``mkldnn._linear_pointwise``, any batch). The sums are those of the same products in another
+order: logits differ from ``F.linear``'s by float32 rounding (tests/model/test_packed_decode.py
+checks each against float64).
 
 Packing copies every weight once: the packs are kept per model, for the weights' version
 (:func:`fastlm.decoding.step.weights_version`: in-place changes and optimizer steps included)
 and kind, and rebuilt when either changes; a model over :data:`PACK_MAX_BYTES` of linear
 weights is not packed (no second copy of a large model), nor one on another device or dtype,
-nor where torch has neither library. :func:`release_packs` drops a model's packs.
+nor where neither fastlm's kernel nor a library GEMM is there. :func:`release_packs` drops a model's packs.
 """
 
 from __future__ import annotations
@@ -55,11 +60,27 @@ def pack_kind(batch: int) -> str | None:
     return "onednn"
 
 
+def decode_pack_kind(batch: int) -> str | None:
+    """The packed GEMM of an eager decode step of ``batch`` rows: "fastlm" (fastlm's AVX-512
+    skinny GEMM, :mod:`fastlm.decoding.cpu_gemm`) up to its ``MAX_ROWS`` where it runs here,
+    else :func:`pack_kind`'s library GEMM."""
+    from fastlm.decoding import cpu_gemm
+
+    if batch <= cpu_gemm.MAX_ROWS and cpu_gemm.available():
+        return "fastlm"
+    return pack_kind(batch)
+
+
 def _packed(linear: nn.Linear, kind: str):
     """h (B, in) -> (B, out) float32, computed over a packed copy of ``linear``'s weight (taken
     now: a later change to the weight is not seen; no autograd through it)."""
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
+    if kind == "fastlm":
+        from fastlm.decoding import cpu_gemm
+
+        panels, out_features = cpu_gemm.pack_weight(weight), weight.shape[0]
+        return lambda h: cpu_gemm.skinny_linear(h, panels, out_features, bias)
     if kind == "mkl":
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
         return lambda h: torch.ops.mkl._mkl_linear(h, packed, weight, bias, 1)
@@ -73,7 +94,7 @@ def packed_linears(model: nn.Module, batch: int, version: int) -> dict[nn.Linear
     empty where packing does not apply (see the module docstring). Kept on the model: a later
     call with the same version and kind returns the same packs."""
     linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
-    kind = pack_kind(batch)
+    kind = decode_pack_kind(batch)
     weights = [m.weight for m in linears.values()]
     if (kind is None or not linears or torch.is_grad_enabled()
             or any(w.device.type != "cpu" or w.dtype != torch.float32 for w in weights)

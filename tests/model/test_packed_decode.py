@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import fastlm
-from fastlm.decoding import packed
+from fastlm.decoding import cpu_gemm, packed
 from fastlm.decoding.eager import EagerStep
-from fastlm.decoding.packed import pack_kind, packed_linears, release_packs
+from fastlm.decoding.packed import decode_pack_kind, pack_kind, packed_linears, release_packs
 from fastlm.decoding.step import release_caches, weights_version
 from tests.model.decode_cases import SMALL, perturbed
 
@@ -52,11 +52,14 @@ def test_the_kind_follows_the_batch():
 
 
 @needs_packs
-@pytest.mark.parametrize("kind, rows", [("mkl", 1), ("onednn", 1), ("onednn", 3), ("onednn", 8)])
+@pytest.mark.parametrize("kind, rows", [("mkl", 1), ("onednn", 1), ("onednn", 3), ("onednn", 8),
+                                        ("fastlm", 1), ("fastlm", 3), ("fastlm", 8), ("fastlm", 13)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_packed_linear_is_within_twice_the_error_of_sequential_float32_sums(kind, rows, bias):
     if kind == "mkl" and pack_kind(1) != "mkl":
         pytest.skip("torch built without MKL")
+    if kind == "fastlm" and not cpu_gemm.available():
+        pytest.skip(f"fastlm's CPU GEMM: {cpu_gemm.status()[1]}")
     torch.manual_seed(rows)
     linear = nn.Linear(520, 328, bias=bias)
     h = torch.randn(rows, 2 * 520)[:, ::2]  # a strided input, as a split of a fused projection
@@ -99,7 +102,7 @@ def test_generate_decodes_over_packs_kept_until_the_weights_change(monkeypatch):
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))
     first = fastlm.generate(model, prompt, max_new_tokens=8)
     count = len(built)
-    assert count == sum(type(m) is nn.Linear for m in model.modules()) and set(built) == {"onednn"}
+    assert count == sum(type(m) is nn.Linear for m in model.modules()) and set(built) == {decode_pack_kind(2)}
     assert torch.equal(fastlm.generate(model, prompt, max_new_tokens=8), first)
     assert len(built) == count, "the packs of unchanged weights were built again"
 
@@ -150,8 +153,10 @@ def test_nothing_is_packed_where_it_does_not_apply(monkeypatch):
     assert packed_linears(model, 8, version) == {}, "packed with autograd on"
     with torch.no_grad():
         assert packed_linears(copy.deepcopy(model).to(torch.bfloat16), 8, version) == {}
+        monkeypatch.setenv(cpu_gemm.ENV_VAR, "0")  # fastlm's kernel off too: no packed GEMM is left
         with torch.backends.mkldnn.flags(enabled=False):
             assert packed_linears(model, 8, version) == {}
+        monkeypatch.delenv(cpu_gemm.ENV_VAR)
         assert packed_linears(model, 8, version) and model in packed._PACKS
         monkeypatch.setattr(packed, "PACK_MAX_BYTES", 0)
         assert packed_linears(model, 8, version) == {}
