@@ -83,3 +83,77 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 def skinny_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32 · Wᵀ (+ bias (N,)) -> (M, N), W given as :func:`pack_weight`'s panels."""
     return torch.ops.fastlm_cpu.skinny_linear(x, packed, n, bias)
+
+
+def _frozen_linear(graph: torch.fx.Graph, node: torch.fx.Node):
+    """(x, weight (N, K), bias or None) when ``node`` is a linear over a frozen weight that the
+    kernel takes — ``mm(x, C)`` or ``addmm(b, x, C)`` with C a graph constant (inductor's
+    freezing folds the weight's transpose into it: C = Wᵀ), x float32 (M ≤ MAX_ROWS, K) — else None."""
+    aten = torch.ops.aten
+    if node.op != "call_function" or node.kwargs:
+        return None
+    if node.target is aten.mm.default:
+        (x, constant), bias = node.args, None
+    elif node.target is aten.addmm.default:
+        bias, x, constant = node.args
+    else:
+        return None
+    if not (isinstance(constant, torch.fx.Node) and constant.op == "get_attr" and isinstance(x, torch.fx.Node)):
+        return None
+    weight = getattr(graph.owning_module, constant.target, None)
+    x_val = x.meta.get("val")
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32
+            or weight.device.type != "cpu" or x_val is None or x_val.dim() != 2 or x_val.dtype != torch.float32
+            or x_val.shape[0] > MAX_ROWS):
+        return None
+    if bias is not None:
+        b_val = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
+        if b_val is None or b_val.shape != (weight.shape[1],) or b_val.dtype != torch.float32:
+            return None
+    return x, weight.t(), bias
+
+
+def route_frozen_linears(graph: torch.fx.Graph) -> int:
+    """Rewrite every linear of a frozen inductor graph that :func:`_frozen_linear` accepts into
+    ``fastlm_cpu::skinny_linear`` over the weight's panels, packed now and kept on the graph
+    module as a constant (one pack per weight). Returns how many it rewrote."""
+    module, packs, count = graph.owning_module, {}, 0
+    for node in list(graph.nodes):
+        found = _frozen_linear(graph, node)
+        if found is None:
+            continue
+        x, weight, bias = found
+        constant = node.args[1] if bias is None else node.args[2]
+        name = packs.get(constant.target)
+        if name is None:
+            name = packs[constant.target] = f"{constant.target}_fastlm_panels"
+            setattr(module, name, pack_weight(weight))
+        with graph.inserting_before(node):
+            panels = graph.get_attr(name)
+            linear = graph.call_function(torch.ops.fastlm_cpu.skinny_linear.default,
+                                         (x, panels, weight.shape[0], bias))
+        linear.meta.update(node.meta)
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        count += 1
+    graph.eliminate_dead_code()
+    return count
+
+
+def inductor_pass():
+    """An inductor post-grad pass (``post_grad_custom_post_pass``) running
+    :func:`route_frozen_linears`: a frozen CPU decode step's linears over fastlm's kernel."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class RouteFrozenLinears(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            route_frozen_linears(graph)
+
+        def uuid(self) -> None:
+            # No cache key: inductor then compiles this graph afresh instead of taking it from
+            # its FX graph cache. That cache keys frozen weights by shape only and stores the
+            # constants a pass adds by value, so a hit would bring back panels packed from
+            # another model's (or older) weights (tests/model/test_compiled_decode.py).
+            return None
+
+    return RouteFrozenLinears()

@@ -5,10 +5,14 @@
 with ``mode="reduce-overhead"``, so the whole step — every layer's kernels — replays as one
 CUDA graph over the static cache (gpt-fast's recipe); on CPU as inductor's generated C++ called
 from a C++ wrapper, with the weights frozen into the graph (inductor's ``freezing``: the
-parameters become constants, folded and laid out once for its GEMMs: prepacked for MKL's
-sgemm at batch 1, for oneDNN's above, see :class:`_OneDnnPacks`) and ``max_autotune`` choosing
-each matmul among inductor's C++ GEMM templates and the library call
-(:data:`CPU_COMPILE_OPTIONS`; measured in bench/bench_decode.py). A frozen step may hold its
+parameters become constants, folded and laid out once for its GEMMs) and ``max_autotune``
+(:data:`CPU_COMPILE_OPTIONS`; measured in bench/bench_decode.py). A float32 step of up to
+:data:`fastlm.decoding.cpu_gemm.MAX_ROWS` rows runs its linears over fastlm's AVX-512 skinny
+GEMM where it runs: an inductor post-grad pass packs each frozen weight into the kernel's
+panels (:func:`fastlm.decoding.cpu_gemm.route_frozen_linears`; inductor packs none itself,
+:func:`_no_library_packing`); otherwise inductor prepacks the weights for MKL's sgemm at
+batch 1, for oneDNN's above (:class:`_OneDnnPacks`), and autotunes each matmul among its C++
+GEMM templates and the library call. A frozen step may hold its
 own copy of the weights and never sees later changes to them, so each compiled step is keyed
 by the weights' identity and version (:func:`weights_version`, read once per ``generate``
 call): a weight changed in place (an optimizer step, ``load_state_dict``, a LoRA merge, ...)
@@ -36,6 +40,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastlm.cache import KVCache
+from fastlm.decoding import cpu_gemm
 from fastlm.decoding.common import hits_eos
 from fastlm.decoding.packed import pack_kind, release_packs
 from fastlm.model import BatchLayout, Model
@@ -152,6 +157,10 @@ def _compiled(fn, device_type: str, shape: tuple, version: int = 0, freeze: bool
     fresh = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     if device_type == "cuda":
         compiled = torch.compile(fresh, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    elif freeze and _skinny(shape):
+        options = dict(_known_options(CPU_COMPILE_OPTIONS), post_grad_custom_post_pass=cpu_gemm.inductor_pass())
+        compiled = _frozen_on_first_call(torch.compile(fresh, fullgraph=True, dynamic=False, options=options),
+                                         skinny=True)
     elif freeze:
         compiled = _frozen_on_first_call(
             torch.compile(fresh, fullgraph=True, dynamic=False, options=_known_options(CPU_COMPILE_OPTIONS)),
@@ -160,6 +169,13 @@ def _compiled(fn, device_type: str, shape: tuple, version: int = 0, freeze: bool
         compiled = torch.compile(fresh, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
     _COMPILED[key] = (version, compiled)
     return compiled
+
+
+def _skinny(shape: tuple) -> bool:
+    """Whether a frozen CPU step of ``shape`` runs its linears over fastlm's skinny GEMM
+    (:mod:`fastlm.decoding.cpu_gemm`): float32, a batch of at most its MAX_ROWS, and the
+    kernel runs here."""
+    return shape[3] == str(torch.float32) and shape[1] <= cpu_gemm.MAX_ROWS and cpu_gemm.available()
 
 
 def _known_options(options: dict) -> dict:
@@ -195,17 +211,47 @@ def _onednn_packing():
     return mock.patch.object(mkldnn_fusion, "mkldnn", _OneDnnPacks())
 
 
-def _frozen_on_first_call(compiled, onednn: bool = False):
+class _NoLibraryPacks(_OneDnnPacks):
+    """``torch.ops.mkldnn`` as inductor's weight-prepack pass sees it while a frozen step for
+    fastlm's skinny GEMM compiles: with neither oneDNN as the GEMM library nor MKL
+    (:func:`_no_library_packing`), it packs no float32 linear weight, so the step's linears
+    reach the post-grad pass (:func:`fastlm.decoding.cpu_gemm.route_frozen_linears`) as plain
+    matmuls over the frozen weights."""
+
+    @staticmethod
+    def _is_mkldnn_acl_supported() -> bool:
+        return False
+
+
+def _no_library_packing():
+    """A context in which inductor's prepack pass packs no float32 linear weight (the pass asks
+    ``mkldnn._is_mkldnn_acl_supported()`` and ``torch._C.has_mkl`` each time it looks at a
+    linear; its patterns are registered once per process, so switching the pass off through
+    ``cpp.weight_prepack`` would leave a process whose first frozen compile was ours without
+    them); a no-op where this torch's pass is laid out otherwise."""
+    from torch._inductor.fx_passes import mkldnn_fusion
+
+    if getattr(mkldnn_fusion, "mkldnn", None) is not torch.ops.mkldnn:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(mkldnn_fusion, "mkldnn", _NoLibraryPacks()))
+    stack.enter_context(mock.patch.object(torch._C, "has_mkl", False))
+    return stack
+
+
+def _frozen_on_first_call(compiled, onednn: bool = False, skinny: bool = False):
     """``compiled`` whose first call (the one that traces and compiles) runs with inductor's
     global ``freezing`` flag set: dynamo reads that flag itself while tracing (to lift the
     parameters as constants of the graph), so the per-compile ``options`` alone freeze nothing.
-    ``onednn``: the frozen linear weights are packed for oneDNN's GEMM (:func:`_onednn_packing`)."""
+    ``onednn``: the frozen linear weights are packed for oneDNN's GEMM (:func:`_onednn_packing`);
+    ``skinny``: packed by no library (:func:`_no_library_packing`; the post-grad pass packs
+    them for fastlm's GEMM)."""
     traced = []
 
     def call(*args):
         if traced:
             return compiled(*args)
-        packing = _onednn_packing() if onednn else contextlib.nullcontext()
+        packing = _onednn_packing() if onednn else _no_library_packing() if skinny else contextlib.nullcontext()
         with torch._inductor.config.patch(freezing=True), packing, warnings.catch_warnings():
             # inductor's autotuner touches a deprecated storage API: torch's own notice, not the user's
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)

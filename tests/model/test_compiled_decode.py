@@ -204,11 +204,13 @@ def test_frozen_steps_of_several_rows_pack_their_weights_for_onednn(monkeypatch,
     """The frozen CPU step of a batch of several rows packs its linear weights for oneDNN's GEMM:
     inductor's prepack pass asks our stand-in for torch.ops.mkldnn which library to pack for
     (so a torch whose pass no longer asks fails here), the stand-in is gone after compiling, and
-    the tokens are eager decoding's; a batch of one keeps MKL's packing."""
+    the tokens are eager decoding's; a batch of one keeps MKL's packing. (With fastlm's own CPU
+    GEMM switched off: where it runs, the step's linears go to it instead, see below.)"""
     from torch._inductor.fx_passes import mkldnn_fusion
 
-    from fastlm.decoding import step
+    from fastlm.decoding import cpu_gemm, step
 
+    monkeypatch.setenv(cpu_gemm.ENV_VAR, "0")
     monkeypatch.setattr(step, "_COMPILED", type(step._COMPILED)())
     asked = []
     monkeypatch.setattr(step._OneDnnPacks, "_is_mkldnn_acl_supported", staticmethod(lambda: asked.append(1) or True))
@@ -218,6 +220,28 @@ def test_frozen_steps_of_several_rows_pack_their_weights_for_onednn(monkeypatch,
     compiled = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
     assert bool(asked) == onednn
     assert mkldnn_fusion.mkldnn is torch.ops.mkldnn
+    assert torch.equal(compiled, fastlm.generate(model, prompt, max_new_tokens=6))
+    release_caches(model)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_frozen_steps_run_their_linears_over_fastlms_cpu_gemm(monkeypatch, batch):
+    """Where fastlm's skinny GEMM runs, the frozen CPU step's post-grad pass routes every linear
+    of the step (q/k/v, o, gate/up, down, head) to it, over panels packed from the frozen
+    weights, and inductor packs nothing itself; the tokens are eager decoding's."""
+    from fastlm.decoding import cpu_gemm, step
+
+    if not cpu_gemm.available():
+        pytest.skip(f"fastlm's CPU GEMM: {cpu_gemm.status()[1]}")
+    monkeypatch.setattr(step, "_COMPILED", type(step._COMPILED)())
+    routed = []
+    real = cpu_gemm.route_frozen_linears
+    monkeypatch.setattr(cpu_gemm, "route_frozen_linears", lambda graph: routed.append(real(graph)) or routed[-1])
+    torch.manual_seed(3)
+    model = Model(CONFIG).eval()
+    prompt = torch.randint(0, 64, (batch, 5), generator=torch.Generator().manual_seed(5))
+    compiled = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
+    assert routed == [4 * CONFIG.num_layers + 1]
     assert torch.equal(compiled, fastlm.generate(model, prompt, max_new_tokens=6))
     release_caches(model)
 
