@@ -6,7 +6,7 @@ with ``mode="reduce-overhead"``, so the whole step — every layer's kernels —
 CUDA graph over the static cache (gpt-fast's recipe); on CPU as inductor's generated C++ called
 from a C++ wrapper, with the weights frozen into the graph (inductor's ``freezing``: the
 parameters become constants, folded and laid out once for its GEMMs) and ``max_autotune``
-(:data:`CPU_COMPILE_OPTIONS`; measured in bench/bench_decode.py). A float32 step of up to
+(:data:`CPU_COMPILE_OPTIONS`; measured in bench/bench_decode.py). A float32 step of 2 to
 :data:`fastlm.decoding.cpu_gemm.MAX_ROWS` rows runs its linears over fastlm's AVX-512 skinny
 GEMM where it runs: an inductor post-grad pass packs each frozen weight into the kernel's
 panels (:func:`fastlm.decoding.cpu_gemm.route_frozen_linears`; inductor packs none itself,
@@ -173,9 +173,11 @@ def _compiled(fn, device_type: str, shape: tuple, version: int = 0, freeze: bool
 
 def _skinny(shape: tuple) -> bool:
     """Whether a frozen CPU step of ``shape`` runs its linears over fastlm's skinny GEMM
-    (:mod:`fastlm.decoding.cpu_gemm`): float32, a batch of at most its MAX_ROWS, and the
-    kernel runs here."""
-    return shape[3] == str(torch.float32) and shape[1] <= cpu_gemm.MAX_ROWS and cpu_gemm.available()
+    (:mod:`fastlm.decoding.cpu_gemm`): float32, a batch of 2 to its MAX_ROWS rows, and the
+    kernel runs here. A batch of one keeps inductor's MKL-packed GEMMs and their fused
+    epilogues, faster end to end there (bench/results/cpu/bench_decode.md)."""
+    return (shape[3] == str(torch.float32) and 2 <= shape[1] <= cpu_gemm.MAX_ROWS
+            and cpu_gemm.available())
 
 
 def _known_options(options: dict) -> dict:

@@ -226,9 +226,10 @@ def test_frozen_steps_of_several_rows_pack_their_weights_for_onednn(monkeypatch,
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_frozen_steps_run_their_linears_over_fastlms_cpu_gemm(monkeypatch, batch):
-    """Where fastlm's skinny GEMM runs, the frozen CPU step's post-grad pass routes every linear
-    of the step (q/k/v, o, gate/up, down, head) to it, over panels packed from the frozen
-    weights, and inductor packs nothing itself; the tokens are eager decoding's."""
+    """Where fastlm's skinny GEMM runs, the frozen CPU step of several rows routes every linear
+    of the step (q/k/v, o, gate/up, down, head) to it through its post-grad pass, over panels
+    packed from the frozen weights, and inductor packs nothing itself; a batch of one keeps
+    inductor's own GEMMs (no pass). The tokens are eager decoding's."""
     from fastlm.decoding import cpu_gemm, step
 
     if not cpu_gemm.available():
@@ -241,7 +242,7 @@ def test_frozen_steps_run_their_linears_over_fastlms_cpu_gemm(monkeypatch, batch
     model = Model(CONFIG).eval()
     prompt = torch.randint(0, 64, (batch, 5), generator=torch.Generator().manual_seed(5))
     compiled = fastlm.generate(model, prompt, max_new_tokens=6, compile=True)
-    assert routed == [4 * CONFIG.num_layers + 1]
+    assert routed == ([4 * CONFIG.num_layers + 1] if batch > 1 else [])
     assert torch.equal(compiled, fastlm.generate(model, prompt, max_new_tokens=6))
     release_caches(model)
 
