@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent.parent.parent / "csrc" / "cpu" / "skinny_gemm.cpp"
 ENV_VAR = "FASTLM_CPU_KERNELS"
 #: rows up to which the kernel beats oneDNN's packed GEMM on this project's CPU (one sweep of a
-#: 4M-parameter model's linears: 8 rows 2.0x, 16 rows 1.2x, 32 rows 1.03x: not worth a pack)
+#: 4M-parameter model's linears: 8 rows 1.9x, 16 rows 1.2x, 32 rows 1.03x: not worth a pack)
 MAX_ROWS = 16
 _FLAGS = ["-O3", "-mavx512f", "-mfma"]
 
