@@ -86,7 +86,7 @@ def skinny_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Ten
 
 
 def _frozen_linear(graph: torch.fx.Graph, node: torch.fx.Node):
-    """(x, weight (N, K), bias or None) when ``node`` is a linear over a frozen weight that the
+    """(x, the constant's node, weight (N, K), bias or None) when ``node`` is a linear over a frozen weight that the
     kernel takes — ``mm(x, C)`` or ``addmm(b, x, C)`` with C a graph constant (inductor's
     freezing folds the weight's transpose into it: C = Wᵀ), x float32 (M ≤ MAX_ROWS, K) — else None."""
     aten = torch.ops.aten
@@ -110,7 +110,7 @@ def _frozen_linear(graph: torch.fx.Graph, node: torch.fx.Node):
         b_val = bias.meta.get("val") if isinstance(bias, torch.fx.Node) else None
         if b_val is None or b_val.shape != (weight.shape[1],) or b_val.dtype != torch.float32:
             return None
-    return x, weight.t(), bias
+    return x, constant, weight.t(), bias
 
 
 def route_frozen_linears(graph: torch.fx.Graph) -> int:
@@ -122,8 +122,7 @@ def route_frozen_linears(graph: torch.fx.Graph) -> int:
         found = _frozen_linear(graph, node)
         if found is None:
             continue
-        x, weight, bias = found
-        constant = node.args[1] if bias is None else node.args[2]
+        x, constant, weight, bias = found
         name = packs.get(constant.target)
         if name is None:
             name = packs[constant.target] = f"{constant.target}_fastlm_panels"

@@ -80,7 +80,8 @@ def _packed(linear: nn.Linear, kind: str):
         from fastlm.decoding import cpu_gemm
 
         panels, out_features = cpu_gemm.pack_weight(weight), weight.shape[0]
-        return lambda h: cpu_gemm.skinny_linear(h, panels, out_features, bias)
+        skinny_linear = torch.ops.fastlm_cpu.skinny_linear.default  # looked up once, not per step
+        return lambda h: skinny_linear(h, panels, out_features, bias)
     if kind == "mkl":
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 1)
         return lambda h: torch.ops.mkl._mkl_linear(h, packed, weight, bias, 1)
